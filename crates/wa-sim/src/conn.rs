@@ -1,0 +1,336 @@
+//! One task per websocket: handshake, registration or login, then stanzas both ways.
+//! Anything malformed ends this connection only, with the reason logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use buffa::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use wacore::libsignal::protocol::PublicKey;
+use wacore_binary::{Node, marshal::marshal};
+use waproto::whatsapp as wa;
+
+use crate::frame::{FrameError, FrameReader, encode_frame};
+use crate::noise::{AfterHello, HandshakeError, Pattern, Transport};
+use crate::registry::{Command, Companion, ConnId};
+use crate::sim::{LoginRefusal, Sim, bump};
+use crate::{iq, stanza};
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("client payload: {0}")]
+    Payload(String),
+    #[error("stanza is not a valid binary node: {0}")]
+    Node(#[from] wacore_binary::BinaryError),
+    #[error("websocket: {0}")]
+    Socket(#[from] axum::Error),
+    #[error("text websocket messages are not part of the protocol")]
+    TextMessage,
+    #[error("timed out waiting for the client")]
+    Timeout,
+    #[error("closed by the client")]
+    Closed,
+}
+
+/// Where a connection stands once its handshake is done.
+pub(crate) enum Session {
+    Linking,
+    Device { phone: String, device: u32 },
+}
+
+pub(crate) struct Connection {
+    pub(crate) sim: Arc<Sim>,
+    socket: WebSocket,
+    reader: FrameReader,
+    transport: Option<Transport>,
+    /// Answers awaited for iqs the service sent, by iq id.
+    waiters: HashMap<String, oneshot::Sender<Node>>,
+    pub(crate) id: ConnId,
+    pub(crate) session: Session,
+}
+
+pub(crate) async fn serve(sim: Arc<Sim>, socket: WebSocket) {
+    bump(&sim.stats.connections, 1);
+    let mut conn = Connection {
+        reader: FrameReader::new(sim.config.max_frame_bytes),
+        sim: sim.clone(),
+        socket,
+        transport: None,
+        waiters: HashMap::new(),
+        id: 0,
+        session: Session::Linking,
+    };
+    let (tx, rx) = mpsc::channel(32);
+    match conn.run(tx, rx).await {
+        Ok(()) | Err(ConnError::Closed) => {}
+        Err(e) => {
+            bump(&sim.stats.protocol_errors, 1);
+            tracing::debug!(conn.id = conn.id, error = %e, "connection closed on error");
+        }
+    }
+    if conn.id != 0 {
+        sim.unregister(conn.id);
+    }
+    sim.stats
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        tx: mpsc::Sender<Command>,
+        mut rx: mpsc::Receiver<Command>,
+    ) -> Result<(), ConnError> {
+        let deadline = self.sim.config.handshake_timeout;
+        let established = timeout(deadline, self.handshake())
+            .await
+            .map_err(|_| ConnError::Timeout)??;
+        bump(&self.sim.stats.handshakes, 1);
+        match established.pattern {
+            Pattern::Ik => bump(&self.sim.stats.ik_handshakes, 1),
+            Pattern::XxFallback => bump(&self.sim.stats.fallback_handshakes, 1),
+            Pattern::Xx => {}
+        }
+        self.transport = Some(established.transport);
+        let payload = wa::ClientPayload::decode_from_slice(&established.payload)
+            .map_err(|e| ConnError::Payload(e.to_string()))?;
+        if !self.admit(tx, &payload, &established.client_static).await? {
+            return Ok(());
+        }
+        self.serve_stanzas(&mut rx).await
+    }
+
+    async fn handshake(&mut self) -> Result<crate::noise::Established, ConnError> {
+        let hello = self.next_raw_frame().await?;
+        let (reply, next) = crate::noise::respond_to_hello(&self.sim.identity, &hello)?;
+        self.send_raw(encode_frame(&reply)).await?;
+        match next {
+            AfterHello::Done(established) => Ok(established),
+            AfterHello::AwaitFinish(pending) => {
+                let finish = self.next_raw_frame().await?;
+                Ok(pending.finish(&finish)?)
+            }
+        }
+    }
+
+    /// Registration (no stored session: show QR codes) or login of a linked device.
+    /// Returns false when the connection is refused and should close.
+    async fn admit(
+        &mut self,
+        tx: mpsc::Sender<Command>,
+        payload: &wa::ClientPayload,
+        client_static: &[u8; 32],
+    ) -> Result<bool, ConnError> {
+        if let Some(registration) = payload.device_pairing_data.as_option() {
+            let companion = check_registration(registration, client_static)?;
+            let refs = crate::fresh_refs(self.sim.config.refs_per_pairing);
+            let pair_device = stanza::pair_device(&stanza::fresh_id(), &refs);
+            self.id = self.sim.register_linking(tx, companion, refs);
+            self.send_node(&pair_device).await?;
+            return Ok(true);
+        }
+        let (Some(username), Some(device)) = (payload.username, payload.device) else {
+            return Err(ConnError::Payload(
+                "neither registration data nor username and device".into(),
+            ));
+        };
+        let phone = username.to_string();
+        match self.sim.login(tx, &phone, device, client_static) {
+            Ok((id, lid)) => {
+                self.id = id;
+                bump(&self.sim.stats.logins, 1);
+                self.send_node(&stanza::success(&lid, device)).await?;
+                self.session = Session::Device { phone, device };
+                Ok(true)
+            }
+            Err(LoginRefusal::Unknown) => {
+                bump(&self.sim.stats.login_failures, 1);
+                self.send_node(&stanza::failure(401)).await?;
+                let _ = self.socket.send(Message::Close(None)).await;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn serve_stanzas(&mut self, rx: &mut mpsc::Receiver<Command>) -> Result<(), ConnError> {
+        let idle = self.sim.config.idle_timeout;
+        let mut idle_deadline = Instant::now() + idle;
+        loop {
+            tokio::select! {
+                message = self.socket.recv() => {
+                    idle_deadline = Instant::now() + idle;
+                    for node in self.receive(message)? {
+                        self.on_node(node).await?;
+                    }
+                }
+                command = rx.recv() => match command {
+                    Some(Command::Send(node)) => self.send_node(&node).await?,
+                    Some(Command::Request(node, answer)) => {
+                        if let Some(id) = stanza::attr(&node, "id") {
+                            self.waiters.insert(id, answer);
+                        }
+                        self.send_node(&node).await?;
+                    }
+                    Some(Command::StreamError(node)) => {
+                        self.send_node(&node).await?;
+                        let _ = self.socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                    Some(Command::Drop) | None => return Ok(()),
+                },
+                () = sleep_until(idle_deadline) => return Err(ConnError::Timeout),
+                () = self.sim.shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Decrypts and decodes every complete frame of one websocket message.
+    fn receive(
+        &mut self,
+        message: Option<Result<Message, axum::Error>>,
+    ) -> Result<Vec<Node>, ConnError> {
+        let data = match message {
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(Vec::new()),
+            Some(Ok(Message::Text(_))) => return Err(ConnError::TextMessage),
+            Some(Ok(Message::Close(_))) | None => return Err(ConnError::Closed),
+            Some(Err(e)) => return Err(e.into()),
+        };
+        bump(&self.sim.stats.bytes_in, data.len() as u64);
+        self.reader.feed(&data);
+        let mut nodes = Vec::new();
+        while let Some(mut frame) = self.reader.next_frame()? {
+            bump(&self.sim.stats.frames_in, 1);
+            let transport = self
+                .transport
+                .as_mut()
+                .expect("handshake finished before stanzas");
+            transport.decrypt(&mut frame)?;
+            let unpacked = wacore_binary::util::unpack(&frame)?;
+            nodes.push(wacore_binary::marshal::unmarshal_ref(&unpacked)?.to_owned());
+        }
+        Ok(nodes)
+    }
+
+    async fn on_node(&mut self, node: Node) -> Result<(), ConnError> {
+        if node.tag != "iq" {
+            // acks, receipts, presence and <ib> need no answer from the service.
+            return Ok(());
+        }
+        match stanza::attr(&node, "type").as_deref() {
+            Some("result" | "error") => {
+                if let Some(waiter) =
+                    stanza::attr(&node, "id").and_then(|id| self.waiters.remove(&id))
+                {
+                    let _ = waiter.send(node);
+                }
+                Ok(())
+            }
+            Some("get" | "set") => {
+                for reply in iq::answer(self, &node) {
+                    self.send_node(&reply).await?;
+                }
+                Ok(())
+            }
+            _ => {
+                self.send_node(&stanza::iq_error(&node, 400, "bad-request"))
+                    .await
+            }
+        }
+    }
+
+    async fn next_raw_frame(&mut self) -> Result<Vec<u8>, ConnError> {
+        loop {
+            if let Some(frame) = self.reader.next_frame()? {
+                return Ok(frame);
+            }
+            match self.socket.recv().await {
+                Some(Ok(Message::Binary(data))) => {
+                    bump(&self.sim.stats.bytes_in, data.len() as u64);
+                    self.reader.feed(&data);
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Text(_))) => return Err(ConnError::TextMessage),
+                Some(Ok(Message::Close(_))) | None => return Err(ConnError::Closed),
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ConnError> {
+        bump(&self.sim.stats.frames_out, 1);
+        bump(&self.sim.stats.bytes_out, bytes.len() as u64);
+        self.socket.send(Message::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn send_node(&mut self, node: &Node) -> Result<(), ConnError> {
+        let mut plaintext = marshal(node)?;
+        let transport = self
+            .transport
+            .as_mut()
+            .expect("handshake finished before stanzas");
+        transport.encrypt(&mut plaintext)?;
+        self.send_raw(encode_frame(&plaintext)).await
+    }
+}
+
+/// Checks what a registering companion claims: a 32-byte identity key that signed its
+/// signed prekey, the key type WhatsApp uses, and device properties.
+fn check_registration(
+    data: &wa::client_payload::DevicePairingRegistrationData,
+    client_static: &[u8; 32],
+) -> Result<Companion, ConnError> {
+    let bad = |what: &str| ConnError::Payload(format!("registration data: {what}"));
+    if data.e_keytype.as_deref() != Some(&[5][..]) {
+        return Err(bad("key type is not Curve25519"));
+    }
+    let identity = data
+        .e_ident
+        .as_deref()
+        .and_then(crate::key32)
+        .ok_or_else(|| bad("identity key"))?;
+    let prekey = data
+        .e_skey_val
+        .as_deref()
+        .and_then(crate::key32)
+        .ok_or_else(|| bad("signed prekey"))?;
+    let signature = data
+        .e_skey_sig
+        .as_deref()
+        .filter(|s| s.len() == 64)
+        .ok_or_else(|| bad("prekey signature"))?;
+    let identity_key =
+        PublicKey::from_djb_public_key_bytes(&identity).map_err(|_| bad("identity key"))?;
+    let mut signed = vec![5u8];
+    signed.extend_from_slice(&prekey);
+    if !identity_key.verify_signature(&signed, signature) {
+        return Err(bad("the signed prekey's signature does not verify"));
+    }
+    if data.e_regid.as_ref().is_none_or(|r| r.len() != 4) {
+        return Err(bad("registration id"));
+    }
+    let props = data
+        .device_props
+        .as_deref()
+        .map(wa::DeviceProps::decode_from_slice)
+        .transpose()
+        .map_err(|_| bad("device properties"))?
+        .unwrap_or_default();
+    Ok(Companion {
+        noise: *client_static,
+        identity,
+        platform: props.os.unwrap_or_else(|| "unknown".to_owned()),
+    })
+}
+
+/// How long the service waits for a companion's answer to an iq it sent.
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);

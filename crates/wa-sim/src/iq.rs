@@ -1,0 +1,84 @@
+//! Answers to the iqs a companion sends. Every get or set gets an answer: while one is
+//! pending the client stops pinging, and silence makes it reconnect.
+
+use wacore_binary::Node;
+use wacore_binary::builder::NodeBuilder;
+
+use crate::conn::{Connection, Session};
+use crate::phone;
+use crate::stanza::{attr, first_child, iq_error, iq_result, offline_done};
+
+pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
+    let xmlns = attr(iq, "xmlns");
+    let child = first_child(iq);
+    match (xmlns.as_deref(), child) {
+        // Going active: answer, then say there is no offline backlog.
+        (Some("passive"), _) if matches!(conn.session, Session::Device { .. }) => {
+            vec![iq_result(iq).build(), offline_done()]
+        }
+        (Some("w:sync:app:state"), _) => vec![app_state(iq)],
+        (Some("md"), Some(child)) if child.tag == "remove-companion-device" => {
+            vec![remove_companion_device(conn, iq, child)]
+        }
+        (Some("md"), Some(child)) if child.tag == "link_code_companion_reg" => {
+            vec![link_code(conn, iq, child)]
+        }
+        _ => vec![iq_result(iq).build()],
+    }
+}
+
+/// Every requested collection exists at version 0 with nothing in it.
+fn app_state(iq: &Node) -> Node {
+    let collections = iq
+        .get_optional_child("sync")
+        .into_iter()
+        .flat_map(|sync| sync.get_children_by_tag("collection"))
+        .filter_map(|c| attr(c, "name"))
+        .map(|name| {
+            NodeBuilder::new("collection")
+                .attrs([("name", name), ("version", "0".to_owned())])
+                .build()
+        });
+    iq_result(iq)
+        .children([NodeBuilder::new("sync").children(collections).build()])
+        .build()
+}
+
+/// Client logout: a device may remove itself and nothing else.
+fn remove_companion_device(conn: &Connection, iq: &Node, child: &Node) -> Node {
+    let Session::Device { phone, device } = &conn.session else {
+        return iq_error(iq, 401, "not-authorized");
+    };
+    let own = attr(child, "jid")
+        .and_then(|jid| jid.parse::<wacore_binary::Jid>().ok())
+        .is_some_and(|jid| jid.user.as_str() == phone.as_str() && u32::from(jid.device) == *device);
+    if !own {
+        return iq_error(iq, 403, "forbidden");
+    }
+    conn.sim.remove_own_device(phone, *device);
+    iq_result(iq).build()
+}
+
+fn link_code(conn: &Connection, iq: &Node, child: &Node) -> Node {
+    if !matches!(conn.session, Session::Linking) {
+        return iq_error(iq, 400, "bad-request");
+    }
+    let outcome = match attr(child, "stage").as_deref() {
+        Some("companion_hello") => {
+            phone::companion_hello(&conn.sim, conn.id, child).map(|pairing_ref| {
+                NodeBuilder::new("link_code_companion_reg")
+                    .children([NodeBuilder::new("link_code_pairing_ref")
+                        .bytes(pairing_ref)
+                        .build()])
+                    .build()
+            })
+        }
+        Some("companion_finish") => phone::companion_finish(&conn.sim, conn.id, child)
+            .map(|()| NodeBuilder::new("link_code_companion_reg").build()),
+        _ => Err((400, "bad-request")),
+    };
+    match outcome {
+        Ok(reply) => iq_result(iq).children([reply]).build(),
+        Err((code, text)) => iq_error(iq, code, text),
+    }
+}

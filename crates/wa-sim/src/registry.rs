@@ -1,0 +1,190 @@
+//! What the simulated service knows: phones (accounts) with their linked devices, and
+//! the live connections, each either still linking or logged in as one device.
+//! One mutex guards it all; it is never held across an await.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use wacore::libsignal::protocol::KeyPair;
+use wacore_binary::Node;
+
+pub(crate) type ConnId = u64;
+
+/// Orders the service gives to a connection's task.
+pub(crate) enum Command {
+    Send(Node),
+    /// Send an iq and hand its answer (result or error) to the waiter.
+    Request(Node, oneshot::Sender<Node>),
+    /// Send this stream error, then close the connection.
+    StreamError(Node),
+    /// Close the socket without a word, like a network failure.
+    Drop,
+}
+
+pub(crate) struct ConnEntry {
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) role: Role,
+}
+
+pub(crate) enum Role {
+    Linking(Linking),
+    Device { phone: String, device: u32 },
+}
+
+/// A client that registered (no stored session) and is showing QR codes.
+pub(crate) struct Linking {
+    pub(crate) companion: Companion,
+    pub(crate) refs: Vec<String>,
+    pub(crate) refs_sent: Instant,
+    /// A pairing is being completed on this connection; no second one may start.
+    pub(crate) pairing: bool,
+}
+
+#[derive(Clone)]
+pub(crate) struct Companion {
+    pub(crate) noise: [u8; 32],
+    pub(crate) identity: [u8; 32],
+    pub(crate) platform: String,
+}
+
+pub(crate) struct Phone {
+    pub(crate) identity: KeyPair,
+    pub(crate) lid: String,
+    next_device: u32,
+    pub(crate) devices: BTreeMap<u32, DeviceRecord>,
+    pub(crate) code_request: Option<CodeRequest>,
+}
+
+pub(crate) struct DeviceRecord {
+    pub(crate) companion: Companion,
+    pub(crate) linked_at_ms: u64,
+}
+
+/// A companion asked to link by phone-number code (stage 1 done).
+pub(crate) struct CodeRequest {
+    pub(crate) conn: ConnId,
+    pub(crate) pairing_ref: Vec<u8>,
+    pub(crate) wrapped_companion_ephemeral: Vec<u8>,
+    pub(crate) created: Instant,
+    pub(crate) attempt: Option<CodeAttempt>,
+}
+
+/// The phone answered with its own ephemeral (stage 2) and waits for the bundle.
+pub(crate) struct CodeAttempt {
+    pub(crate) finish: oneshot::Sender<CompanionFinish>,
+}
+
+pub(crate) struct CompanionFinish {
+    pub(crate) wrapped_key_bundle: Vec<u8>,
+    pub(crate) companion_identity: Vec<u8>,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub(crate) phones: HashMap<String, Phone>,
+    pub(crate) conns: HashMap<ConnId, ConnEntry>,
+    next_conn: ConnId,
+    next_fresh_phone: u64,
+}
+
+/// The ref a client shows at `elapsed` after receiving `refs`: the first lives 60 s,
+/// each next one 20 s (whatsapp-rust pair.rs), none once they ran out.
+pub(crate) fn current_ref(
+    refs: &[String],
+    elapsed: Duration,
+    first: Duration,
+    next: Duration,
+) -> Option<&str> {
+    let index = if elapsed < first {
+        0
+    } else {
+        1 + ((elapsed - first).as_millis() / next.as_millis().max(1)) as usize
+    };
+    refs.get(index).map(String::as_str)
+}
+
+impl Registry {
+    pub(crate) fn add_conn(&mut self, entry: ConnEntry) -> ConnId {
+        self.next_conn += 1;
+        self.conns.insert(self.next_conn, entry);
+        self.next_conn
+    }
+
+    pub(crate) fn phone_mut(&mut self, number: &str) -> &mut Phone {
+        self.phones
+            .entry(number.to_owned())
+            .or_insert_with(|| Phone {
+                identity: KeyPair::generate(&mut rand::rng()),
+                lid: fresh_lid(),
+                next_device: 1,
+                devices: BTreeMap::new(),
+                code_request: None,
+            })
+    }
+
+    /// A Brazilian mobile number nobody uses yet, for scans that name no phone.
+    pub(crate) fn fresh_phone_number(&mut self) -> String {
+        loop {
+            self.next_fresh_phone += 1;
+            let number = format!("55119{:08}", self.next_fresh_phone);
+            if !self.phones.contains_key(&number) {
+                return number;
+            }
+        }
+    }
+
+    /// Live connections logged in as one of `phone`'s devices (`device` narrows it).
+    pub(crate) fn device_conns(
+        &self,
+        phone: &str,
+        device: Option<u32>,
+    ) -> Vec<(ConnId, mpsc::Sender<Command>)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(&c.role, Role::Device { phone: p, device: d } if p == phone && device.is_none_or(|x| x == *d))
+            })
+            .map(|(id, c)| (*id, c.tx.clone()))
+            .collect()
+    }
+}
+
+impl Phone {
+    pub(crate) fn allocate_device(&mut self) -> u32 {
+        let id = self.next_device;
+        self.next_device += 1;
+        id
+    }
+}
+
+fn fresh_lid() -> String {
+    use rand::RngExt as _;
+    // LIDs are opaque 14-15 digit user ids on the `lid` server.
+    format!(
+        "{}",
+        rand::rng().random_range(100_000_000_000_000u64..999_999_999_999_999)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("ref{i}")).collect()
+    }
+
+    #[test]
+    fn the_current_ref_follows_the_clients_rotation() {
+        let r = refs(3);
+        let (first, next) = (Duration::from_secs(60), Duration::from_secs(20));
+        let at = |s| current_ref(&r, Duration::from_secs(s), first, next);
+        assert_eq!(at(0), Some("ref0"));
+        assert_eq!(at(59), Some("ref0"));
+        assert_eq!(at(60), Some("ref1"));
+        assert_eq!(at(79), Some("ref1"));
+        assert_eq!(at(80), Some("ref2"));
+        assert_eq!(at(100), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! The service object shared by every connection task and the control API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+use crate::certs::ServerIdentity;
+use crate::registry::{Command, ConnEntry, ConnId, Registry, Role};
+use crate::stanza;
+
+pub(crate) struct Sim {
+    pub(crate) config: Config,
+    pub(crate) identity: ServerIdentity,
+    pub(crate) stats: Stats,
+    pub(crate) shutdown: CancellationToken,
+    registry: Mutex<Registry>,
+    outage_until: Mutex<Option<Instant>>,
+}
+
+/// Counters since start; `connections` is the only gauge.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) connections: AtomicU64,
+    pub(crate) handshakes: AtomicU64,
+    /// Handshakes that resumed with IK (a client that cached our static key).
+    pub(crate) ik_handshakes: AtomicU64,
+    pub(crate) fallback_handshakes: AtomicU64,
+    pub(crate) logins: AtomicU64,
+    pub(crate) login_failures: AtomicU64,
+    pub(crate) pairings: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StatsView {
+    connections: u64,
+    linking: u64,
+    handshakes: u64,
+    ik_handshakes: u64,
+    fallback_handshakes: u64,
+    logins: u64,
+    login_failures: u64,
+    pairings: u64,
+    refused: u64,
+    protocol_errors: u64,
+    frames_in: u64,
+    frames_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Why a stored session may not log in.
+pub(crate) enum LoginRefusal {
+    /// No such device, or its noise key is not the one it was linked with.
+    Unknown,
+}
+
+impl Sim {
+    pub(crate) fn new(config: Config, shutdown: CancellationToken) -> Self {
+        Self {
+            config,
+            identity: ServerIdentity::generate(),
+            stats: Stats::default(),
+            shutdown,
+            registry: Mutex::new(Registry::default()),
+            outage_until: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn in_outage(&self) -> bool {
+        let until = self.outage_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Refuse every websocket for `duration` and cut the ones that are open.
+    pub(crate) fn start_outage(&self, duration: Duration) -> usize {
+        *self.outage_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + duration);
+        let senders: Vec<_> = self
+            .registry()
+            .conns
+            .values()
+            .map(|c| c.tx.clone())
+            .collect();
+        let count = senders.len();
+        for tx in senders {
+            let _ = tx.try_send(Command::Drop);
+        }
+        count
+    }
+
+    pub(crate) fn register_linking(
+        &self,
+        tx: mpsc::Sender<Command>,
+        companion: crate::registry::Companion,
+        refs: Vec<String>,
+    ) -> ConnId {
+        self.registry().add_conn(ConnEntry {
+            tx,
+            role: Role::Linking(crate::registry::Linking {
+                companion,
+                refs,
+                refs_sent: Instant::now(),
+                pairing: false,
+            }),
+        })
+    }
+
+    /// Admits a stored session whose noise key matches the device linked under
+    /// `phone`/`device`. Any other live connection of that device is replaced.
+    /// Returns the connection id and the account's LID.
+    pub(crate) fn login(
+        &self,
+        tx: mpsc::Sender<Command>,
+        phone: &str,
+        device: u32,
+        noise: &[u8; 32],
+    ) -> Result<(ConnId, String), LoginRefusal> {
+        let mut registry = self.registry();
+        let lid = match registry.phones.get(phone) {
+            Some(p)
+                if p.devices
+                    .get(&device)
+                    .is_some_and(|d| d.companion.noise == *noise) =>
+            {
+                p.lid.clone()
+            }
+            _ => return Err(LoginRefusal::Unknown),
+        };
+        for (_, old) in registry.device_conns(phone, Some(device)) {
+            let _ = old.try_send(Command::StreamError(stanza::stream_conflict(
+                None, "replaced",
+            )));
+        }
+        let id = registry.add_conn(ConnEntry {
+            tx,
+            role: Role::Device {
+                phone: phone.to_owned(),
+                device,
+            },
+        });
+        Ok((id, lid))
+    }
+
+    pub(crate) fn unregister(&self, id: ConnId) {
+        let mut registry = self.registry();
+        registry.conns.remove(&id);
+        for phone in registry.phones.values_mut() {
+            if phone.code_request.as_ref().is_some_and(|r| r.conn == id) {
+                phone.code_request = None;
+            }
+        }
+    }
+
+    /// The device removes itself (client logout). Only its own record may go.
+    pub(crate) fn remove_own_device(&self, phone: &str, device: u32) -> bool {
+        let mut registry = self.registry();
+        registry
+            .phones
+            .get_mut(phone)
+            .is_some_and(|p| p.devices.remove(&device).is_some())
+    }
+
+    /// The phone unlinks every companion: each connected one is told it was removed.
+    pub(crate) fn unlink_phone(&self, phone: &str) -> Option<usize> {
+        let mut registry = self.registry();
+        let removed = {
+            let account = registry.phones.get_mut(phone)?;
+            account.code_request = None;
+            std::mem::take(&mut account.devices).len()
+        };
+        for (_, tx) in registry.device_conns(phone, None) {
+            let _ = tx.try_send(Command::StreamError(stanza::stream_conflict(
+                Some(401),
+                "device_removed",
+            )));
+        }
+        Some(removed)
+    }
+
+    /// Sends `command` (built per connection) to every live connection of `phone`.
+    pub(crate) fn to_phone_conns(&self, phone: &str, command: impl Fn() -> Command) -> usize {
+        let conns = self.registry().device_conns(phone, None);
+        for (_, tx) in &conns {
+            let _ = tx.try_send(command());
+        }
+        conns.len()
+    }
+
+    /// Sends fresh refs to every connection still linking, restarting its QR rotation.
+    pub(crate) fn refresh_refs(&self) -> usize {
+        let mut registry = self.registry();
+        let mut sent = 0;
+        for conn in registry.conns.values_mut() {
+            if let Role::Linking(linking) = &mut conn.role
+                && !linking.pairing
+            {
+                linking.refs = crate::fresh_refs(self.config.refs_per_pairing);
+                linking.refs_sent = Instant::now();
+                let iq = stanza::pair_device(&stanza::fresh_id(), &linking.refs);
+                if conn.tx.try_send(Command::Send(iq)).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    }
+
+    pub(crate) fn stats(&self) -> StatsView {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        let linking = self
+            .registry()
+            .conns
+            .values()
+            .filter(|c| matches!(c.role, Role::Linking(_)))
+            .count() as u64;
+        StatsView {
+            connections: load(&s.connections),
+            linking,
+            handshakes: load(&s.handshakes),
+            ik_handshakes: load(&s.ik_handshakes),
+            fallback_handshakes: load(&s.fallback_handshakes),
+            logins: load(&s.logins),
+            login_failures: load(&s.login_failures),
+            pairings: load(&s.pairings),
+            refused: load(&s.refused),
+            protocol_errors: load(&s.protocol_errors),
+            frames_in: load(&s.frames_in),
+            frames_out: load(&s.frames_out),
+            bytes_in: load(&s.bytes_in),
+            bytes_out: load(&s.bytes_out),
+        }
+    }
+}
