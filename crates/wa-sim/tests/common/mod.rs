@@ -1,0 +1,204 @@
+//! Drives the unmodified whatsapp-rust client against an in-process wa-sim, and calls
+//! the control API over real HTTP.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use wa_sim::{Config, WaSim};
+use whatsapp_rust::bot::{Bot, BotHandle};
+use whatsapp_rust::client::Client;
+use whatsapp_rust::store::SqliteStore;
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::types::events::Event;
+
+/// Linking waits ~10 s for an app-state key share that never comes; leave room.
+pub const WAIT: Duration = Duration::from_secs(45);
+
+pub struct Harness {
+    pub sim: WaSim,
+    pub control: Control,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with_config(Config::default()).await
+    }
+
+    pub async fn with_config(config: Config) -> Self {
+        let sim = WaSim::start(config).await.expect("wa-sim starts");
+        let control = Control::new(sim.control_url());
+        Self {
+            sim,
+            control,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn store(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.db"))
+    }
+
+    pub async fn companion(&self, store: &Path) -> Companion {
+        Companion::start(&self.sim.ws_url(), store).await
+    }
+
+    /// A fresh companion scanned by `phone`, up to Connected.
+    pub async fn linked_companion(&self, store: &Path, phone: &str) -> Companion {
+        let mut companion = self.companion(store).await;
+        let qr = companion.next_qr().await;
+        let (status, body) = self.control.scan(&qr, Some(phone)).await;
+        assert_eq!(status, 200, "{body}");
+        companion.wait_connected().await;
+        companion
+    }
+}
+
+pub struct Companion {
+    pub handle: Option<BotHandle>,
+    pub client: Arc<Client>,
+    events: mpsc::UnboundedReceiver<Arc<Event>>,
+}
+
+impl Companion {
+    pub async fn start(ws_url: &str, store: &Path) -> Self {
+        let backend = SqliteStore::new(store.to_str().unwrap()).await.expect("store opens");
+        let (tx, events) = mpsc::unbounded_channel();
+        let bot = Bot::builder()
+            .with_backend(backend)
+            .with_transport_factory(TokioWebSocketTransportFactory::new().with_url(ws_url))
+            .with_version((2, 3000, 1_030_000_000))
+            .skip_history_sync()
+            .on_event(move |event, _client| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            })
+            .build()
+            .await
+            .expect("client builds");
+        let handle = bot.spawn();
+        Self {
+            client: handle.client(),
+            handle: Some(handle),
+            events,
+        }
+    }
+
+    /// Waits for the first event `pick` accepts; fails naming what came instead.
+    pub async fn wait_for<T>(&mut self, what: &str, pick: impl FnMut(&Event) -> Option<T>) -> T {
+        self.wait_for_within(WAIT, what, pick).await
+    }
+
+    pub async fn wait_for_within<T>(
+        &mut self,
+        within: Duration,
+        what: &str,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> T {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) => {
+                    if let Some(found) = pick(&event) {
+                        return found;
+                    }
+                    seen.push(event_name(&event));
+                }
+                Ok(None) => panic!("client stopped before {what}; saw {seen:?}"),
+                Err(_) => panic!("no {what} within {within:?}; saw {seen:?}"),
+            }
+        }
+    }
+
+    pub async fn next_qr(&mut self) -> String {
+        self.wait_for("QR code", |e| match e {
+            Event::PairingQrCode(q) => Some(q.code.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn wait_connected(&mut self) {
+        self.wait_for("Connected", |e| matches!(e, Event::Connected(_)).then_some(()))
+            .await
+    }
+
+    pub async fn wait_logged_out(&mut self) {
+        self.wait_for("LoggedOut", |e| matches!(e, Event::LoggedOut(_)).then_some(()))
+            .await
+    }
+
+    /// Events that arrived so far, without waiting.
+    pub fn drain(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            names.push(event_name(&event));
+        }
+        names
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown().await;
+        }
+    }
+}
+
+pub fn event_name(event: &Event) -> String {
+    let debug = format!("{event:?}");
+    debug.split(['(', ' ', '{']).next().unwrap_or_default().to_owned()
+}
+
+pub struct Control {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Control {
+    pub fn new(base: String) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base,
+        }
+    }
+
+    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        let response = self.http.post(format!("{}/{route}", self.base)).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn get(&self, route: &str) -> Value {
+        let response = self.http.get(format!("{}/{route}", self.base)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn scan(&self, qr: &str, phone: Option<&str>) -> (u16, Value) {
+        let mut body = json!({ "qr": qr });
+        if let Some(phone) = phone {
+            body["phone"] = json!(phone);
+        }
+        self.post("scan", body).await
+    }
+
+    pub async fn link_code(&self, phone: &str, code: &str) -> (u16, Value) {
+        self.post("link-code", json!({ "phone": phone, "code": code })).await
+    }
+
+    pub async fn devices(&self) -> Vec<Value> {
+        self.get("devices").await.as_array().unwrap().clone()
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.get("stats").await
+    }
+}
