@@ -16,7 +16,11 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     let store = h.store("a");
     let mut companion = h.companion(&store).await;
     let qr = companion.next_qr().await;
-    assert_eq!(qr.split(',').count(), 5, "QR carries ref, noise, identity, secret, type: {qr}");
+    assert_eq!(
+        qr.split(',').count(),
+        5,
+        "QR carries ref, noise, identity, secret, type: {qr}"
+    );
 
     let (status, body) = h.control.scan(&qr, Some(PHONE)).await;
     assert_eq!(status, 200, "{body}");
@@ -29,11 +33,17 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
         .await;
     assert_eq!(paired, format!("{PHONE}:1@s.whatsapp.net"));
     companion.wait_connected().await;
-    assert_eq!(companion.client.pn().map(|j| j.user.to_string()), Some(PHONE.to_owned()));
+    assert_eq!(
+        companion.client.pn().map(|j| j.user.to_string()),
+        Some(PHONE.to_owned())
+    );
 
     let devices = h.control.devices().await;
     assert_eq!(devices.len(), 1, "{devices:?}");
-    assert_eq!(devices[0]["jid"], json!(format!("{PHONE}:1@s.whatsapp.net")));
+    assert_eq!(
+        devices[0]["jid"],
+        json!(format!("{PHONE}:1@s.whatsapp.net"))
+    );
     assert_eq!(devices[0]["phone"], json!(PHONE));
     assert_eq!(devices[0]["connected"], json!(true));
     assert!(devices[0]["linkedAt"].as_u64().unwrap() > 1_700_000_000_000);
@@ -44,7 +54,10 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     let mut again = h.companion(&store).await;
     again.wait_connected().await;
     let seen = again.drain();
-    assert!(!seen.iter().any(|e| e == "PairingQrCode"), "no QR for a stored session: {seen:?}");
+    assert!(
+        !seen.iter().any(|e| e == "PairingQrCode"),
+        "no QR for a stored session: {seen:?}"
+    );
     let stats = h.control.stats().await;
     assert_eq!(stats["ikHandshakes"], json!(1), "{stats}");
     assert_eq!(stats["pairings"], json!(1), "{stats}");
@@ -68,7 +81,11 @@ async fn a_typed_pairing_code_links_the_device_and_a_wrong_one_does_not() {
         .expect("the service accepts the code request");
     assert_eq!(code.len(), 8);
 
-    let wrong = if code.starts_with('A') { "BBBBBBBB" } else { "AAAAAAAA" };
+    let wrong = if code.starts_with('A') {
+        "BBBBBBBB"
+    } else {
+        "AAAAAAAA"
+    };
     let (status, body) = h.control.link_code(PHONE, wrong).await;
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("code"), "{body}");
@@ -94,7 +111,13 @@ async fn codes_for_nobody_and_malformed_input_are_refused() {
     assert_eq!(status, 400);
     let (status, body) = h.control.post("scan", json!({ "qr": 5 })).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"].as_str().unwrap().starts_with("invalid JSON body"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON body"),
+        "{body}"
+    );
     let (status, _) = h.control.scan("not,a,qr", None).await;
     assert_eq!(status, 400);
     let (status, body) = h.control.post("nowhere", json!({})).await;
@@ -118,9 +141,14 @@ async fn a_tampered_qr_links_nothing() {
     let other_secret = [fields[0], fields[1], fields[2], fields[1], fields[4]].join(",");
     let (status, body) = h.control.scan(&other_secret, Some(PHONE)).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("hmac-mismatch"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("hmac-mismatch"),
+        "{body}"
+    );
     companion
-        .wait_for("PairError", |e| matches!(e, Event::PairError(_)).then_some(()))
+        .wait_for("PairError", |e| {
+            matches!(e, Event::PairError(_)).then_some(())
+        })
         .await;
     assert!(h.control.devices().await.is_empty());
 
@@ -177,7 +205,11 @@ async fn stream_errors_and_drops_are_survived() {
         let (status, reply) = h.control.post(route, body.clone()).await;
         assert_eq!(status, 200, "{route} {reply}");
         companion.wait_connected().await;
-        assert_eq!(h.control.devices().await[0]["connected"], json!(true), "after {body}");
+        assert_eq!(
+            h.control.devices().await[0]["connected"],
+            json!(true),
+            "after {body}"
+        );
     }
     assert_eq!(h.control.stats().await["logins"], json!(4));
     companion.stop().await;
@@ -192,7 +224,11 @@ async fn refreshed_refs_show_a_new_qr_and_the_old_one_expires() {
     assert_eq!((status, body["refreshed"].as_u64()), (200, Some(1)));
     let second = companion.next_qr().await;
     assert_ne!(first.split(',').next(), second.split(',').next());
-    assert_eq!(h.control.scan(&first, None).await.0, 404, "the old code no longer links");
+    assert_eq!(
+        h.control.scan(&first, None).await.0,
+        404,
+        "the old code no longer links"
+    );
     assert_eq!(h.control.scan(&second, None).await.0, 200);
     companion.wait_connected().await;
     companion.stop().await;
@@ -208,10 +244,14 @@ async fn a_client_that_runs_out_of_refs_stops_linking() {
     let mut companion = h.companion(&h.store("x")).await;
     companion.next_qr().await;
     let disconnected = companion
-        .wait_for_within(std::time::Duration::from_secs(75), "PairingQrCodesExhausted", |e| match e {
-            Event::PairingQrCodesExhausted(x) => Some(x.disconnected),
-            _ => None,
-        })
+        .wait_for_within(
+            std::time::Duration::from_secs(75),
+            "PairingQrCodesExhausted",
+            |e| match e {
+                Event::PairingQrCodesExhausted(x) => Some(x.disconnected),
+                _ => None,
+            },
+        )
         .await;
     assert!(disconnected);
     // The client closes its socket: the service sees no one linking any more.

@@ -14,7 +14,9 @@ const PHONE: &str = "5511999990002";
 
 /// Sends `messages` on a fresh websocket and returns once the service has closed it.
 async fn send_and_expect_close(url: &str, messages: Vec<Message>) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket opens");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket opens");
     for message in messages {
         // The service may already have closed after an earlier message.
         if ws.send(message).await.is_err() {
@@ -72,7 +74,11 @@ async fn garbage_closes_only_the_connection_that_sent_it() {
 
     let stats = h.control.stats().await;
     assert_eq!(stats["protocolErrors"].as_u64(), Some(count), "{stats}");
-    assert_eq!(stats["connections"], json!(1), "only the linked companion remains: {stats}");
+    assert_eq!(
+        stats["connections"],
+        json!(1),
+        "only the linked companion remains: {stats}"
+    );
     let devices = h.control.devices().await;
     assert_eq!(devices[0]["connected"], json!(true));
     assert!(companion.client.is_connected());
@@ -80,7 +86,10 @@ async fn garbage_closes_only_the_connection_that_sent_it() {
     assert!(!seen.iter().any(|e| e == "Disconnected"), "{seen:?}");
 
     // And it is still served: a 515 restart brings it straight back.
-    let (status, _) = h.control.post("stream-error", json!({ "phone": PHONE, "code": 515 })).await;
+    let (status, _) = h
+        .control
+        .post("stream-error", json!({ "phone": PHONE, "code": 515 }))
+        .await;
     assert_eq!(status, 200);
     companion.wait_connected().await;
     companion.stop().await;

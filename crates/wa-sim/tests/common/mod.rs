@@ -67,7 +67,9 @@ pub struct Companion {
 
 impl Companion {
     pub async fn start(ws_url: &str, store: &Path) -> Self {
-        let backend = SqliteStore::new(store.to_str().unwrap()).await.expect("store opens");
+        let backend = SqliteStore::new(store.to_str().unwrap())
+            .await
+            .expect("store opens");
         let (tx, events) = mpsc::unbounded_channel();
         let bot = Bot::builder()
             .with_backend(backend)
@@ -127,13 +129,17 @@ impl Companion {
     }
 
     pub async fn wait_connected(&mut self) {
-        self.wait_for("Connected", |e| matches!(e, Event::Connected(_)).then_some(()))
-            .await
+        self.wait_for("Connected", |e| {
+            matches!(e, Event::Connected(_)).then_some(())
+        })
+        .await
     }
 
     pub async fn wait_logged_out(&mut self) {
-        self.wait_for("LoggedOut", |e| matches!(e, Event::LoggedOut(_)).then_some(()))
-            .await
+        self.wait_for("LoggedOut", |e| {
+            matches!(e, Event::LoggedOut(_)).then_some(())
+        })
+        .await
     }
 
     /// Events that arrived so far, without waiting.
@@ -154,7 +160,11 @@ impl Companion {
 
 pub fn event_name(event: &Event) -> String {
     let debug = format!("{event:?}");
-    debug.split(['(', ' ', '{']).next().unwrap_or_default().to_owned()
+    debug
+        .split(['(', ' ', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 pub struct Control {
@@ -171,13 +181,24 @@ impl Control {
     }
 
     pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
-        let response = self.http.post(format!("{}/{route}", self.base)).json(&body).send().await.unwrap();
+        let response = self
+            .http
+            .post(format!("{}/{route}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
     }
 
     pub async fn get(&self, route: &str) -> Value {
-        let response = self.http.get(format!("{}/{route}", self.base)).send().await.unwrap();
+        let response = self
+            .http
+            .get(format!("{}/{route}", self.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -191,7 +212,8 @@ impl Control {
     }
 
     pub async fn link_code(&self, phone: &str, code: &str) -> (u16, Value) {
-        self.post("link-code", json!({ "phone": phone, "code": code })).await
+        self.post("link-code", json!({ "phone": phone, "code": code }))
+            .await
     }
 
     pub async fn devices(&self) -> Vec<Value> {
