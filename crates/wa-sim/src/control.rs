@@ -166,17 +166,21 @@ async fn refresh_refs(State(sim): State<Arc<Sim>>) -> Reply {
 
 async fn devices(State(sim): State<Arc<Sim>>) -> Reply {
     let registry = sim.registry();
+    let online: std::collections::HashSet<(&str, u32)> = registry
+        .conns
+        .values()
+        .filter_map(|c| match &c.role {
+            Role::Device { phone, device } => Some((phone.as_str(), *device)),
+            Role::Linking(_) => None,
+        })
+        .collect();
     let mut list = Vec::new();
     for (number, account) in &registry.phones {
         for (id, record) in &account.devices {
-            let connected = registry
-                .conns
-                .values()
-                .any(|c| matches!(&c.role, Role::Device { phone, device } if phone == number && device == id));
             list.push(json!({
                 "jid": format!("{number}:{id}@s.whatsapp.net"),
                 "phone": number,
-                "connected": connected,
+                "connected": online.contains(&(number.as_str(), *id)),
                 "platform": record.companion.platform,
                 "linkedAt": record.linked_at_ms,
             }));
