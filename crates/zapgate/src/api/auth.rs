@@ -1,0 +1,86 @@
+//! Extractors that authenticate: the operator's bearer token for partner routes, and
+//! `{id}/{token}` plus the account's `Client-Token` for instance routes.
+
+use std::collections::HashMap;
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+use crate::instance::InstanceHandle;
+
+fn same(given: &[u8], expected: &[u8]) -> bool {
+    given.ct_eq(expected).into()
+}
+
+/// The operator, proven by `Authorization: Bearer <admin token>`.
+pub(super) struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized"))
+        }
+    }
+}
+
+/// The instance named by the path, when its token matches. Unknown ids and wrong
+/// tokens get the same 404, after the same constant-time comparison.
+pub(super) struct Instance(pub(super) InstanceHandle);
+
+/// Compared against when the id is unknown, so both failures take the same path.
+const NO_TOKEN: &str = "000000000000000000000000";
+
+impl FromRequestParts<AppState> for Instance {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        // The account token first: without it nothing is revealed about instances.
+        if let Some(expected) = &state.client_token {
+            match parts.headers.get("client-token") {
+                None => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "null not allowed")),
+                Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
+                Some(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "Client-Token not allowed",
+                    ));
+                }
+            }
+        }
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::instance_not_found())?;
+        let (id, token) = match (params.get("id"), params.get("token")) {
+            (Some(id), Some(token)) => (id, token),
+            _ => return Err(ApiError::instance_not_found()),
+        };
+        let handle = state.manager.get(id);
+        let expected = handle
+            .as_ref()
+            .map_or(NO_TOKEN, |h| h.record.token.as_str());
+        let token_matches = same(token.as_bytes(), expected.as_bytes());
+        match handle {
+            Some(handle) if token_matches => Ok(Instance(handle)),
+            _ => Err(ApiError::instance_not_found()),
+        }
+    }
+}

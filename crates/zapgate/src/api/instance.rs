@@ -1,0 +1,147 @@
+//! Z-API's instance section: linking a number and the instance's state.
+
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::auth::Instance;
+use super::{ApiError, AppState, partner};
+use crate::instance::{LinkError, State};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/qr-code", get(qr_code))
+        .route("/qr-code/image", get(qr_code_image))
+        .route("/phone-code/{phone}", get(phone_code))
+        .route("/status", get(status))
+        .route("/disconnect", get(disconnect))
+        .route("/restart", get(restart))
+        .route("/restore-session", get(restore_session))
+        .route("/me", get(me))
+        .route("/device", get(device))
+        .route("/integrator/on-demand/cancel", post(partner::cancel))
+}
+
+const NOT_CONNECTED: &str = "You are not connected.";
+const RESTORE: &str = "You need to restore the session.";
+
+/// The answer to a linking route: the code, or why there is none.
+fn link_reply(result: Result<Value, LinkError>) -> Response {
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(e @ LinkError::AlreadyConnected) => {
+            Json(json!({ "connected": true, "error": e.to_string() })).into_response()
+        }
+        Err(e @ LinkError::SessionStored) => {
+            Json(json!({ "connected": false, "error": e.to_string() })).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn qr_code(Instance(instance): Instance) -> Response {
+    link_reply(
+        instance
+            .qr_code()
+            .await
+            .map(|qr| json!({ "value": qr.value })),
+    )
+}
+
+async fn qr_code_image(Instance(instance): Instance) -> Response {
+    link_reply(
+        instance
+            .qr_code()
+            .await
+            .map(|qr| json!({ "value": qr.image_data_url() })),
+    )
+}
+
+async fn phone_code(
+    Instance(instance): Instance,
+    Path(params): Path<Vec<(String, String)>>,
+) -> Response {
+    let raw = params
+        .iter()
+        .find(|(k, _)| k == "phone")
+        .map_or("", |(_, v)| v.as_str());
+    match crate::phone::normalize(raw) {
+        Ok(phone) => link_reply(
+            instance
+                .phone_code(&phone)
+                .await
+                .map(|code| json!({ "code": code })),
+        ),
+        Err(why) => ApiError::new(StatusCode::BAD_REQUEST, why).into_response(),
+    }
+}
+
+async fn status(Instance(instance): Instance) -> Json<Value> {
+    Json(match instance.snapshot().state {
+        State::Connected => json!({ "connected": true, "smartphoneConnected": true }),
+        State::NoSession | State::Linking => {
+            json!({ "connected": false, "error": NOT_CONNECTED, "smartphoneConnected": false })
+        }
+        State::Reconnecting | State::Stopped => {
+            json!({ "connected": false, "error": RESTORE, "smartphoneConnected": false })
+        }
+    })
+}
+
+async fn disconnect(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
+    instance.disconnect().await?;
+    Ok(Json(json!({ "value": true })))
+}
+
+async fn restart(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
+    instance.restart().await?;
+    Ok(Json(json!({ "value": true })))
+}
+
+async fn restore_session(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
+    instance.restore().await?;
+    Ok(Json(json!({ "value": true })))
+}
+
+async fn me(Instance(instance): Instance) -> Json<Value> {
+    let r = &instance.record;
+    Json(json!({
+        "id": r.id,
+        "token": r.token,
+        "name": r.name,
+        "due": r.due_at,
+        "created": crate::iso_time(r.created_at),
+        "connected": instance.snapshot().state == State::Connected,
+        "paymentStatus": "PAID",
+        "connectedCallbackUrl": r.connected_callback_url,
+        "disconnectedCallbackUrl": r.disconnected_callback_url,
+        "deliveryCallbackUrl": null,
+        "receivedCallbackUrl": null,
+        "receivedAndDeliveryCallbackUrl": null,
+        "messageStatusCallbackUrl": null,
+        "presenceChatCallbackUrl": null,
+    }))
+}
+
+async fn device(Instance(instance): Instance) -> Json<Value> {
+    let r = &instance.record;
+    let Some(device) = instance.snapshot().device else {
+        return Json(json!({ "connected": false, "error": NOT_CONNECTED }));
+    };
+    Json(json!({
+        "phone": device.phone,
+        "imgUrl": null,
+        "about": "",
+        "name": device.name,
+        "device": {
+            "sessionName": r.session_name.as_deref().unwrap_or(&r.name),
+            "device_model": "zapgate",
+        },
+        "originalDevice": device.platform,
+        "sessionId": device.device_id,
+        "isBusiness": false,
+    }))
+}

@@ -1,0 +1,167 @@
+//! HTTP only: the router, shared state, and the error type that writes Z-API's
+//! `{"error": ...}` bodies. One file per Z-API docs section.
+
+mod auth;
+mod instance;
+mod partner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Secret;
+use crate::instance::{LinkError, Manager};
+use crate::store::{Store, StoreError};
+
+/// Cheap handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    pub store: Arc<dyn Store>,
+    pub admin_token: Secret,
+    pub client_token: Option<Secret>,
+}
+
+/// Bodies above this are refused (no route takes more than a few fields).
+const BODY_LIMIT: usize = 64 * 1024;
+/// Longest a request may take; linking waits are shorter than this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(readyz))
+        .merge(partner::routes())
+        .nest("/instances/{id}/token/{token}", instance::routes())
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Route not found") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed for this route",
+            )
+        })
+        .layer(middleware::from_fn(limit_time))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                // The matched route, never the URI: the path carries the instance token.
+                let route = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", |p| p.as_str());
+                tracing::info_span!("http", http.method = %request.method(), http.route = route)
+            }),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("client-token"),
+        ]))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.store.ping().await?;
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+async fn limit_time(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "The request took too long").into_response()
+        }
+    }
+}
+
+/// An error as Z-API shapes it: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn instance_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Instance not found")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        // Logged once, here; the client learns nothing of the database.
+        tracing::error!(error = %e, "store error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
+    }
+}
+
+impl From<LinkError> for ApiError {
+    fn from(e: LinkError) -> Self {
+        let status = match e {
+            LinkError::Unreachable | LinkError::Gone => StatusCode::SERVICE_UNAVAILABLE,
+            LinkError::WindowClosed => StatusCode::CONFLICT,
+            LinkError::Refused(_) => StatusCode::BAD_GATEWAY,
+            LinkError::AlreadyConnected | LinkError::SessionStored => StatusCode::OK,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+/// `Json<T>` whose rejection is an [`ApiError`].
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| JsonBody(v))
+            .map_err(|r: JsonRejection| ApiError::new(r.status(), r.body_text()))
+    }
+}
+
+/// `Query<T>` whose rejection is an [`ApiError`].
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| QueryParams(v))
+            .map_err(|r: QueryRejection| ApiError::new(StatusCode::BAD_REQUEST, r.body_text()))
+    }
+}

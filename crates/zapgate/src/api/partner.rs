@@ -1,0 +1,140 @@
+//! Z-API's partner section: creating, listing and cancelling instances, behind the
+//! operator's bearer token.
+
+use axum::extract::State as AxumState;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{Admin, Instance};
+use super::{ApiError, AppState, JsonBody, QueryParams};
+use crate::instance::{NewInstance, State};
+use crate::store::InstanceRecord;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/instances/integrator/on-demand", post(create))
+        .route("/instances", get(list))
+}
+
+const MAX_NAME: usize = 120;
+const MAX_PAGE_SIZE: u32 = 100;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateBody {
+    name: Option<String>,
+    session_name: Option<String>,
+    connected_callback_url: Option<String>,
+    disconnected_callback_url: Option<String>,
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message)
+}
+
+/// Z-API only calls back over HTTPS; an empty value means none.
+fn callback_url(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(url)
+            if url.starts_with("https://") && url.len() > "https://".len() && url.len() <= 2048 =>
+        {
+            Ok(Some(url))
+        }
+        Some(_) => Err(bad(format!("{field} must be an https:// URL"))),
+    }
+}
+
+async fn create(
+    _: Admin,
+    AxumState(state): AxumState<AppState>,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<Json<Value>, ApiError> {
+    let name = body.name.map(|n| n.trim().to_owned()).unwrap_or_default();
+    if name.is_empty() || name.chars().count() > MAX_NAME {
+        return Err(bad(format!(
+            "name is required, up to {MAX_NAME} characters"
+        )));
+    }
+    let new = NewInstance {
+        name,
+        session_name: body
+            .session_name
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty()),
+        connected_callback_url: callback_url("connectedCallbackUrl", body.connected_callback_url)?,
+        disconnected_callback_url: callback_url(
+            "disconnectedCallbackUrl",
+            body.disconnected_callback_url,
+        )?,
+    };
+    let handle = state.manager.create(new).await?;
+    let r = &handle.record;
+    Ok(Json(
+        json!({ "id": r.id, "token": r.token, "due": r.due_at }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    page: Option<u32>,
+    page_size: Option<u32>,
+    query: Option<String>,
+}
+
+async fn list(
+    _: Admin,
+    AxumState(state): AxumState<AppState>,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = q.page.unwrap_or(1);
+    let page_size = q.page_size.unwrap_or(20);
+    if page == 0 || page_size == 0 || page_size > MAX_PAGE_SIZE {
+        return Err(bad(format!(
+            "page starts at 1 and pageSize is 1 to {MAX_PAGE_SIZE}"
+        )));
+    }
+    let query = q.query.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let found = state.store.page_instances(page, page_size, query).await?;
+    let content: Vec<Value> = found.items.iter().map(|r| summary(&state, r)).collect();
+    Ok(Json(json!({
+        "total": found.total,
+        "totalPage": found.total.div_ceil(u64::from(page_size)),
+        "pageSize": page_size,
+        "page": page,
+        "content": content,
+    })))
+}
+
+fn summary(state: &AppState, r: &InstanceRecord) -> Value {
+    let connected = state
+        .manager
+        .get(&r.id)
+        .is_some_and(|h| h.snapshot().state == State::Connected);
+    json!({
+        "id": r.id,
+        "token": r.token,
+        "name": r.name,
+        "created": crate::iso_time(r.created_at),
+        "due": r.due_at,
+        "connectedCallbackUrl": r.connected_callback_url,
+        "disconnectedCallbackUrl": r.disconnected_callback_url,
+        "phoneConnected": connected,
+        "whatsappConnected": connected,
+        "middleware": "web",
+    })
+}
+
+/// Unlinks the number and deletes the instance with its session.
+pub(super) async fn cancel(
+    _: Admin,
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+) -> Result<StatusCode, ApiError> {
+    state.manager.cancel(&instance.record.id).await?;
+    Ok(StatusCode::CREATED)
+}

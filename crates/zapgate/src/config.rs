@@ -1,0 +1,159 @@
+//! Configuration: one clap struct, every field a flag with an environment fallback.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// WhatsApp's own websocket endpoint.
+pub const WHATSAPP_URL: &str = "wss://web.whatsapp.com/ws/chat";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zapgate",
+    version,
+    about = "A self-hosted WhatsApp gateway with a Z-API compatible HTTP API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the HTTP API and keep every linked number connected.
+    Serve(Config),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "ZAPGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the database, WhatsApp sessions and the generated admin token.
+    #[arg(long, env = "ZAPGATE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL; default: a SQLite file `zapgate.db` in the data directory.
+    #[arg(long, env = "ZAPGATE_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Bearer token for the partner routes (create, list, cancel instances). When unset,
+    /// one is generated on first start and kept in `<data-dir>/admin-token`.
+    #[arg(long, env = "ZAPGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// Account security token: when set, every instance route requires this value in
+    /// the `Client-Token` header.
+    #[arg(long, env = "ZAPGATE_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<Secret>,
+
+    /// WhatsApp websocket URL.
+    #[arg(long, env = "ZAPGATE_WHATSAPP_URL", default_value = WHATSAPP_URL)]
+    pub whatsapp_url: String,
+
+    /// WhatsApp Web version to announce, like 2.3000.1030000000. When unset, the client
+    /// learns the current one from WhatsApp at each connection.
+    #[arg(long, env = "ZAPGATE_WHATSAPP_VERSION", value_parser = parse_version)]
+    pub whatsapp_version: Option<(u32, u32, u32)>,
+
+    /// How long the first /qr-code or /phone-code call waits for WhatsApp's first code.
+    #[arg(long, env = "ZAPGATE_LINK_WAIT_SECS", default_value_t = 20)]
+    pub link_wait_secs: u64,
+
+    /// Stored sessions reconnecting at once after a start (each waits for its login).
+    #[arg(long, env = "ZAPGATE_RESTORE_CONCURRENCY", default_value_t = 16)]
+    pub restore_concurrency: usize,
+
+    /// Write logs as JSON lines.
+    #[arg(long, env = "ZAPGATE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    pub fn link_wait(&self) -> Duration {
+        Duration::from_secs(self.link_wait_secs.max(1))
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.data_dir.join("sessions")
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("zapgate.db").display()
+            )
+        })
+    }
+}
+
+fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
+    let parts: Vec<u32> = s
+        .split('.')
+        .map(|p| {
+            p.parse::<u32>()
+                .map_err(|_| format!("{p:?} is not a number"))
+        })
+        .collect::<Result<_, _>>()?;
+    match parts[..] {
+        [a, b, c] => Ok((a, b, c)),
+        _ => Err("expected three numbers, like 2.3000.1030000000".into()),
+    }
+}
+
+/// A value that never shows in logs or `Debug` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_three_dotted_numbers() {
+        assert_eq!(
+            parse_version("2.3000.1030000000"),
+            Ok((2, 3000, 1_030_000_000))
+        );
+        assert!(parse_version("2.3000").is_err());
+        assert!(parse_version("2.x.1").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s: Secret = "hunter2".parse().unwrap();
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+    }
+}

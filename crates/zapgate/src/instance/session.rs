@@ -1,0 +1,107 @@
+//! Starting whatsapp-rust clients on an instance's stored session, and wiping it.
+//! Each session is one SQLite file under `<data-dir>/sessions/`, so a wipe is a delete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use whatsapp_rust::bot::Bot;
+use whatsapp_rust::client::Client;
+use whatsapp_rust::store::SqliteStore;
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::types::events::Event;
+
+/// What a running client tells its instance, tagged with the client's generation so
+/// events from a client that was already replaced are ignored.
+pub(crate) struct Signal {
+    pub(crate) generation: u64,
+    pub(crate) kind: SignalKind,
+}
+
+pub(crate) enum SignalKind {
+    Event(Arc<Event>),
+    /// The client's run loop ended.
+    Stopped,
+}
+
+pub(crate) struct ClientFactory {
+    pub(crate) sessions_dir: PathBuf,
+    pub(crate) whatsapp_url: String,
+    pub(crate) version: Option<(u32, u32, u32)>,
+}
+
+pub(crate) struct Running {
+    pub(crate) generation: u64,
+    pub(crate) client: Arc<Client>,
+}
+
+impl ClientFactory {
+    fn session_path(&self, instance: &str) -> PathBuf {
+        self.sessions_dir.join(format!("{instance}.db"))
+    }
+
+    pub(crate) fn has_session_file(&self, instance: &str) -> bool {
+        self.session_path(instance).exists()
+    }
+
+    /// Builds a client on the instance's session file (created empty if absent) and
+    /// starts it. Its events and its end arrive on `signals`.
+    pub(crate) async fn start(
+        &self,
+        instance: &str,
+        generation: u64,
+        signals: mpsc::UnboundedSender<Signal>,
+    ) -> anyhow::Result<Running> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(&self.sessions_dir).context("creating the sessions directory")?;
+        let path = self.session_path(instance);
+        let backend = SqliteStore::new(&path.to_string_lossy())
+            .await
+            .with_context(|| format!("opening session {}", path.display()))?;
+        let events = signals.clone();
+        let mut builder = Bot::builder()
+            .with_backend(backend)
+            .with_transport_factory(
+                TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
+            )
+            .skip_history_sync()
+            .on_event(move |event, _client| {
+                let _ = events.send(Signal {
+                    generation,
+                    kind: SignalKind::Event(event),
+                });
+                std::future::ready(())
+            });
+        if let Some(version) = self.version {
+            builder = builder.with_version(version);
+        }
+        let bot = builder
+            .build()
+            .await
+            .context("building the WhatsApp client")?;
+        let handle = bot.spawn();
+        let client = handle.client();
+        tokio::spawn(async move {
+            handle.await;
+            let _ = signals.send(Signal {
+                generation,
+                kind: SignalKind::Stopped,
+            });
+        });
+        Ok(Running { generation, client })
+    }
+
+    /// Deletes the session's keys (the database and its WAL files).
+    pub(crate) fn wipe(&self, instance: &str) -> std::io::Result<()> {
+        let path = self.session_path(instance);
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let file = PathBuf::from(format!("{}{suffix}", path.display()));
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,138 @@
+//! zapgate: a self-hosted WhatsApp gateway with a Z-API compatible HTTP API.
+//!
+//! - `config`: flags and environment (`zapgate serve --help`)
+//! - `api`: HTTP routes, authentication and Z-API error bodies
+//! - `instance`: one task per WhatsApp number, its state machine, the registry
+//! - `store`: the instance registry's persistence (SQLite)
+//! - `qr`, `phone`: QR images and phone-number rules
+//!
+//! [`run`] serves until its shutdown token is cancelled.
+
+pub mod api;
+pub mod config;
+pub mod instance;
+pub mod phone;
+pub mod qr;
+pub mod store;
+
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Secret};
+use crate::instance::{Manager, ManagerConfig};
+
+/// Serves the API on `listener` and keeps linked numbers connected until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    check_whatsapp_url(&config.whatsapp_url)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let admin_token = match &config.admin_token {
+        Some(token) => token.clone(),
+        None => stored_admin_token(&config.data_dir)?,
+    };
+    let store = store::connect(&config.database_url())
+        .await
+        .context("opening the database")?;
+    let manager = Manager::start(
+        store.clone(),
+        ManagerConfig {
+            sessions_dir: config.sessions_dir(),
+            whatsapp_url: config.whatsapp_url.clone(),
+            whatsapp_version: config.whatsapp_version,
+            link_wait: config.link_wait(),
+            restore_concurrency: config.restore_concurrency,
+        },
+        shutdown.child_token(),
+    )
+    .await
+    .context("loading instances")?;
+    let app = api::router(api::AppState {
+        manager: manager.clone(),
+        store,
+        admin_token,
+        client_token: config.client_token.clone(),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    manager.shutdown().await;
+    Ok(())
+}
+
+/// A sandbox build skips the check of WhatsApp's certificate chain, so it may only talk
+/// to a WhatsApp on this machine (wa-sim).
+fn check_whatsapp_url(url: &str) -> anyhow::Result<()> {
+    let uri: axum::http::Uri = url
+        .parse()
+        .with_context(|| format!("--whatsapp-url {url:?} is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
+        bail!("--whatsapp-url must be a ws:// or wss:// URL, got {url:?}");
+    }
+    if cfg!(feature = "sandbox") {
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            bail!(
+                "this sandbox build does not verify WhatsApp's certificates and only connects to loopback, not {host:?}"
+            );
+        }
+        tracing::warn!(
+            whatsapp.url = url,
+            "sandbox build: WhatsApp's certificate chain is not verified"
+        );
+    }
+    Ok(())
+}
+
+/// The admin token kept in `<data-dir>/admin-token`, generated (0600) on first start.
+fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
+    use rand::RngExt as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("admin-token");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if let Ok(token) = existing.trim().parse::<Secret>() {
+            tracing::info!(path = %path.display(), "admin token read from file");
+            return Ok(token);
+        }
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::rng().random::<u8>()))
+        .collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    tracing::info!(path = %path.display(), "generated an admin token (Authorization: Bearer <token in this file>)");
+    Ok(Secret::new(token))
+}
+
+pub(crate) fn unix_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `2026-11-25T10:00:00.000Z`, as Z-API writes dates.
+pub(crate) fn iso_time(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,77 @@
+//! Persistence of the instance registry behind a narrow, domain-shaped trait.
+//! SQLite is the default backend; the URL scheme picks the backend.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: only sqlite: is supported")]
+    UnsupportedUrl(String),
+}
+
+/// An instance as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub token: String,
+    pub name: String,
+    pub session_name: Option<String>,
+    pub connected_callback_url: Option<String>,
+    pub disconnected_callback_url: Option<String>,
+    pub created_at: i64,
+    pub due_at: i64,
+    pub link: Option<Link>,
+}
+
+/// The number an instance is linked to while its session is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub phone: String,
+    pub linked_at: i64,
+    pub platform: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<InstanceRecord>,
+    pub total: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError>;
+    /// Every instance, oldest first (start-up).
+    async fn all_instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// One page (1-based), oldest first, optionally filtered by a name or id fragment.
+    async fn page_instances(
+        &self,
+        page: u32,
+        page_size: u32,
+        query: Option<&str>,
+    ) -> Result<Page, StoreError>;
+    async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError>;
+    async fn delete_instance(&self, id: &str) -> Result<(), StoreError>;
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a database URL names.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(
+            url.split(':').next().unwrap_or_default().to_owned(),
+        ))
+    }
+}

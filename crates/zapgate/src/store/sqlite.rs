@@ -1,0 +1,222 @@
+//! The SQLite backend: one file in the data directory, WAL mode.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{QueryBuilder, Row};
+
+use super::{InstanceRecord, Link, Page, Store, StoreError};
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// The instance columns, as a macro so statements stay `&'static str`.
+macro_rules! columns {
+    () => {
+        "id, token, name, session_name, connected_callback_url, \
+         disconnected_callback_url, created_at, due_at, phone, linked_at, platform"
+    };
+}
+
+fn record(row: &SqliteRow) -> Result<InstanceRecord, sqlx::Error> {
+    let phone: Option<String> = row.try_get("phone")?;
+    let linked_at: Option<i64> = row.try_get("linked_at")?;
+    let platform: Option<String> = row.try_get("platform")?;
+    Ok(InstanceRecord {
+        id: row.try_get("id")?,
+        token: row.try_get("token")?,
+        name: row.try_get("name")?,
+        session_name: row.try_get("session_name")?,
+        connected_callback_url: row.try_get("connected_callback_url")?,
+        disconnected_callback_url: row.try_get("disconnected_callback_url")?,
+        created_at: row.try_get("created_at")?,
+        due_at: row.try_get("due_at")?,
+        link: phone.map(|phone| Link {
+            phone,
+            linked_at: linked_at.unwrap_or_default(),
+            platform,
+        }),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "INSERT INTO instances (",
+            columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&i.id)
+        .bind(&i.token)
+        .bind(&i.name)
+        .bind(&i.session_name)
+        .bind(&i.connected_callback_url)
+        .bind(&i.disconnected_callback_url)
+        .bind(i.created_at)
+        .bind(i.due_at)
+        .bind(i.link.as_ref().map(|l| &l.phone))
+        .bind(i.link.as_ref().map(|l| l.linked_at))
+        .bind(i.link.as_ref().and_then(|l| l.platform.as_deref()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn all_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM instances ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+    }
+
+    async fn page_instances(
+        &self,
+        page: u32,
+        page_size: u32,
+        query: Option<&str>,
+    ) -> Result<Page, StoreError> {
+        let filter = |q: &mut QueryBuilder<sqlx::Sqlite>| {
+            if let Some(text) = query {
+                let pattern = format!(
+                    "%{}%",
+                    text.replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_")
+                );
+                q.push(" WHERE name LIKE ")
+                    .push_bind(pattern.clone())
+                    .push(" ESCAPE '\\' OR id LIKE ")
+                    .push_bind(pattern)
+                    .push(" ESCAPE '\\'");
+            }
+        };
+        let mut count = QueryBuilder::new("SELECT COUNT(*) FROM instances");
+        filter(&mut count);
+        let total: i64 = count.build_query_scalar().fetch_one(&self.pool).await?;
+
+        let mut select = QueryBuilder::new(concat!("SELECT ", columns!(), " FROM instances"));
+        filter(&mut select);
+        select
+            .push(" ORDER BY created_at, id LIMIT ")
+            .push_bind(i64::from(page_size))
+            .push(" OFFSET ")
+            .push_bind(i64::from(page.saturating_sub(1)) * i64::from(page_size));
+        let rows = select.build().fetch_all(&self.pool).await?;
+        Ok(Page {
+            items: rows.iter().map(record).collect::<Result<_, _>>()?,
+            total: total as u64,
+        })
+    }
+
+    async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE instances SET phone = ?, linked_at = ?, platform = ? WHERE id = ?")
+            .bind(link.map(|l| &l.phone))
+            .bind(link.map(|l| l.linked_at))
+            .bind(link.and_then(|l| l.platform.as_deref()))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM instances WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, name: &str, created_at: i64) -> InstanceRecord {
+        InstanceRecord {
+            id: id.into(),
+            token: format!("T{id}"),
+            name: name.into(),
+            session_name: None,
+            connected_callback_url: None,
+            disconnected_callback_url: None,
+            created_at,
+            due_at: created_at + 1,
+            link: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn instances_round_trip_page_and_filter_in_a_real_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("z.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        for (i, name) in ["alpha", "beta", "gamma_x"].iter().enumerate() {
+            store
+                .insert_instance(&instance(&format!("ID{i}"), name, i as i64))
+                .await
+                .unwrap();
+        }
+        let link = Link {
+            phone: "5511999990001".into(),
+            linked_at: 42,
+            platform: Some("android".into()),
+        };
+        store.set_link("ID1", Some(&link)).await.unwrap();
+        drop(store);
+
+        // Reopened: the data is in the file, and migrations do not run twice.
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let all = store.all_instances().await.unwrap();
+        assert_eq!(
+            all.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["alpha", "beta", "gamma_x"]
+        );
+        assert_eq!(all[1].link, Some(link));
+
+        let page = store.page_instances(2, 2, None).await.unwrap();
+        assert_eq!(
+            (page.total, page.items.len(), page.items[0].id.as_str()),
+            (3, 1, "ID2")
+        );
+        // `_` is a literal underscore, not a wildcard.
+        let found = store.page_instances(1, 10, Some("a_x")).await.unwrap();
+        assert_eq!((found.total, found.items[0].name.as_str()), (1, "gamma_x"));
+        assert_eq!(
+            store.page_instances(1, 10, Some("e_")).await.unwrap().total,
+            0
+        );
+
+        store.delete_instance("ID0").await.unwrap();
+        assert_eq!(store.all_instances().await.unwrap().len(), 2);
+    }
+}
