@@ -159,11 +159,17 @@ impl InstanceHandle {
             })
             .await
             .map_err(|_| LinkError::Gone)?;
-        match tokio::time::timeout(self.link_wait, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(LinkError::Gone),
-            Err(_) => Err(LinkError::Unreachable),
-        }
+        let code = match tokio::time::timeout(self.link_wait, answer).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(LinkError::Gone),
+            Err(_) => return Err(LinkError::Unreachable),
+        };
+        // The client announces the code as an event too; once the snapshot holds it,
+        // asking again serves it without a new request.
+        let mut rx = self.snapshot.clone();
+        let known = rx.wait_for(|s| s.pair_code.as_ref().is_some_and(|c| c.code == code));
+        let _ = tokio::time::timeout(Duration::from_secs(2), known).await;
+        Ok(code)
     }
 
     async fn open_window(&self) -> Result<(), LinkError> {

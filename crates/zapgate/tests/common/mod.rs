@@ -1,0 +1,282 @@
+//! Runs the real `zapgate` binary (a sandbox build) against an in-process wa-sim, and
+//! calls both over real HTTP. Helpers are named after the routes they call.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use wa_sim::{Config as SimConfig, WaSim};
+
+pub const ADMIN: &str = "test-admin-token";
+pub const VERSION: &str = "2.3000.1030000000";
+/// Linking waits ~10 s for an app-state key share that never comes; leave room.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(45);
+
+pub struct World {
+    pub sim: WaSim,
+    pub wa: Control,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn new() -> Self {
+        Self::with_sim(SimConfig::default()).await
+    }
+
+    pub async fn with_sim(config: SimConfig) -> Self {
+        let sim = WaSim::start(config).await.expect("wa-sim starts");
+        Self {
+            wa: Control::new(sim.control_url()),
+            sim,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub async fn gateway(&self) -> Gateway {
+        Gateway::start(&self.sim.ws_url(), &self.data_dir(), &[]).await
+    }
+
+    pub async fn gateway_with(&self, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start(&self.sim.ws_url(), &self.data_dir(), env).await
+    }
+}
+
+/// One `zapgate serve` process.
+pub struct Gateway {
+    child: Child,
+    pub api: Api,
+}
+
+impl Gateway {
+    pub async fn start(whatsapp_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_zapgate"));
+        command
+            .arg("serve")
+            .env("ZAPGATE_LISTEN", "127.0.0.1:0")
+            .env("ZAPGATE_DATA_DIR", data_dir)
+            .env("ZAPGATE_ADMIN_TOKEN", ADMIN)
+            .env("ZAPGATE_WHATSAPP_URL", whatsapp_url)
+            .env("ZAPGATE_WHATSAPP_VERSION", VERSION)
+            .env("ZAPGATE_LINK_WAIT_SECS", "10")
+            .env("RUST_LOG", "info,whatsapp_rust=warn,wacore=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("zapgate starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next_line().await.unwrap().expect("zapgate printed its address");
+            println!("{line}");
+            if let Some(addr) = line.split("zapgate listening on ").nth(1) {
+                break addr.trim().to_owned();
+            }
+        };
+        // Keep echoing the gateway's log so a failing test shows it.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("{line}");
+            }
+        });
+        let client_token = env.iter().find(|(k, _)| *k == "ZAPGATE_CLIENT_TOKEN").map(|(_, v)| v.to_string());
+        Self {
+            child,
+            api: Api {
+                http: reqwest::Client::new(),
+                base,
+                client_token,
+            },
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+        assert!(status.expect("zapgate stops on SIGTERM").unwrap().success());
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub id: String,
+    pub token: String,
+}
+
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub client_token: Option<String>,
+}
+
+impl Api {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        if let Some(token) = &self.client_token {
+            request = request.header("Client-Token", token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("gateway answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, value)
+    }
+
+    pub async fn create_instance(&self, name: &str) -> Instance {
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/instances/integrator/on-demand", Some(json!({ "name": name })), Some(ADMIN))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        Instance {
+            id: body["id"].as_str().unwrap().to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn instance_get(&self, i: &Instance, route: &str) -> (u16, Value) {
+        let path = format!("/instances/{}/token/{}/{route}", i.id, i.token);
+        self.call(reqwest::Method::GET, &path, None, None).await
+    }
+
+    pub async fn qr_code(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "qr-code").await
+    }
+
+    pub async fn qr_code_image(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "qr-code/image").await
+    }
+
+    pub async fn phone_code(&self, i: &Instance, phone: &str) -> (u16, Value) {
+        self.instance_get(i, &format!("phone-code/{phone}")).await
+    }
+
+    pub async fn status(&self, i: &Instance) -> Value {
+        let (code, body) = self.instance_get(i, "status").await;
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    pub async fn disconnect(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "disconnect").await
+    }
+
+    pub async fn restart(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "restart").await
+    }
+
+    pub async fn restore_session(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "restore-session").await
+    }
+
+    pub async fn device(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "device").await
+    }
+
+    pub async fn me(&self, i: &Instance) -> (u16, Value) {
+        self.instance_get(i, "me").await
+    }
+
+    /// Polls `/status` as a user's app would, until `want(status)` or the wait ends.
+    pub async fn wait_status(&self, i: &Instance, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        loop {
+            let status = self.status(i).await;
+            if want(&status) {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never {what}; last status {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn wait_connected(&self, i: &Instance) -> Value {
+        self.wait_status(i, "connected", |s| s["connected"] == json!(true)).await
+    }
+}
+
+pub fn not_connected() -> Value {
+    json!({ "connected": false, "error": "You are not connected.", "smartphoneConnected": false })
+}
+
+pub fn restore_needed() -> Value {
+    json!({ "connected": false, "error": "You need to restore the session.", "smartphoneConnected": false })
+}
+
+pub fn connected() -> Value {
+    json!({ "connected": true, "smartphoneConnected": true })
+}
+
+/// wa-sim's control API.
+pub struct Control {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Control {
+    pub fn new(base: String) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base,
+        }
+    }
+
+    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        let response = self.http.post(format!("{}/{route}", self.base)).json(&body).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    pub async fn scan(&self, qr: &str, phone: &str) -> (u16, Value) {
+        self.post("scan", json!({ "qr": qr, "phone": phone })).await
+    }
+
+    pub async fn devices(&self) -> Vec<Value> {
+        let response = self.http.get(format!("{}/devices", self.base)).send().await.unwrap();
+        response.json::<Value>().await.unwrap().as_array().unwrap().clone()
+    }
+
+    pub async fn stats(&self) -> Value {
+        let response = self.http.get(format!("{}/stats", self.base)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+}
+
+/// Decodes a `data:image/png;base64,...` QR image back to its text.
+pub fn decode_qr_data_url(data_url: &str) -> String {
+    use base64::Engine as _;
+    let b64 = data_url.strip_prefix("data:image/png;base64,").expect("a PNG data URL");
+    let png_bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    assert!(width >= 256 && height >= 256, "image is {width}x{height}");
+    assert_eq!(frame.color_type, png::ColorType::Grayscale);
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "exactly one QR code in the image");
+    grids[0].decode().expect("the QR code decodes").1
+}
