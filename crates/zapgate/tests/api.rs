@@ -27,7 +27,17 @@ async fn unknown_ids_and_wrong_tokens_look_the_same() {
     };
     let expected = error(INSTANCE_NOT_FOUND.0, INSTANCE_NOT_FOUND.1);
     for who in [&wrong_token, &unknown] {
-        for route in ["status", "qr-code", "qr-code/image", "phone-code/5511988880001", "disconnect", "restart", "restore-session", "me", "device"] {
+        for route in [
+            "status",
+            "qr-code",
+            "qr-code/image",
+            "phone-code/5511988880001",
+            "disconnect",
+            "restart",
+            "restore-session",
+            "me",
+            "device",
+        ] {
             assert_eq!(gw.api.instance_get(who, route).await, expected, "{route}");
         }
     }
@@ -38,18 +48,34 @@ async fn unknown_ids_and_wrong_tokens_look_the_same() {
 #[tokio::test]
 async fn the_client_token_guards_every_instance_route() {
     let world = World::new().await;
-    let gw = world.gateway_with(&[("ZAPGATE_CLIENT_TOKEN", "account-secret")]).await;
+    let gw = world
+        .gateway_with(&[("ZAPGATE_CLIENT_TOKEN", "account-secret")])
+        .await;
     let inst = gw.api.create_instance("guarded").await;
     assert_eq!(gw.api.status(&inst).await, not_connected());
 
-    let path = format!("{}/instances/{}/token/{}/status", gw.api.base, inst.id, inst.token);
+    let path = format!(
+        "{}/instances/{}/token/{}/status",
+        gw.api.base, inst.id, inst.token
+    );
     let http = reqwest::Client::new();
     let missing = http.get(&path).send().await.unwrap();
     assert_eq!(missing.status(), 401);
-    assert_eq!(missing.json::<serde_json::Value>().await.unwrap(), json!({ "error": "null not allowed" }));
-    let wrong = http.get(&path).header("Client-Token", "nope").send().await.unwrap();
+    assert_eq!(
+        missing.json::<serde_json::Value>().await.unwrap(),
+        json!({ "error": "null not allowed" })
+    );
+    let wrong = http
+        .get(&path)
+        .header("Client-Token", "nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
-    assert_eq!(wrong.json::<serde_json::Value>().await.unwrap(), json!({ "error": "Client-Token not allowed" }));
+    assert_eq!(
+        wrong.json::<serde_json::Value>().await.unwrap(),
+        json!({ "error": "Client-Token not allowed" })
+    );
 }
 
 #[tokio::test]
@@ -59,19 +85,56 @@ async fn partner_routes_need_the_admin_token_and_valid_input() {
     let api = &gw.api;
     let create = "/instances/integrator/on-demand";
     let unauthorized = error(401, "Unauthorized");
-    assert_eq!(api.call(Method::POST, create, Some(json!({ "name": "x" })), None).await, unauthorized);
-    assert_eq!(api.call(Method::POST, create, Some(json!({ "name": "x" })), Some("wrong")).await, unauthorized);
-    assert_eq!(api.call(Method::GET, "/instances", None, None).await, unauthorized);
+    assert_eq!(
+        api.call(Method::POST, create, Some(json!({ "name": "x" })), None)
+            .await,
+        unauthorized
+    );
+    assert_eq!(
+        api.call(
+            Method::POST,
+            create,
+            Some(json!({ "name": "x" })),
+            Some("wrong")
+        )
+        .await,
+        unauthorized
+    );
+    assert_eq!(
+        api.call(Method::GET, "/instances", None, None).await,
+        unauthorized
+    );
 
-    let (status, body) = api.call(Method::POST, create, Some(json!({})), Some(ADMIN)).await;
-    assert_eq!((status, body["error"].is_string()), (400, true), "{body}");
-    let (status, body) = api.call(Method::POST, create, Some(json!({ "name": "   " })), Some(ADMIN)).await;
-    assert_eq!(status, 400, "{body}");
     let (status, body) = api
-        .call(Method::POST, create, Some(json!({ "name": "x", "connectedCallbackUrl": "http://plain" })), Some(ADMIN))
+        .call(Method::POST, create, Some(json!({})), Some(ADMIN))
+        .await;
+    assert_eq!((status, body["error"].is_string()), (400, true), "{body}");
+    let (status, body) = api
+        .call(
+            Method::POST,
+            create,
+            Some(json!({ "name": "   " })),
+            Some(ADMIN),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = api.call(Method::POST, create, Some(json!({ "name": 5 })), Some(ADMIN)).await;
+    let (status, body) = api
+        .call(
+            Method::POST,
+            create,
+            Some(json!({ "name": "x", "connectedCallbackUrl": "http://plain" })),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api
+        .call(
+            Method::POST,
+            create,
+            Some(json!({ "name": 5 })),
+            Some(ADMIN),
+        )
+        .await;
     assert_eq!((status, body["error"].is_string()), (422, true), "{body}");
     let raw = reqwest::Client::new()
         .post(format!("{}{create}", api.base))
@@ -83,29 +146,72 @@ async fn partner_routes_need_the_admin_token_and_valid_input() {
         .unwrap();
     assert_eq!(raw.status(), 400);
     assert!(raw.json::<serde_json::Value>().await.unwrap()["error"].is_string());
-    assert_eq!(api.call(Method::GET, "/instances", None, Some(ADMIN)).await.1["total"], json!(0), "bad input created nothing");
+    assert_eq!(
+        api.call(Method::GET, "/instances", None, Some(ADMIN))
+            .await
+            .1["total"],
+        json!(0),
+        "bad input created nothing"
+    );
 
     let a = api.create_instance("alpha").await;
     let b = api.create_instance("beta").await;
     assert_eq!((a.id.len(), a.token.len()), (32, 24));
-    let (status, page) = api.call(Method::GET, "/instances?page=1&pageSize=1", None, Some(ADMIN)).await;
+    let (status, page) = api
+        .call(
+            Method::GET,
+            "/instances?page=1&pageSize=1",
+            None,
+            Some(ADMIN),
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!((page["total"].clone(), page["totalPage"].clone(), page["pageSize"].clone()), (json!(2), json!(2), json!(1)));
+    assert_eq!(
+        (
+            page["total"].clone(),
+            page["totalPage"].clone(),
+            page["pageSize"].clone()
+        ),
+        (json!(2), json!(2), json!(1))
+    );
     assert_eq!(page["content"][0]["id"], json!(a.id));
     assert_eq!(page["content"][0]["middleware"], json!("web"));
     assert_eq!(page["content"][0]["whatsappConnected"], json!(false));
-    let (_, found) = api.call(Method::GET, "/instances?query=bet", None, Some(ADMIN)).await;
+    let (_, found) = api
+        .call(Method::GET, "/instances?query=bet", None, Some(ADMIN))
+        .await;
     assert_eq!(found["content"][0]["id"], json!(b.id));
-    let (status, _) = api.call(Method::GET, "/instances?pageSize=0", None, Some(ADMIN)).await;
+    let (status, _) = api
+        .call(Method::GET, "/instances?pageSize=0", None, Some(ADMIN))
+        .await;
     assert_eq!(status, 400);
-    let (status, body) = api.call(Method::GET, "/instances?page=abc", None, Some(ADMIN)).await;
+    let (status, body) = api
+        .call(Method::GET, "/instances?page=abc", None, Some(ADMIN))
+        .await;
     assert_eq!((status, body["error"].is_string()), (400, true));
 
-    let cancel = format!("/instances/{}/token/{}/integrator/on-demand/cancel", a.id, a.token);
-    assert_eq!(api.call(Method::POST, &cancel, None, None).await, unauthorized);
-    assert_eq!(api.call(Method::POST, &cancel, None, Some(ADMIN)).await.0, 201);
-    assert_eq!(api.instance_get(&a, "status").await, error(404, "Instance not found"));
-    assert_eq!(api.call(Method::GET, "/instances", None, Some(ADMIN)).await.1["total"], json!(1));
+    let cancel = format!(
+        "/instances/{}/token/{}/integrator/on-demand/cancel",
+        a.id, a.token
+    );
+    assert_eq!(
+        api.call(Method::POST, &cancel, None, None).await,
+        unauthorized
+    );
+    assert_eq!(
+        api.call(Method::POST, &cancel, None, Some(ADMIN)).await.0,
+        201
+    );
+    assert_eq!(
+        api.instance_get(&a, "status").await,
+        error(404, "Instance not found")
+    );
+    assert_eq!(
+        api.call(Method::GET, "/instances", None, Some(ADMIN))
+            .await
+            .1["total"],
+        json!(1)
+    );
 }
 
 #[tokio::test]
@@ -118,6 +224,12 @@ async fn wrong_methods_and_unknown_routes_answer_json() {
     assert_eq!((code, body["error"].is_string()), (405, true), "{body}");
     let (code, body) = gw.api.call(Method::GET, "/nowhere", None, None).await;
     assert_eq!((code, body["error"].is_string()), (404, true), "{body}");
-    assert_eq!(gw.api.call(Method::GET, "/healthz", None, None).await, (200, json!({ "status": "ok" })));
-    assert_eq!(gw.api.call(Method::GET, "/readyz", None, None).await, (200, json!({ "status": "ready" })));
+    assert_eq!(
+        gw.api.call(Method::GET, "/healthz", None, None).await,
+        (200, json!({ "status": "ok" }))
+    );
+    assert_eq!(
+        gw.api.call(Method::GET, "/readyz", None, None).await,
+        (200, json!({ "status": "ready" }))
+    );
 }

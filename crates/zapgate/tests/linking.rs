@@ -44,19 +44,34 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
     assert_eq!(api.qr_code_image(&inst).await, (200, already.clone()));
     assert_eq!(api.phone_code(&inst, PHONE).await, (200, already));
     let (_, me) = api.me(&inst).await;
-    assert_eq!((me["id"].as_str(), me["connected"].as_bool()), (Some(inst.id.as_str()), Some(true)));
+    assert_eq!(
+        (me["id"].as_str(), me["connected"].as_bool()),
+        (Some(inst.id.as_str()), Some(true))
+    );
 
     // Restart: the stored session logs in again, no QR, no new pairing.
     assert_eq!(api.restart(&inst).await, (200, json!({ "value": true })));
     api.wait_connected(&inst).await;
     let stats = world.wa.stats().await;
-    assert_eq!((stats["pairings"].as_u64(), stats["logins"].as_u64()), (Some(1), Some(2)), "{stats}");
+    assert_eq!(
+        (stats["pairings"].as_u64(), stats["logins"].as_u64()),
+        (Some(1), Some(2)),
+        "{stats}"
+    );
 
     // Disconnect: unlinked at WhatsApp, session gone, a new QR on request.
     assert_eq!(api.disconnect(&inst).await, (200, json!({ "value": true })));
     assert_eq!(api.status(&inst).await, not_connected());
-    assert!(world.wa.devices().await.is_empty(), "the phone no longer lists the device");
-    assert!(!world.data_dir().join(format!("sessions/{}.db", inst.id)).exists());
+    assert!(
+        world.wa.devices().await.is_empty(),
+        "the phone no longer lists the device"
+    );
+    assert!(
+        !world
+            .data_dir()
+            .join(format!("sessions/{}.db", inst.id))
+            .exists()
+    );
     let (status, again) = api.qr_code(&inst).await;
     assert_eq!(status, 200);
     assert_ne!(again["value"].as_str().unwrap(), qr);
@@ -79,11 +94,22 @@ async fn a_refreshed_code_replaces_the_old_one_for_good() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for _ in 0..5 {
-        assert_eq!(gw.api.qr_code(&inst).await, (200, second.clone()), "never the old code again");
+        assert_eq!(
+            gw.api.qr_code(&inst).await,
+            (200, second.clone()),
+            "never the old code again"
+        );
     }
     let old = first["value"].as_str().unwrap();
     assert_eq!(world.wa.scan(old, PHONE).await.0, 404);
-    assert_eq!(world.wa.scan(second["value"].as_str().unwrap(), PHONE).await.0, 200);
+    assert_eq!(
+        world
+            .wa
+            .scan(second["value"].as_str().unwrap(), PHONE)
+            .await
+            .0,
+        200
+    );
     gw.api.wait_connected(&inst).await;
 }
 
@@ -101,13 +127,20 @@ async fn a_closed_window_stops_all_traffic_until_asked_again() {
     // The only ref lives 60 s; then the client gives up and the instance goes quiet.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(80);
     while world.wa.stats().await["connections"] != json!(0) {
-        assert!(tokio::time::Instant::now() < deadline, "the instance kept talking to WhatsApp");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the instance kept talking to WhatsApp"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(gw.api.status(&inst).await, not_connected());
     let handshakes = world.wa.stats().await["handshakes"].clone();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(world.wa.stats().await["handshakes"], handshakes, "no reconnects while closed");
+    assert_eq!(
+        world.wa.stats().await["handshakes"],
+        handshakes,
+        "no reconnects while closed"
+    );
 
     let (status, second) = gw.api.qr_code(&inst).await;
     assert_eq!(status, 200);
@@ -126,16 +159,26 @@ async fn a_number_links_by_pairing_code() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"].is_string());
     }
-    assert_eq!(world.wa.stats().await["handshakes"], json!(0), "bad numbers send nothing");
+    assert_eq!(
+        world.wa.stats().await["handshakes"],
+        json!(0),
+        "bad numbers send nothing"
+    );
 
     let (status, body) = gw.api.phone_code(&inst, "+55 (11) 98888-0001").await;
     assert_eq!(status, 200, "{body}");
     let code = body["code"].as_str().unwrap().to_owned();
     assert!(code.len() == 9 && code.as_bytes()[4] == b'-', "{code}");
     // Asked again: the same code, still valid.
-    assert_eq!(gw.api.phone_code(&inst, PHONE).await, (200, json!({ "code": code })));
+    assert_eq!(
+        gw.api.phone_code(&inst, PHONE).await,
+        (200, json!({ "code": code }))
+    );
 
-    let (status, body) = world.wa.post("link-code", json!({ "phone": PHONE, "code": code })).await;
+    let (status, body) = world
+        .wa
+        .post("link-code", json!({ "phone": PHONE, "code": code }))
+        .await;
     assert_eq!(status, 200, "{body}");
     gw.api.wait_connected(&inst).await;
     assert_eq!(gw.api.device(&inst).await.1["phone"], json!(PHONE));
@@ -147,13 +190,20 @@ async fn a_killed_gateway_comes_back_connected_without_a_qr() {
     let gw = world.gateway().await;
     let inst = gw.api.create_instance("survivor").await;
     let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0, 200);
+    assert_eq!(
+        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
+        200
+    );
     gw.api.wait_connected(&inst).await;
     gw.kill().await;
 
     let gw = world.gateway().await;
     gw.api.wait_connected(&inst).await;
-    assert_eq!(world.wa.stats().await["pairings"], json!(1), "no new pairing");
+    assert_eq!(
+        world.wa.stats().await["pairings"],
+        json!(1),
+        "no new pairing"
+    );
     assert_eq!(gw.api.device(&inst).await.1["phone"], json!(PHONE));
     gw.stop().await;
 
@@ -168,15 +218,35 @@ async fn the_phone_unlinking_wipes_the_session() {
     let gw = world.gateway().await;
     let inst = gw.api.create_instance("unlinked").await;
     let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0, 200);
+    assert_eq!(
+        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
+        200
+    );
     gw.api.wait_connected(&inst).await;
 
     let (status, _) = world.wa.post("unlink", json!({ "phone": PHONE })).await;
     assert_eq!(status, 200);
-    gw.api.wait_status(&inst, "not connected", |s| *s == not_connected()).await;
-    assert!(!world.data_dir().join(format!("sessions/{}.db", inst.id)).exists());
-    assert_eq!(gw.api.device(&inst).await, (200, json!({ "connected": false, "error": "You are not connected." })));
-    assert_eq!(world.wa.stats().await["loginFailures"], json!(0), "dead credentials are not retried");
+    gw.api
+        .wait_status(&inst, "not connected", |s| *s == not_connected())
+        .await;
+    assert!(
+        !world
+            .data_dir()
+            .join(format!("sessions/{}.db", inst.id))
+            .exists()
+    );
+    assert_eq!(
+        gw.api.device(&inst).await,
+        (
+            200,
+            json!({ "connected": false, "error": "You are not connected." })
+        )
+    );
+    assert_eq!(
+        world.wa.stats().await["loginFailures"],
+        json!(0),
+        "dead credentials are not retried"
+    );
 }
 
 #[tokio::test]
@@ -185,13 +255,21 @@ async fn an_outage_needs_restoring_and_then_heals() {
     let gw = world.gateway().await;
     let inst = gw.api.create_instance("outage").await;
     let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0, 200);
+    assert_eq!(
+        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
+        200
+    );
     gw.api.wait_connected(&inst).await;
 
     let (status, _) = world.wa.post("outage", json!({ "seconds": 4 })).await;
     assert_eq!(status, 200);
-    gw.api.wait_status(&inst, "restore needed", |s| *s == restore_needed()).await;
+    gw.api
+        .wait_status(&inst, "restore needed", |s| *s == restore_needed())
+        .await;
     gw.api.wait_connected(&inst).await;
     let refused = world.wa.stats().await["refused"].as_u64().unwrap();
-    assert!((1..=6).contains(&refused), "reconnect attempts during a 4 s outage: {refused}");
+    assert!(
+        (1..=6).contains(&refused),
+        "reconnect attempts during a 4 s outage: {refused}"
+    );
 }

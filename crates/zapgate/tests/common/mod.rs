@@ -77,7 +77,11 @@ impl Gateway {
         let mut child = command.spawn().expect("zapgate starts");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let base = loop {
-            let line = lines.next_line().await.unwrap().expect("zapgate printed its address");
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("zapgate printed its address");
             println!("{line}");
             if let Some(addr) = line.split("zapgate listening on ").nth(1) {
                 break addr.trim().to_owned();
@@ -89,7 +93,10 @@ impl Gateway {
                 println!("{line}");
             }
         });
-        let client_token = env.iter().find(|(k, _)| *k == "ZAPGATE_CLIENT_TOKEN").map(|(_, v)| v.to_string());
+        let client_token = env
+            .iter()
+            .find(|(k, _)| *k == "ZAPGATE_CLIENT_TOKEN")
+            .map(|(_, v)| v.to_string());
         Self {
             child,
             api: Api {
@@ -108,7 +115,10 @@ impl Gateway {
     /// SIGTERM, then wait for a clean exit.
     pub async fn stop(mut self) {
         let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
         assert!(status.expect("zapgate stops on SIGTERM").unwrap().success());
     }
@@ -127,7 +137,13 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        bearer: Option<&str>,
+    ) -> (u16, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = bearer {
             request = request.bearer_auth(token);
@@ -141,13 +157,22 @@ impl Api {
         let response = request.send().await.expect("gateway answers");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
 
     pub async fn create_instance(&self, name: &str) -> Instance {
         let (status, body) = self
-            .call(reqwest::Method::POST, "/instances/integrator/on-demand", Some(json!({ "name": name })), Some(ADMIN))
+            .call(
+                reqwest::Method::POST,
+                "/instances/integrator/on-demand",
+                Some(json!({ "name": name })),
+                Some(ADMIN),
+            )
             .await;
         assert_eq!(status, 200, "{body}");
         Instance {
@@ -200,20 +225,29 @@ impl Api {
     }
 
     /// Polls `/status` as a user's app would, until `want(status)` or the wait ends.
-    pub async fn wait_status(&self, i: &Instance, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        i: &Instance,
+        what: &str,
+        want: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
         loop {
             let status = self.status(i).await;
             if want(&status) {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < deadline, "never {what}; last status {status}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {what}; last status {status}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     pub async fn wait_connected(&self, i: &Instance) -> Value {
-        self.wait_status(i, "connected", |s| s["connected"] == json!(true)).await
+        self.wait_status(i, "connected", |s| s["connected"] == json!(true))
+            .await
     }
 }
 
@@ -244,7 +278,13 @@ impl Control {
     }
 
     pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
-        let response = self.http.post(format!("{}/{route}", self.base)).json(&body).send().await.unwrap();
+        let response = self
+            .http
+            .post(format!("{}/{route}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
@@ -253,12 +293,28 @@ impl Control {
     }
 
     pub async fn devices(&self) -> Vec<Value> {
-        let response = self.http.get(format!("{}/devices", self.base)).send().await.unwrap();
-        response.json::<Value>().await.unwrap().as_array().unwrap().clone()
+        let response = self
+            .http
+            .get(format!("{}/devices", self.base))
+            .send()
+            .await
+            .unwrap();
+        response
+            .json::<Value>()
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub async fn stats(&self) -> Value {
-        let response = self.http.get(format!("{}/stats", self.base)).send().await.unwrap();
+        let response = self
+            .http
+            .get(format!("{}/stats", self.base))
+            .send()
+            .await
+            .unwrap();
         response.json().await.unwrap()
     }
 }
@@ -266,8 +322,12 @@ impl Control {
 /// Decodes a `data:image/png;base64,...` QR image back to its text.
 pub fn decode_qr_data_url(data_url: &str) -> String {
     use base64::Engine as _;
-    let b64 = data_url.strip_prefix("data:image/png;base64,").expect("a PNG data URL");
-    let png_bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let b64 = data_url
+        .strip_prefix("data:image/png;base64,")
+        .expect("a PNG data URL");
+    let png_bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
     let mut reader = decoder.read_info().unwrap();
     let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
@@ -275,7 +335,8 @@ pub fn decode_qr_data_url(data_url: &str) -> String {
     let (width, height) = (frame.width as usize, frame.height as usize);
     assert!(width >= 256 && height >= 256, "image is {width}x{height}");
     assert_eq!(frame.color_type, png::ColorType::Grayscale);
-    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+    let mut image =
+        rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
     let grids = image.detect_grids();
     assert_eq!(grids.len(), 1, "exactly one QR code in the image");
     grids[0].decode().expect("the QR code decodes").1
