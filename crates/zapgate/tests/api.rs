@@ -233,3 +233,45 @@ async fn wrong_methods_and_unknown_routes_answer_json() {
         (200, json!({ "status": "ready" }))
     );
 }
+
+#[tokio::test]
+async fn a_sandbox_build_refuses_a_whatsapp_that_is_not_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_zapgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--whatsapp-url",
+            "wss://web.whatsapp.com/ws/chat",
+        ])
+        .env("ZAPGATE_DATA_DIR", dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("only connects to loopback"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
+    let world = World::new().await;
+    let gw = world.gateway_with(&[("ZAPGATE_LINK_WAIT_SECS", "2")]).await;
+    let inst = gw.api.create_instance("offline").await;
+    let (status, _) = world.wa.post("outage", json!({ "seconds": 60 })).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        gw.api.qr_code(&inst).await,
+        error(503, "WhatsApp did not answer in time; try again later")
+    );
+    assert_eq!(gw.api.status(&inst).await, not_connected());
+    let refused = world.wa.stats().await["refused"].clone();
+    assert!(refused.as_u64().unwrap() >= 1, "it did try: {refused}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        world.wa.stats().await["refused"],
+        refused,
+        "and then stopped trying"
+    );
+}

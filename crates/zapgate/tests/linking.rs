@@ -273,3 +273,33 @@ async fn an_outage_needs_restoring_and_then_heals() {
         "reconnect attempts during a 4 s outage: {refused}"
     );
 }
+
+#[tokio::test]
+async fn a_replaced_stream_does_not_ping_pong() {
+    let world = World::new().await;
+    let first = world.gateway().await;
+    let inst = first.api.create_instance("twice").await;
+    let (_, qr) = first.api.qr_code(&inst).await;
+    assert_eq!(
+        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
+        200
+    );
+    first.api.wait_connected(&inst).await;
+
+    // A second gateway on the same data takes the session over.
+    let second = world.gateway().await;
+    second.api.wait_connected(&inst).await;
+    first
+        .api
+        .wait_status(&inst, "replaced", |s| *s == restore_needed())
+        .await;
+    let logins = world.wa.stats().await["logins"].clone();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        world.wa.stats().await["logins"],
+        logins,
+        "neither takes the session back by itself"
+    );
+    assert_eq!(first.api.status(&inst).await, restore_needed());
+    assert_eq!(second.api.status(&inst).await, connected());
+}

@@ -146,19 +146,19 @@ impl Actor {
             return; // from a client we already stopped
         }
         let event = match signal.kind {
-            SignalKind::Stopped => {
-                self.client = None;
-                return self.apply(Input::ClientStopped).await;
-            }
+            // The client is kept: its last events may still be on their way (they are
+            // delivered by another task and can arrive after the run loop's end).
+            SignalKind::Stopped => return self.apply(Input::ClientStopped).await,
             SignalKind::Event(event) => event,
         };
         match &*event {
-            Event::PairingQrCode(qr) => {
+            // Codes only while a window is open: a stopped client's late code is void.
+            Event::PairingQrCode(qr) if self.state == State::Linking => {
                 self.snapshot.send_modify(|s| {
                     s.qr = Some(Arc::new(QrCode::new(qr.code.clone(), qr.timeout)))
                 });
             }
-            Event::PairingCode(code) => {
+            Event::PairingCode(code) if self.state == State::Linking => {
                 let phone = self.code_phone.clone().unwrap_or_default();
                 self.snapshot.send_modify(|s| {
                     s.pair_code = Some(PairCode {

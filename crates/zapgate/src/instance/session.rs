@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use whatsapp_rust::bot::Bot;
+use whatsapp_rust::bot::{Bot, EventDelivery};
 use whatsapp_rust::client::Client;
 use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
-use whatsapp_rust::types::events::Event;
+use whatsapp_rust::types::events::{Event, EventKind};
 
 /// What a running client tells its instance, tagged with the client's generation so
 /// events from a client that was already replaced are ignored.
@@ -23,6 +23,21 @@ pub(crate) enum SignalKind {
     /// The client's run loop ended.
     Stopped,
 }
+
+/// The client events an instance acts on; the client skips building the others.
+const INSTANCE_EVENTS: &[EventKind] = &[
+    EventKind::PairingQrCode,
+    EventKind::PairingCode,
+    EventKind::PairingQrCodesExhausted,
+    EventKind::PairSuccess,
+    EventKind::Connected,
+    EventKind::Disconnected,
+    EventKind::LoggedOut,
+    EventKind::StreamReplaced,
+    EventKind::ConnectFailure,
+    EventKind::TemporaryBan,
+    EventKind::ClientOutdated,
+];
 
 pub(crate) struct ClientFactory {
     pub(crate) sessions_dir: PathBuf,
@@ -65,7 +80,10 @@ impl ClientFactory {
                 TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
             )
             .skip_history_sync()
-            .on_event(move |event, _client| {
+            // One mailbox drained in order: the instance must see Disconnected before
+            // the Connected that follows it. Our handler never blocks, so nothing drops.
+            .with_event_delivery(EventDelivery::Ordered { capacity: 256 })
+            .on_event_for(INSTANCE_EVENTS, move |event, _client| {
                 let _ = events.send(Signal {
                     generation,
                     kind: SignalKind::Event(event),

@@ -87,7 +87,8 @@ pub fn step(state: State, linked: bool, input: Input) -> (State, Vec<Action>) {
         (NoSession, Input::Restore) if linked => (Reconnecting, vec![StartSessionClient]),
 
         (Connected, Input::Disconnected) => (Reconnecting, vec![]),
-        (Linking | Connected | Reconnecting, Input::LoggedOut) => {
+        // Also when stopped: the run loop's end can overtake the client's last event.
+        (Linking | Connected | Reconnecting | Stopped, Input::LoggedOut) => {
             (NoSession, vec![StopClient, WipeSession])
         }
         (Linking | Connected | Reconnecting, Input::Replaced) if linked => {
@@ -155,6 +156,10 @@ mod tests {
         );
         assert_eq!(
             step(Connected, true, Input::LoggedOut),
+            (NoSession, vec![StopClient, WipeSession])
+        );
+        assert_eq!(
+            step(Stopped, true, Input::LoggedOut),
             (NoSession, vec![StopClient, WipeSession])
         );
         assert_eq!(

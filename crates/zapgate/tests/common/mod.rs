@@ -107,6 +107,10 @@ impl Gateway {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway runs")
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
