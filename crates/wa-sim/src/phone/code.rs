@@ -1,159 +1,29 @@
-//! The simulated phone: the primary device that links companions, by scanning a QR code
-//! or by the user typing a pairing code, with the same cryptography as WhatsApp's phone.
+//! Pairing by phone-number code: the companion asks for a code (stage 1), the user types
+//! it on the phone (stage 2), the companion sends its key bundle (stage 3).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use buffa::Message as _;
-use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
-use wacore::libsignal::crypto::{aes_256_gcm_decrypt, hmac_sha256};
+use wacore::libsignal::crypto::aes_256_gcm_decrypt;
 use wacore::libsignal::protocol::{KeyPair, PublicKey};
 use wacore::pair_code::PairCodeUtils;
 use wacore_binary::builder::NodeBuilder;
 use wacore_binary::{Jid, Node, SERVER_JID};
-use waproto::whatsapp::{self as wa, ADVEncryptionType};
 
 use crate::conn::ANSWER_TIMEOUT;
 use crate::registry::{
-    CodeAttempt, CodeRequest, Command, Companion, CompanionFinish, ConnId, DeviceRecord, Role,
-    current_ref,
+    CodeAttempt, CodeRequest, Command, Companion, CompanionFinish, ConnId, Role,
 };
-use crate::sim::{Sim, bump};
+use crate::sim::Sim;
 use crate::stanza::{self, attr, child_bytes};
+
+use super::PhoneError::{self, *};
+use super::{Linked, complete_pairing, release, valid_phone};
 
 /// WhatsApp's limit on how long a pairing code stays usable.
 const CODE_VALIDITY: Duration = Duration::from_secs(180);
-const ADV_ACCOUNT_SIGNATURE_PREFIX: [u8; 2] = [6, 0];
-const ADV_DEVICE_SIGNATURE_PREFIX: [u8; 2] = [6, 1];
-
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum PhoneError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    /// The companion or the code said no: nothing was linked.
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Timeout(String),
-}
-
-use PhoneError::*;
-
-/// A companion the phone just linked.
-#[derive(Debug, Serialize)]
-pub(crate) struct Linked {
-    jid: String,
-    phone: String,
-    lid: String,
-    device: u32,
-}
-
-/// Digits only, 7 to 15 of them, no leading zero: a number with its country code.
-pub(crate) fn valid_phone(phone: &str) -> Result<String, PhoneError> {
-    let ok = (7..=15).contains(&phone.len())
-        && phone.bytes().all(|b| b.is_ascii_digit())
-        && !phone.starts_with('0');
-    if ok {
-        Ok(phone.to_owned())
-    } else {
-        Err(BadRequest(format!(
-            "phone must be 7 to 15 digits with the country code and no leading zero, got {phone:?}"
-        )))
-    }
-}
-
-/// The phone scans a QR code: `ref,noise,identity,adv-secret[,client type]`.
-pub(crate) async fn scan(
-    sim: &Arc<Sim>,
-    qr: &str,
-    phone: Option<&str>,
-) -> Result<Linked, PhoneError> {
-    let qr = ScannedQr::parse(qr)?;
-    let phone = phone.map(valid_phone).transpose()?;
-    let (conn, tx, companion, phone) = {
-        let mut registry = sim.registry();
-        let (first, next) = (sim.config.first_ref_ttl, sim.config.next_ref_ttl);
-        let showing = registry
-            .conns
-            .iter_mut()
-            .find_map(|(id, c)| match &mut c.role {
-                Role::Linking(l)
-                    if current_ref(&l.refs, l.refs_sent.elapsed(), first, next)
-                        == Some(qr.pairing_ref.as_str()) =>
-                {
-                    Some((*id, c.tx.clone(), l))
-                }
-                _ => None,
-            });
-        let Some((conn, tx, linking)) = showing else {
-            return Err(NotFound(
-                "no device is showing this QR code (unknown or expired)".into(),
-            ));
-        };
-        if linking.companion.noise != qr.noise || linking.companion.identity != qr.identity {
-            return Err(BadRequest(
-                "the QR code's keys are not those of the device showing it".into(),
-            ));
-        }
-        if linking.pairing {
-            return Err(Conflict("this device is already being linked".into()));
-        }
-        linking.pairing = true;
-        let companion = linking.companion.clone();
-        let phone = phone.unwrap_or_else(|| registry.fresh_phone_number());
-        (conn, tx, companion, phone)
-    };
-    let linked = complete_pairing(sim, conn, tx, &phone, companion, qr.adv_secret).await;
-    if linked.is_err() {
-        release(sim, conn);
-    }
-    linked
-}
-
-struct ScannedQr {
-    pairing_ref: String,
-    noise: [u8; 32],
-    identity: [u8; 32],
-    adv_secret: [u8; 32],
-}
-
-impl ScannedQr {
-    fn parse(qr: &str) -> Result<Self, PhoneError> {
-        use base64::Engine as _;
-        let body = qr
-            .strip_prefix("https://wa.me/settings/linked_devices#")
-            .unwrap_or(qr);
-        let fields: Vec<&str> = body.split(',').collect();
-        if fields.len() < 4 || fields.iter().any(|f| f.is_empty()) {
-            return Err(BadRequest(
-                "malformed QR code: expected ref,noise,identity,secret[,type]".into(),
-            ));
-        }
-        let key = |i: usize, name: &str| {
-            base64::engine::general_purpose::STANDARD
-                .decode(fields[i])
-                .ok()
-                .and_then(|b| crate::key32(&b))
-                .ok_or_else(|| {
-                    BadRequest(format!(
-                        "malformed QR code: the {name} is not 32 bytes of base64"
-                    ))
-                })
-        };
-        Ok(Self {
-            pairing_ref: fields[0].to_owned(),
-            noise: key(1, "noise key")?,
-            identity: key(2, "identity key")?,
-            adv_secret: key(3, "secret")?,
-        })
-    }
-}
 
 /// Stage 1 of pairing by code, on the companion's connection: remember its wrapped
 /// ephemeral key until the user types the code on `phone`. Returns the pairing ref.
@@ -453,166 +323,4 @@ fn open_key_bundle(
     wacore::crypto::hkdf_sha256_into(&secret_input, None, b"adv_secret", &mut adv_secret)
         .map_err(|_| MISMATCH)?;
     Ok(adv_secret)
-}
-
-/// Sends `pair-success` signed by the phone's account key and HMAC'd with the shared ADV
-/// secret, checks the companion's own signature in its answer, and on success records the
-/// device and restarts the stream (515) so the companion logs in.
-async fn complete_pairing(
-    sim: &Arc<Sim>,
-    conn: ConnId,
-    tx: tokio::sync::mpsc::Sender<Command>,
-    phone: &str,
-    companion: Companion,
-    adv_secret: [u8; 32],
-) -> Result<Linked, PhoneError> {
-    let (account, device, lid) = {
-        let mut registry = sim.registry();
-        let account = registry.phone_mut(phone);
-        (
-            account.identity.clone(),
-            account.allocate_device(),
-            account.lid.clone(),
-        )
-    };
-    let details = wa::ADVDeviceIdentity {
-        raw_id: Some(rand::random()),
-        timestamp: Some(crate::unix_secs()),
-        key_index: Some(device),
-        account_type: Some(ADVEncryptionType::E2EE),
-        device_type: Some(ADVEncryptionType::E2EE),
-    }
-    .encode_to_vec();
-    let account_key = account.public_key.public_key_bytes().to_vec();
-    let account_signature = account
-        .private_key
-        .calculate_signature(
-            &[
-                &ADV_ACCOUNT_SIGNATURE_PREFIX[..],
-                &details,
-                &companion.identity,
-            ]
-            .concat(),
-            &mut rand::rng(),
-        )
-        .map_err(|_| Refused("the phone could not sign".into()))?;
-    let signed = wa::ADVSignedDeviceIdentity {
-        details: Some(details.clone()),
-        account_signature_key: Some(account_key.clone()),
-        account_signature: Some(account_signature.to_vec()),
-        device_signature: None,
-    }
-    .encode_to_vec();
-    let container = wa::ADVSignedDeviceIdentityHMAC {
-        hmac: Some(hmac_sha256(&adv_secret, &signed).to_vec()),
-        details: Some(signed),
-        account_type: Some(ADVEncryptionType::E2EE),
-    }
-    .encode_to_vec();
-
-    let jid: Jid = format!("{phone}:{device}@s.whatsapp.net")
-        .parse()
-        .map_err(|_| BadRequest("bad phone".into()))?;
-    let lid_jid: Jid = format!("{lid}:{device}@lid")
-        .parse()
-        .map_err(|_| BadRequest("bad lid".into()))?;
-    let success = NodeBuilder::new("pair-success")
-        .children([
-            NodeBuilder::new("device-identity").bytes(container).build(),
-            NodeBuilder::new("device")
-                .attrs([("jid", jid.clone()), ("lid", lid_jid)])
-                .build(),
-            NodeBuilder::new("platform").attr("name", "android").build(),
-        ])
-        .build();
-    let (answer_tx, answer_rx) = oneshot::channel();
-    let gone = || Conflict("the device disconnected before it answered".into());
-    tx.send(Command::Request(
-        stanza::server_iq(&stanza::fresh_id(), "md", success),
-        answer_tx,
-    ))
-    .await
-    .map_err(|_| gone())?;
-    let answer = match timeout(ANSWER_TIMEOUT, answer_rx).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => return Err(gone()),
-        Err(_) => return Err(Timeout("the device did not answer pair-success".into())),
-    };
-    if attr(&answer, "type").as_deref() != Some("result") {
-        let reason = answer
-            .get_optional_child("error")
-            .and_then(|e| attr(e, "text"))
-            .unwrap_or_else(|| "no reason given".into());
-        return Err(Refused(format!("the device refused the pairing: {reason}")));
-    }
-    check_device_signature(&answer, &details, &account_key, &companion.identity)
-        .map_err(|e| Refused(e.into()))?;
-
-    {
-        let mut registry = sim.registry();
-        registry.phone_mut(phone).devices.insert(
-            device,
-            DeviceRecord {
-                companion,
-                linked_at_ms: crate::unix_millis(),
-            },
-        );
-    }
-    bump(&sim.stats.pairings, 1);
-    let _ = tx
-        .send(Command::StreamError(stanza::stream_error_code(515)))
-        .await;
-    tracing::info!(conn.id = conn, phone, device, "device linked");
-    Ok(Linked {
-        jid: jid.to_string(),
-        phone: phone.to_owned(),
-        lid,
-        device,
-    })
-}
-
-/// The companion's `pair-device-sign`: our details and account key, plus its own
-/// signature over them with the identity key it registered.
-fn check_device_signature(
-    answer: &Node,
-    details: &[u8],
-    account_key: &[u8],
-    companion_identity: &[u8; 32],
-) -> Result<(), &'static str> {
-    let bytes = answer
-        .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
-        .and_then(stanza::bytes)
-        .ok_or("the device's answer holds no device identity")?;
-    let signed = wa::ADVSignedDeviceIdentity::decode_from_slice(bytes)
-        .map_err(|_| "the device identity is malformed")?;
-    if signed.details.as_deref() != Some(details)
-        || signed.account_signature_key.as_deref() != Some(account_key)
-    {
-        return Err("the device signed other details than the phone sent");
-    }
-    let signature = signed
-        .device_signature
-        .as_deref()
-        .ok_or("the device did not sign")?;
-    let message = [
-        &ADV_DEVICE_SIGNATURE_PREFIX[..],
-        details,
-        companion_identity,
-        account_key,
-    ]
-    .concat();
-    let key =
-        PublicKey::from_djb_public_key_bytes(companion_identity).map_err(|_| "bad identity key")?;
-    if key.verify_signature(&message, signature) {
-        Ok(())
-    } else {
-        Err("the device's signature does not verify")
-    }
-}
-
-/// A failed pairing leaves the companion free to try again.
-fn release(sim: &Sim, conn: ConnId) {
-    if let Some(Role::Linking(l)) = sim.registry().conns.get_mut(&conn).map(|c| &mut c.role) {
-        l.pairing = false;
-    }
 }
