@@ -7,11 +7,9 @@ use qrcode::{Color, EcLevel, QrCode};
 const QUIET_ZONE: usize = 4;
 const MIN_SIDE_PX: usize = 256;
 
-/// The PNG of `value`'s QR code.
-pub fn png(value: &str) -> Vec<u8> {
-    // WhatsApp's QR payloads are ~150 bytes: they always fit at level L.
-    let code = QrCode::with_error_correction_level(value.as_bytes(), EcLevel::L)
-        .expect("a WhatsApp QR payload fits in a QR code");
+/// The PNG of `value`'s QR code; `None` if `value` is too long for one.
+pub fn png(value: &str) -> Option<Vec<u8>> {
+    let code = QrCode::with_error_correction_level(value.as_bytes(), EcLevel::L).ok()?;
     let modules = code.width();
     let colors = code.to_colors();
     let side_modules = modules + 2 * QUIET_ZONE;
@@ -39,13 +37,24 @@ pub fn png(value: &str) -> Vec<u8> {
         .write_image_data(&pixels)
         .expect("writing to a Vec cannot fail");
     writer.finish().expect("writing to a Vec cannot fail");
-    out
+    Some(out)
 }
 
 /// `data:image/png;base64,...`, as Z-API's `/qr-code/image` returns it.
-pub fn png_data_url(value: &str) -> String {
-    format!(
+pub fn png_data_url(value: &str) -> Option<String> {
+    let png = png(value)?;
+    Some(format!(
         "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(png(value))
-    )
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_value_too_long_for_any_qr_code_is_refused_not_a_panic() {
+        assert!(super::png(&"x".repeat(8000)).is_none());
+        let png = super::png("2@ref,noise,identity,secret,1").unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
 }

@@ -275,3 +275,13 @@ async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
         "and then stopped trying"
     );
 }
+
+#[tokio::test]
+async fn undecodable_path_segments_are_bad_requests() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("utf8").await;
+    let (status, body) = gw.api.instance_get(&inst, "phone-code/%FF%FE").await;
+    assert_eq!((status, body), error(400, "The path is not valid UTF-8"));
+    assert_eq!(world.wa.stats().await["handshakes"], json!(0));
+}

@@ -68,7 +68,7 @@ impl FromRequestParts<AppState> for Instance {
         }
         let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
-            .map_err(|_| ApiError::instance_not_found())?;
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "The path is not valid UTF-8"))?;
         let (id, token) = match (params.get("id"), params.get("token")) {
             (Some(id), Some(token)) => (id, token),
             _ => return Err(ApiError::instance_not_found()),

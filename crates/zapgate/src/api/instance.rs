@@ -52,12 +52,17 @@ async fn qr_code(Instance(instance): Instance) -> Response {
 }
 
 async fn qr_code_image(Instance(instance): Instance) -> Response {
-    link_reply(
-        instance
-            .qr_code()
-            .await
-            .map(|qr| json!({ "value": qr.image_data_url() })),
-    )
+    match instance.qr_code().await {
+        Ok(qr) => match qr.image_data_url() {
+            Some(image) => Json(json!({ "value": image })).into_response(),
+            None => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "WhatsApp's code is too long to draw as a QR code",
+            )
+            .into_response(),
+        },
+        Err(e) => link_reply(Err(e)),
+    }
 }
 
 async fn phone_code(

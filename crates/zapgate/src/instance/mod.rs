@@ -26,7 +26,7 @@ pub struct QrCode {
     pub value: String,
     pub expires: Instant,
     /// The PNG data URL, rendered on first use and kept for this code only.
-    image: OnceLock<String>,
+    image: OnceLock<Option<String>>,
 }
 
 impl QrCode {
@@ -43,9 +43,11 @@ impl QrCode {
         self.expires > Instant::now() + Duration::from_millis(500)
     }
 
-    pub fn image_data_url(&self) -> &str {
+    /// `None` if the code is too long for a QR symbol (WhatsApp's are ~150 bytes).
+    pub fn image_data_url(&self) -> Option<&str> {
         self.image
             .get_or_init(|| crate::qr::png_data_url(&self.value))
+            .as_deref()
     }
 }
 
