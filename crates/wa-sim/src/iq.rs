@@ -17,6 +17,12 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
             vec![iq_result(iq).build(), offline_done()]
         }
         (Some("w:sync:app:state"), _) => vec![app_state(iq)],
+        (Some("abt"), Some(child)) if child.tag == "props" => vec![ab_props(iq)],
+        (Some("privacy"), Some(child))
+            if child.tag == "privacy" && attr(iq, "type").as_deref() == Some("get") =>
+        {
+            vec![privacy_settings(iq)]
+        }
         (Some("md"), Some(child)) if child.tag == "remove-companion-device" => {
             vec![remove_companion_device(conn, iq, child)]
         }
@@ -41,6 +47,40 @@ fn app_state(iq: &Node) -> Node {
         });
     iq_result(iq)
         .children([NodeBuilder::new("sync").children(collections).build()])
+        .build()
+}
+
+/// No A/B experiments: the props list is empty, to be fetched again in a day.
+fn ab_props(iq: &Node) -> Node {
+    let props = NodeBuilder::new("props")
+        .attrs([
+            ("protocol", "1"),
+            ("ab_key", "wa-sim"),
+            ("hash", "0"),
+            ("refresh", "86400"),
+        ])
+        .build();
+    iq_result(iq).children([props]).build()
+}
+
+/// A new account's privacy settings, as WhatsApp's defaults are.
+fn privacy_settings(iq: &Node) -> Node {
+    let categories = [
+        ("last", "all"),
+        ("online", "all"),
+        ("profile", "all"),
+        ("status", "contacts"),
+        ("readreceipts", "all"),
+        ("groupadd", "all"),
+        ("calladd", "all"),
+    ]
+    .map(|(name, value)| {
+        NodeBuilder::new("category")
+            .attrs([("name", name), ("value", value)])
+            .build()
+    });
+    iq_result(iq)
+        .children([NodeBuilder::new("privacy").children(categories).build()])
         .build()
 }
 

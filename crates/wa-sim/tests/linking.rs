@@ -7,6 +7,7 @@ use serde_json::json;
 use wa_sim::Config;
 use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::types::events::Event;
+use whatsapp_rust::wacore::iq::privacy::{PrivacyCategory, PrivacyValue};
 
 const PHONE: &str = "5511999990001";
 
@@ -62,6 +63,19 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     assert_eq!(stats["ikHandshakes"], json!(1), "{stats}");
     assert_eq!(stats["pairings"], json!(1), "{stats}");
     assert_eq!(stats["logins"], json!(2), "{stats}");
+
+    // Account queries are answered as WhatsApp answers a new account.
+    let privacy = again
+        .client
+        .fetch_privacy_settings()
+        .await
+        .expect("privacy settings");
+    assert_eq!(privacy.settings.len(), 7);
+    assert_eq!(
+        privacy.get_value(&PrivacyCategory::ReadReceipts),
+        Some(&PrivacyValue::All)
+    );
+    again.client.fetch_props().await.expect("A/B props");
     again.stop().await;
 }
 
