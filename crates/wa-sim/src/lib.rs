@@ -7,11 +7,12 @@
 //! - `iq`: answers to the companion's iqs
 //! - `phone`: the simulated phone (QR scan, pairing by code, ADV signatures)
 //! - `registry`, `sim`: accounts, devices and live connections
-//! - `control`: the JSON control API under `/control`
+//! - `control`: the JSON control API under `/control`; `client`: its HTTP client
 //!
 //! Start it in-process with [`WaSim::start`], or run the `wa-sim` binary.
 
 mod certs;
+mod client;
 mod conn;
 mod control;
 mod frame;
@@ -36,6 +37,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::client::Control;
 use crate::sim::{Sim, bump};
 
 /// How the simulated service behaves. The defaults are WhatsApp's.

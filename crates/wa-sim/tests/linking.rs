@@ -23,7 +23,7 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
         "QR carries ref, noise, identity, secret, type: {qr}"
     );
 
-    let (status, body) = h.control.scan(&qr, Some(PHONE)).await;
+    let (status, body) = h.control.scan(&qr, Some(PHONE)).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["jid"], json!(format!("{PHONE}:1@s.whatsapp.net")));
     let paired = companion
@@ -39,7 +39,7 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
         Some(PHONE.to_owned())
     );
 
-    let devices = h.control.devices().await;
+    let devices = h.control.devices().await.unwrap();
     assert_eq!(devices.len(), 1, "{devices:?}");
     assert_eq!(
         devices[0]["jid"],
@@ -49,7 +49,7 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     assert_eq!(devices[0]["connected"], json!(true));
     assert!(devices[0]["linkedAt"].as_u64().unwrap() > 1_700_000_000_000);
     // Registration (XX), then the login after the 515 restart (XX, which caches our chain).
-    assert_eq!(h.control.stats().await["ikHandshakes"], json!(0));
+    assert_eq!(h.control.stats().await.unwrap()["ikHandshakes"], json!(0));
 
     companion.stop().await;
     let mut again = h.companion(&store).await;
@@ -59,7 +59,7 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
         !seen.iter().any(|e| e == "PairingQrCode"),
         "no QR for a stored session: {seen:?}"
     );
-    let stats = h.control.stats().await;
+    let stats = h.control.stats().await.unwrap();
     assert_eq!(stats["ikHandshakes"], json!(1), "{stats}");
     assert_eq!(stats["pairings"], json!(1), "{stats}");
     assert_eq!(stats["logins"], json!(2), "{stats}");
@@ -100,30 +100,33 @@ async fn a_typed_pairing_code_links_the_device_and_a_wrong_one_does_not() {
     } else {
         "AAAAAAAA"
     };
-    let (status, body) = h.control.link_code(PHONE, wrong).await;
+    let (status, body) = h.control.link_code(PHONE, wrong).await.unwrap();
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("code"), "{body}");
-    assert!(h.control.devices().await.is_empty());
+    assert!(h.control.devices().await.unwrap().is_empty());
 
     let grouped = format!("{}-{}", &code[..4], &code[4..]);
-    let (status, body) = h.control.link_code(PHONE, &grouped).await;
+    let (status, body) = h.control.link_code(PHONE, &grouped).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["jid"], json!(format!("{PHONE}:1@s.whatsapp.net")));
     companion.wait_connected().await;
-    assert_eq!(h.control.devices().await[0]["connected"], json!(true));
+    assert_eq!(
+        h.control.devices().await.unwrap()[0]["connected"],
+        json!(true)
+    );
     companion.stop().await;
 }
 
 #[tokio::test]
 async fn codes_for_nobody_and_malformed_input_are_refused() {
     let h = Harness::start().await;
-    let (status, body) = h.control.link_code(PHONE, "ABCD-EFGH").await;
+    let (status, body) = h.control.link_code(PHONE, "ABCD-EFGH").await.unwrap();
     assert_eq!((status, body["error"].is_string()), (404, true), "{body}");
-    let (status, _) = h.control.link_code(PHONE, "ABC").await;
+    let (status, _) = h.control.link_code(PHONE, "ABC").await.unwrap();
     assert_eq!(status, 400);
-    let (status, _) = h.control.link_code("0123", "ABCDEFGH").await;
+    let (status, _) = h.control.link_code("0123", "ABCDEFGH").await.unwrap();
     assert_eq!(status, 400);
-    let (status, body) = h.control.post("scan", json!({ "qr": 5 })).await;
+    let (status, body) = h.control.post("scan", json!({ "qr": 5 })).await.unwrap();
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -132,9 +135,9 @@ async fn codes_for_nobody_and_malformed_input_are_refused() {
             .starts_with("invalid JSON body"),
         "{body}"
     );
-    let (status, _) = h.control.scan("not,a,qr", None).await;
+    let (status, _) = h.control.scan("not,a,qr", None).await.unwrap();
     assert_eq!(status, 400);
-    let (status, body) = h.control.post("nowhere", json!({})).await;
+    let (status, body) = h.control.post("nowhere", json!({})).await.unwrap();
     assert_eq!((status, body["error"].is_string()), (404, true));
 }
 
@@ -147,13 +150,13 @@ async fn a_tampered_qr_links_nothing() {
 
     // Another ref: nobody shows it.
     let other_ref = [&["2@forged"], &fields[1..]].concat().join(",");
-    assert_eq!(h.control.scan(&other_ref, None).await.0, 404);
+    assert_eq!(h.control.scan(&other_ref, None).await.unwrap().0, 404);
     // Another noise key: not the device showing this ref.
     let other_key = [fields[0], fields[2], fields[2], fields[3], fields[4]].join(",");
-    assert_eq!(h.control.scan(&other_key, None).await.0, 400);
+    assert_eq!(h.control.scan(&other_key, None).await.unwrap().0, 400);
     // Another secret: the service cannot tell, but the device rejects the HMAC.
     let other_secret = [fields[0], fields[1], fields[2], fields[1], fields[4]].join(",");
-    let (status, body) = h.control.scan(&other_secret, Some(PHONE)).await;
+    let (status, body) = h.control.scan(&other_secret, Some(PHONE)).await.unwrap();
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("hmac-mismatch"),
@@ -164,10 +167,10 @@ async fn a_tampered_qr_links_nothing() {
             matches!(e, Event::PairError(_)).then_some(())
         })
         .await;
-    assert!(h.control.devices().await.is_empty());
+    assert!(h.control.devices().await.unwrap().is_empty());
 
     // The genuine code still links.
-    let (status, body) = h.control.scan(&qr, Some(PHONE)).await;
+    let (status, body) = h.control.scan(&qr, Some(PHONE)).await.unwrap();
     assert_eq!(status, 200, "{body}");
     companion.wait_connected().await;
     companion.stop().await;
@@ -178,10 +181,14 @@ async fn the_phone_unlinking_logs_the_device_out_for_good() {
     let h = Harness::start().await;
     let store = h.store("u");
     let mut companion = h.linked_companion(&store, PHONE).await;
-    let (status, body) = h.control.post("unlink", json!({ "phone": PHONE })).await;
+    let (status, body) = h
+        .control
+        .post("unlink", json!({ "phone": PHONE }))
+        .await
+        .unwrap();
     assert_eq!((status, body["removed"].as_u64()), (200, Some(1)), "{body}");
     companion.wait_logged_out().await;
-    assert!(h.control.devices().await.is_empty());
+    assert!(h.control.devices().await.unwrap().is_empty());
     companion.stop().await;
 
     // The old credentials are refused at login.
@@ -194,7 +201,7 @@ async fn the_phone_unlinking_logs_the_device_out_for_good() {
         .await
         .then_some(())
         .expect("refused at connect");
-    assert_eq!(h.control.stats().await["loginFailures"], json!(1));
+    assert_eq!(h.control.stats().await.unwrap()["loginFailures"], json!(1));
     again.stop().await;
 }
 
@@ -203,7 +210,7 @@ async fn the_client_logging_out_removes_its_device() {
     let h = Harness::start().await;
     let companion = h.linked_companion(&h.store("l"), PHONE).await;
     companion.client.logout().await;
-    assert!(h.control.devices().await.is_empty());
+    assert!(h.control.devices().await.unwrap().is_empty());
     companion.stop().await;
 }
 
@@ -216,16 +223,16 @@ async fn stream_errors_and_drops_are_survived() {
         ("stream-error", json!({ "phone": PHONE, "code": 503 })),
         ("drop", json!({ "phone": PHONE })),
     ] {
-        let (status, reply) = h.control.post(route, body.clone()).await;
+        let (status, reply) = h.control.post(route, body.clone()).await.unwrap();
         assert_eq!(status, 200, "{route} {reply}");
         companion.wait_connected().await;
         assert_eq!(
-            h.control.devices().await[0]["connected"],
+            h.control.devices().await.unwrap()[0]["connected"],
             json!(true),
             "after {body}"
         );
     }
-    assert_eq!(h.control.stats().await["logins"], json!(4));
+    assert_eq!(h.control.stats().await.unwrap()["logins"], json!(4));
     companion.stop().await;
 }
 
@@ -234,16 +241,16 @@ async fn refreshed_refs_show_a_new_qr_and_the_old_one_expires() {
     let h = Harness::start().await;
     let mut companion = h.companion(&h.store("q")).await;
     let first = companion.next_qr().await;
-    let (status, body) = h.control.post("refresh-refs", json!({})).await;
+    let (status, body) = h.control.post("refresh-refs", json!({})).await.unwrap();
     assert_eq!((status, body["refreshed"].as_u64()), (200, Some(1)));
     let second = companion.next_qr().await;
     assert_ne!(first.split(',').next(), second.split(',').next());
     assert_eq!(
-        h.control.scan(&first, None).await.0,
+        h.control.scan(&first, None).await.unwrap().0,
         404,
         "the old code no longer links"
     );
-    assert_eq!(h.control.scan(&second, None).await.0, 200);
+    assert_eq!(h.control.scan(&second, None).await.unwrap().0, 200);
     companion.wait_connected().await;
     companion.stop().await;
 }
@@ -270,12 +277,12 @@ async fn a_client_that_runs_out_of_refs_stops_linking() {
     assert!(disconnected);
     // The client closes its socket: the service sees no one linking any more.
     for _ in 0..50 {
-        if h.control.stats().await["connections"] == json!(0) {
+        if h.control.stats().await.unwrap()["connections"] == json!(0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(h.control.stats().await["connections"], json!(0));
+    assert_eq!(h.control.stats().await.unwrap()["connections"], json!(0));
     let seen = companion.drain();
     assert!(!seen.iter().any(|e| e == "PairingQrCode"), "{seen:?}");
     companion.stop().await;

@@ -72,14 +72,14 @@ async fn garbage_closes_only_the_connection_that_sent_it() {
         send_and_expect_close(&url, messages).await;
     }
 
-    let stats = h.control.stats().await;
+    let stats = h.control.stats().await.unwrap();
     assert_eq!(stats["protocolErrors"].as_u64(), Some(count), "{stats}");
     assert_eq!(
         stats["connections"],
         json!(1),
         "only the linked companion remains: {stats}"
     );
-    let devices = h.control.devices().await;
+    let devices = h.control.devices().await.unwrap();
     assert_eq!(devices[0]["connected"], json!(true));
     assert!(companion.client.is_connected());
     let seen = companion.drain();
@@ -89,7 +89,8 @@ async fn garbage_closes_only_the_connection_that_sent_it() {
     let (status, _) = h
         .control
         .post("stream-error", json!({ "phone": PHONE, "code": 515 }))
-        .await;
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     companion.wait_connected().await;
     companion.stop().await;

@@ -40,7 +40,8 @@ async fn main() {
         async move {
             let (_, qr) = api.qr_code(inst).await;
             let qr = qr["value"].as_str().expect("a QR code").to_owned();
-            let (status, body) = wa.scan(&qr, &format!("55119{:08}", 70_000_000 + i)).await;
+            let phone = format!("55119{:08}", 70_000_000 + i);
+            let (status, body) = wa.scan(&qr, Some(&phone)).await.unwrap();
             assert_eq!(status, 200, "{body}");
         }
     });

@@ -23,15 +23,15 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
     let qr = first["value"].as_str().unwrap().to_owned();
     assert_eq!(qr.split(',').count(), 5, "{qr}");
     // Served again with no new traffic to WhatsApp.
-    let handshakes = world.wa.stats().await["handshakes"].clone();
+    let handshakes = world.wa.stats().await.unwrap()["handshakes"].clone();
     assert_eq!(api.qr_code(&inst).await, (200, json!({ "value": qr })));
     let (status, image) = api.qr_code_image(&inst).await;
     assert_eq!(status, 200);
     assert_eq!(decode_qr_data_url(image["value"].as_str().unwrap()), qr);
-    assert_eq!(world.wa.stats().await["handshakes"], handshakes);
+    assert_eq!(world.wa.stats().await.unwrap()["handshakes"], handshakes);
     assert_eq!(api.status(&inst).await, not_connected());
 
-    let (status, body) = world.wa.scan(&qr, PHONE).await;
+    let (status, body) = world.wa.scan(&qr, Some(PHONE)).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(api.wait_connected(&inst).await, connected());
     let (status, device) = api.device(&inst).await;
@@ -52,7 +52,7 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
     // Restart: the stored session logs in again, no QR, no new pairing.
     assert_eq!(api.restart(&inst).await, (200, json!({ "value": true })));
     api.wait_connected(&inst).await;
-    let stats = world.wa.stats().await;
+    let stats = world.wa.stats().await.unwrap();
     assert_eq!(
         (stats["pairings"].as_u64(), stats["logins"].as_u64()),
         (Some(1), Some(2)),
@@ -63,7 +63,7 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
     assert_eq!(api.disconnect(&inst).await, (200, json!({ "value": true })));
     assert_eq!(api.status(&inst).await, not_connected());
     assert!(
-        world.wa.devices().await.is_empty(),
+        world.wa.devices().await.unwrap().is_empty(),
         "the phone no longer lists the device"
     );
     assert!(
@@ -84,7 +84,7 @@ async fn a_refreshed_code_replaces_the_old_one_for_good() {
     let gw = world.gateway().await;
     let inst = gw.api.create_instance("refresh").await;
     let (_, first) = gw.api.qr_code(&inst).await;
-    let (status, _) = world.wa.post("refresh-refs", json!({})).await;
+    let (status, _) = world.wa.post("refresh-refs", json!({})).await.unwrap();
     assert_eq!(status, 200);
     let second = loop {
         let (_, now) = gw.api.qr_code(&inst).await;
@@ -101,12 +101,13 @@ async fn a_refreshed_code_replaces_the_old_one_for_good() {
         );
     }
     let old = first["value"].as_str().unwrap();
-    assert_eq!(world.wa.scan(old, PHONE).await.0, 404);
+    assert_eq!(world.wa.scan(old, Some(PHONE)).await.unwrap().0, 404);
     assert_eq!(
         world
             .wa
-            .scan(second["value"].as_str().unwrap(), PHONE)
+            .scan(second["value"].as_str().unwrap(), Some(PHONE))
             .await
+            .unwrap()
             .0,
         200
     );
@@ -126,7 +127,7 @@ async fn a_closed_window_stops_all_traffic_until_asked_again() {
     assert!(first["value"].is_string(), "{first}");
     // The only ref lives 60 s; then the client gives up and the instance goes quiet.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(80);
-    while world.wa.stats().await["connections"] != json!(0) {
+    while world.wa.stats().await.unwrap()["connections"] != json!(0) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the instance kept talking to WhatsApp"
@@ -134,10 +135,10 @@ async fn a_closed_window_stops_all_traffic_until_asked_again() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(gw.api.status(&inst).await, not_connected());
-    let handshakes = world.wa.stats().await["handshakes"].clone();
+    let handshakes = world.wa.stats().await.unwrap()["handshakes"].clone();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        world.wa.stats().await["handshakes"],
+        world.wa.stats().await.unwrap()["handshakes"],
         handshakes,
         "no reconnects while closed"
     );
@@ -145,7 +146,7 @@ async fn a_closed_window_stops_all_traffic_until_asked_again() {
     let (status, second) = gw.api.qr_code(&inst).await;
     assert_eq!(status, 200);
     assert_ne!(second, first);
-    assert_eq!(world.wa.stats().await["connections"], json!(1));
+    assert_eq!(world.wa.stats().await.unwrap()["connections"], json!(1));
 }
 
 #[tokio::test]
@@ -160,7 +161,7 @@ async fn a_number_links_by_pairing_code() {
         assert!(body["error"].is_string());
     }
     assert_eq!(
-        world.wa.stats().await["handshakes"],
+        world.wa.stats().await.unwrap()["handshakes"],
         json!(0),
         "bad numbers send nothing"
     );
@@ -178,7 +179,8 @@ async fn a_number_links_by_pairing_code() {
     let (status, body) = world
         .wa
         .post("link-code", json!({ "phone": PHONE, "code": code }))
-        .await;
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     gw.api.wait_connected(&inst).await;
     assert_eq!(gw.api.device(&inst).await.1["phone"], json!(PHONE));
@@ -188,19 +190,13 @@ async fn a_number_links_by_pairing_code() {
 async fn a_killed_gateway_comes_back_connected_without_a_qr() {
     let world = World::new().await;
     let gw = world.gateway().await;
-    let inst = gw.api.create_instance("survivor").await;
-    let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(
-        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
-        200
-    );
-    gw.api.wait_connected(&inst).await;
+    let inst = world.linked_instance(&gw, "survivor", PHONE).await;
     gw.kill().await;
 
     let gw = world.gateway().await;
     gw.api.wait_connected(&inst).await;
     assert_eq!(
-        world.wa.stats().await["pairings"],
+        world.wa.stats().await.unwrap()["pairings"],
         json!(1),
         "no new pairing"
     );
@@ -216,15 +212,13 @@ async fn a_killed_gateway_comes_back_connected_without_a_qr() {
 async fn the_phone_unlinking_wipes_the_session() {
     let world = World::new().await;
     let gw = world.gateway().await;
-    let inst = gw.api.create_instance("unlinked").await;
-    let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(
-        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
-        200
-    );
-    gw.api.wait_connected(&inst).await;
+    let inst = world.linked_instance(&gw, "unlinked", PHONE).await;
 
-    let (status, _) = world.wa.post("unlink", json!({ "phone": PHONE })).await;
+    let (status, _) = world
+        .wa
+        .post("unlink", json!({ "phone": PHONE }))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     gw.api
         .wait_status(&inst, "not connected", |s| *s == not_connected())
@@ -243,7 +237,7 @@ async fn the_phone_unlinking_wipes_the_session() {
         )
     );
     assert_eq!(
-        world.wa.stats().await["loginFailures"],
+        world.wa.stats().await.unwrap()["loginFailures"],
         json!(0),
         "dead credentials are not retried"
     );
@@ -253,21 +247,19 @@ async fn the_phone_unlinking_wipes_the_session() {
 async fn an_outage_needs_restoring_and_then_heals() {
     let world = World::new().await;
     let gw = world.gateway().await;
-    let inst = gw.api.create_instance("outage").await;
-    let (_, qr) = gw.api.qr_code(&inst).await;
-    assert_eq!(
-        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
-        200
-    );
-    gw.api.wait_connected(&inst).await;
+    let inst = world.linked_instance(&gw, "outage", PHONE).await;
 
-    let (status, _) = world.wa.post("outage", json!({ "seconds": 4 })).await;
+    let (status, _) = world
+        .wa
+        .post("outage", json!({ "seconds": 4 }))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     gw.api
         .wait_status(&inst, "restore needed", |s| *s == restore_needed())
         .await;
     gw.api.wait_connected(&inst).await;
-    let refused = world.wa.stats().await["refused"].as_u64().unwrap();
+    let refused = world.wa.stats().await.unwrap()["refused"].as_u64().unwrap();
     assert!(
         (1..=6).contains(&refused),
         "reconnect attempts during a 4 s outage: {refused}"
@@ -278,13 +270,7 @@ async fn an_outage_needs_restoring_and_then_heals() {
 async fn a_replaced_stream_does_not_ping_pong() {
     let world = World::new().await;
     let first = world.gateway().await;
-    let inst = first.api.create_instance("twice").await;
-    let (_, qr) = first.api.qr_code(&inst).await;
-    assert_eq!(
-        world.wa.scan(qr["value"].as_str().unwrap(), PHONE).await.0,
-        200
-    );
-    first.api.wait_connected(&inst).await;
+    let inst = world.linked_instance(&first, "twice", PHONE).await;
 
     // A second gateway on the same data takes the session over.
     let second = world.gateway().await;
@@ -293,10 +279,10 @@ async fn a_replaced_stream_does_not_ping_pong() {
         .api
         .wait_status(&inst, "replaced", |s| *s == restore_needed())
         .await;
-    let logins = world.wa.stats().await["logins"].clone();
+    let logins = world.wa.stats().await.unwrap()["logins"].clone();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        world.wa.stats().await["logins"],
+        world.wa.stats().await.unwrap()["logins"],
         logins,
         "neither takes the session back by itself"
     );

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use wa_sim::{Config, WaSim};
+use wa_sim::{Config, Control, WaSim};
 use whatsapp_rust::bot::{Bot, BotHandle};
 use whatsapp_rust::client::Client;
 use whatsapp_rust::store::SqliteStore;
@@ -52,7 +51,7 @@ impl Harness {
     pub async fn linked_companion(&self, store: &Path, phone: &str) -> Companion {
         let mut companion = self.companion(store).await;
         let qr = companion.next_qr().await;
-        let (status, body) = self.control.scan(&qr, Some(phone)).await;
+        let (status, body) = self.control.scan(&qr, Some(phone)).await.unwrap();
         assert_eq!(status, 200, "{body}");
         companion.wait_connected().await;
         companion
@@ -165,62 +164,4 @@ pub fn event_name(event: &Event) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
-}
-
-pub struct Control {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Control {
-    pub fn new(base: String) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base,
-        }
-    }
-
-    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}/{route}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
-    }
-
-    pub async fn get(&self, route: &str) -> Value {
-        let response = self
-            .http
-            .get(format!("{}/{route}", self.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
-    }
-
-    pub async fn scan(&self, qr: &str, phone: Option<&str>) -> (u16, Value) {
-        let mut body = json!({ "qr": qr });
-        if let Some(phone) = phone {
-            body["phone"] = json!(phone);
-        }
-        self.post("scan", body).await
-    }
-
-    pub async fn link_code(&self, phone: &str, code: &str) -> (u16, Value) {
-        self.post("link-code", json!({ "phone": phone, "code": code }))
-            .await
-    }
-
-    pub async fn devices(&self) -> Vec<Value> {
-        self.get("devices").await.as_array().unwrap().clone()
-    }
-
-    pub async fn stats(&self) -> Value {
-        self.get("stats").await
-    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use wa_sim::{Config as SimConfig, WaSim};
+use wa_sim::{Config as SimConfig, Control, WaSim};
 
 pub const ADMIN: &str = "test-admin-token";
 pub const VERSION: &str = "2.3000.1030000000";
@@ -47,6 +47,17 @@ impl World {
 
     pub async fn gateway_with(&self, env: &[(&str, &str)]) -> Gateway {
         Gateway::start(&self.sim.ws_url(), &self.data_dir(), env).await
+    }
+
+    /// A new instance linked to `phone` by scanning its QR code, up to connected.
+    pub async fn linked_instance(&self, gw: &Gateway, name: &str, phone: &str) -> Instance {
+        let inst = gw.api.create_instance(name).await;
+        let (_, qr) = gw.api.qr_code(&inst).await;
+        let qr = qr["value"].as_str().expect("a QR code");
+        let (status, body) = self.wa.scan(qr, Some(phone)).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        gw.api.wait_connected(&inst).await;
+        inst
     }
 }
 
@@ -265,62 +276,6 @@ pub fn restore_needed() -> Value {
 
 pub fn connected() -> Value {
     json!({ "connected": true, "smartphoneConnected": true })
-}
-
-/// wa-sim's control API.
-pub struct Control {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Control {
-    pub fn new(base: String) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base,
-        }
-    }
-
-    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}/{route}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    pub async fn scan(&self, qr: &str, phone: &str) -> (u16, Value) {
-        self.post("scan", json!({ "qr": qr, "phone": phone })).await
-    }
-
-    pub async fn devices(&self) -> Vec<Value> {
-        let response = self
-            .http
-            .get(format!("{}/devices", self.base))
-            .send()
-            .await
-            .unwrap();
-        response
-            .json::<Value>()
-            .await
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    pub async fn stats(&self) -> Value {
-        let response = self
-            .http
-            .get(format!("{}/stats", self.base))
-            .send()
-            .await
-            .unwrap();
-        response.json().await.unwrap()
-    }
 }
 
 /// Decodes a `data:image/png;base64,...` QR image back to its text.
