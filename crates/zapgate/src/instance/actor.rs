@@ -66,6 +66,7 @@ pub(crate) fn spawn(
         qr: None,
         pair_code: None,
         device: None,
+        socket_up: false,
     });
     let actor = Actor {
         link: record.link.clone(),
@@ -149,6 +150,10 @@ impl Actor {
             // The client is kept: its last events may still be on their way (they are
             // delivered by another task and can arrive after the run loop's end).
             SignalKind::Stopped => return self.apply(Input::ClientStopped).await,
+            SignalKind::SocketUp => {
+                self.snapshot.send_modify(|s| s.socket_up = true);
+                return;
+            }
             SignalKind::Event(event) => event,
         };
         match &*event {
@@ -228,6 +233,7 @@ impl Actor {
 
     async fn start_client(&mut self) {
         self.generation += 1;
+        self.snapshot.send_modify(|s| s.socket_up = false);
         match self
             .ctx
             .factory

@@ -153,7 +153,8 @@ impl Manager {
 }
 
 /// Restores sessions so that at most `concurrency` are mid-handshake at once: each
-/// holds a slot until it is connected, stops, or [`RESTORE_SLOT`] passes.
+/// holds a slot until it has reached WhatsApp, stops, or [`RESTORE_SLOT`] passes. The
+/// app-state sync that follows the login does not hold a slot.
 async fn restore_paced(
     linked: Vec<InstanceHandle>,
     concurrency: usize,
@@ -172,7 +173,7 @@ async fn restore_paced(
         tokio::spawn(async move {
             if handle.restore().await.is_ok() {
                 let mut rx = handle.snapshot.clone();
-                let settled = rx.wait_for(|s| s.state != State::Reconnecting);
+                let settled = rx.wait_for(|s| s.socket_up || s.state != State::Reconnecting);
                 let _ = tokio::time::timeout(RESTORE_SLOT, settled).await;
             }
             drop(slot);

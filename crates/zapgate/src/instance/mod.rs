@@ -77,6 +77,8 @@ pub struct Snapshot {
     pub qr: Option<Arc<QrCode>>,
     pub pair_code: Option<PairCode>,
     pub device: Option<Device>,
+    /// The current client reached WhatsApp (handshake done, logging in).
+    pub socket_up: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

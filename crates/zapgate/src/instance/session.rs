@@ -20,9 +20,14 @@ pub(crate) struct Signal {
 
 pub(crate) enum SignalKind {
     Event(Arc<Event>),
+    /// The client finished its handshake with WhatsApp (it is logging in).
+    SocketUp,
     /// The client's run loop ended.
     Stopped,
 }
+
+/// How long a starting client may take to reach WhatsApp before nobody waits for it.
+const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The client events an instance acts on; the client skips building the others.
 const INSTANCE_EVENTS: &[EventKind] = &[
@@ -99,6 +104,15 @@ impl ClientFactory {
             .context("building the WhatsApp client")?;
         let handle = bot.spawn();
         let client = handle.client();
+        let (waiting, socket) = (client.clone(), signals.clone());
+        tokio::spawn(async move {
+            if waiting.wait_for_socket(SOCKET_WAIT).await.is_ok() {
+                let _ = socket.send(Signal {
+                    generation,
+                    kind: SignalKind::SocketUp,
+                });
+            }
+        });
         tokio::spawn(async move {
             handle.await;
             let _ = signals.send(Signal {
