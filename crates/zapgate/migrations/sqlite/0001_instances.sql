@@ -15,4 +15,5 @@ CREATE TABLE instances (
     platform                  TEXT
 );
 
-CREATE INDEX instances_created ON instances (created_at, id);
+-- Listing order: creation time, then insertion order (rowid) for the same millisecond.
+CREATE INDEX instances_created ON instances (created_at);

@@ -162,15 +162,18 @@ async fn restore_paced(
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     for handle in linked {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let jitter = Duration::from_millis(rand::rng().random_range(0..200));
-        tokio::select! {
-            () = tokio::time::sleep(jitter) => {}
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
             () = shutdown.cancelled() => return,
-        }
+        };
+        // Jitter inside the slot: starts are spread out, and the slot count alone
+        // bounds how many handshakes are in flight.
+        let jitter = Duration::from_millis(rand::rng().random_range(0..200));
         tokio::spawn(async move {
+            tokio::time::sleep(jitter).await;
             if handle.restore().await.is_ok() {
                 let mut rx = handle.snapshot.clone();
                 let settled = rx.wait_for(|s| s.socket_up || s.state != State::Reconnecting);

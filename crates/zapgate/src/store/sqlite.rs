@@ -86,7 +86,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM instances ORDER BY created_at, id"
+            " FROM instances ORDER BY created_at, rowid"
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -121,7 +121,7 @@ impl Store for SqliteStore {
         let mut select = QueryBuilder::new(concat!("SELECT ", columns!(), " FROM instances"));
         filter(&mut select);
         select
-            .push(" ORDER BY created_at, id LIMIT ")
+            .push(" ORDER BY created_at, rowid LIMIT ")
             .push_bind(i64::from(page_size))
             .push(" OFFSET ")
             .push_bind(i64::from(page.saturating_sub(1)) * i64::from(page_size));
@@ -186,6 +186,11 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // Same millisecond, smaller id, inserted last: listed last.
+        store
+            .insert_instance(&instance("AAA", "delta", 2))
+            .await
+            .unwrap();
         let link = Link {
             phone: "5511999990001".into(),
             linked_at: 42,
@@ -199,14 +204,14 @@ mod tests {
         let all = store.all_instances().await.unwrap();
         assert_eq!(
             all.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-            ["alpha", "beta", "gamma_x"]
+            ["alpha", "beta", "gamma_x", "delta"]
         );
         assert_eq!(all[1].link, Some(link));
 
         let page = store.page_instances(2, 2, None).await.unwrap();
         assert_eq!(
-            (page.total, page.items.len(), page.items[0].id.as_str()),
-            (3, 1, "ID2")
+            (page.total, page.items.len(), page.items[1].id.as_str()),
+            (4, 2, "AAA")
         );
         // `_` is a literal underscore, not a wildcard.
         let found = store.page_instances(1, 10, Some("a_x")).await.unwrap();
@@ -217,6 +222,6 @@ mod tests {
         );
 
         store.delete_instance("ID0").await.unwrap();
-        assert_eq!(store.all_instances().await.unwrap().len(), 2);
+        assert_eq!(store.all_instances().await.unwrap().len(), 3);
     }
 }
