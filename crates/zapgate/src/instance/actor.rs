@@ -207,27 +207,56 @@ impl Actor {
                     running.client.reconnect_immediately().await;
                 }
             }
-            Action::Logout => {
-                if let Some(running) = self.client.as_ref().filter(|r| r.client.is_connected()) {
-                    if timeout(LOGOUT_TIMEOUT, running.client.logout())
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!(instance.id = %self.record.id, "WhatsApp did not confirm the logout");
-                    }
-                }
-            }
-            Action::StopClient => {
-                if let Some(running) = self.client.take() {
-                    let _ = timeout(STOP_TIMEOUT, running.client.disconnect()).await;
-                }
-            }
+            Action::Logout => self.logout().await,
+            Action::StopClient => self.stop_client().await,
             Action::RecordLink => self.save_link().await,
             Action::WipeSession => {
                 self.link = None;
                 self.wipe_files();
                 self.save_link().await;
             }
+        }
+    }
+
+    /// Tells WhatsApp to remove this device, connecting the stored session first if it
+    /// is not online (within the link wait), so the phone forgets the device too.
+    async fn logout(&mut self) {
+        if !self
+            .client
+            .as_ref()
+            .is_some_and(|r| r.client.is_connected())
+        {
+            self.stop_client().await;
+            self.generation += 1;
+            let started = self
+                .ctx
+                .factory
+                .start(&self.record.id, self.generation, self.signal_tx.clone())
+                .await;
+            if let Ok(running) = started {
+                let _ = running.client.wait_for_socket(self.ctx.link_wait).await;
+                self.client = Some(running);
+            }
+        }
+        match self.client.as_ref().filter(|r| r.client.is_connected()) {
+            Some(running) => {
+                if timeout(LOGOUT_TIMEOUT, running.client.logout())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(instance.id = %self.record.id, "WhatsApp did not confirm the logout");
+                }
+            }
+            None => tracing::warn!(
+                instance.id = %self.record.id,
+                "WhatsApp could not be reached to unlink the device; the phone still lists it"
+            ),
+        }
+    }
+
+    async fn stop_client(&mut self) {
+        if let Some(running) = self.client.take() {
+            let _ = timeout(STOP_TIMEOUT, running.client.disconnect()).await;
         }
     }
 
