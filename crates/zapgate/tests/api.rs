@@ -105,28 +105,24 @@ async fn partner_routes_need_the_admin_token_and_valid_input() {
         unauthorized
     );
 
-    let (status, body) = api
-        .call(Method::POST, create, Some(json!({})), Some(ADMIN))
-        .await;
-    assert_eq!((status, body["error"].is_string()), (400, true), "{body}");
-    let (status, body) = api
-        .call(
-            Method::POST,
-            create,
-            Some(json!({ "name": "   " })),
-            Some(ADMIN),
-        )
-        .await;
-    assert_eq!(status, 400, "{body}");
-    let (status, body) = api
-        .call(
-            Method::POST,
-            create,
-            Some(json!({ "name": "x", "connectedCallbackUrl": "http://plain" })),
-            Some(ADMIN),
-        )
-        .await;
-    assert_eq!(status, 400, "{body}");
+    let name_required = "name is required, up to 120 characters";
+    for (body, expected) in [
+        (json!({}), error(400, name_required)),
+        (json!({ "name": "   " }), error(400, name_required)),
+        (
+            json!({ "name": "x", "connectedCallbackUrl": "http://plain" }),
+            error(400, "connectedCallbackUrl must be an https:// URL"),
+        ),
+        (
+            json!({ "name": "x", "disconnectedCallbackUrl": "ftp://x" }),
+            error(400, "disconnectedCallbackUrl must be an https:// URL"),
+        ),
+    ] {
+        let answer = api
+            .call(Method::POST, create, Some(body.clone()), Some(ADMIN))
+            .await;
+        assert_eq!(answer, expected, "{body}");
+    }
     let (status, body) = api
         .call(
             Method::POST,
@@ -135,7 +131,14 @@ async fn partner_routes_need_the_admin_token_and_valid_input() {
             Some(ADMIN),
         )
         .await;
-    assert_eq!((status, body["error"].is_string()), (422, true), "{body}");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("name: invalid type"),
+        "{body}"
+    );
     let raw = reqwest::Client::new()
         .post(format!("{}{create}", api.base))
         .bearer_auth(ADMIN)

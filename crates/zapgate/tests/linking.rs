@@ -295,3 +295,33 @@ async fn a_replaced_stream_does_not_ping_pong() {
     assert!(world.wa.devices().await.unwrap().is_empty());
     assert_eq!(first.api.status(&inst).await, not_connected());
 }
+
+#[tokio::test]
+async fn cancelling_a_linked_instance_unlinks_it_and_deletes_its_session() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = world.linked_instance(&gw, "cancelled", PHONE).await;
+    let cancel = format!(
+        "/instances/{}/token/{}/integrator/on-demand/cancel",
+        inst.id, inst.token
+    );
+    let (status, _) = gw
+        .api
+        .call(reqwest::Method::POST, &cancel, None, Some(common::ADMIN))
+        .await;
+    assert_eq!(status, 201);
+    assert!(
+        world.wa.devices().await.unwrap().is_empty(),
+        "unlinked at WhatsApp"
+    );
+    assert!(
+        !world
+            .data_dir()
+            .join(format!("sessions/{}.db", inst.id))
+            .exists()
+    );
+    assert_eq!(
+        gw.api.instance_get(&inst, "status").await,
+        (404, json!({ "error": "Instance not found" }))
+    );
+}

@@ -130,8 +130,10 @@ impl Manager {
         Ok(handle)
     }
 
-    /// Unlinks the number, deletes the session and the instance.
+    /// Unlinks the number, deletes the session and the instance. The row goes first: if
+    /// the database refuses, nothing has changed and the caller gets the error.
     pub async fn cancel(&self, id: &str) -> Result<(), StoreError> {
+        self.ctx.store.delete_instance(id).await?;
         let Some(handle) = self.write().remove(id) else {
             return Ok(());
         };
@@ -139,7 +141,6 @@ impl Manager {
         if handle.commands.send(Command::Cancel(done)).await.is_ok() {
             let _ = finished.await;
         }
-        self.ctx.store.delete_instance(id).await?;
         tracing::info!(instance.id = %id, "instance cancelled");
         Ok(())
     }
