@@ -39,6 +39,8 @@ pub(crate) struct Linking {
     pub(crate) refs_sent: Instant,
     /// A pairing is being completed on this connection; no second one may start.
     pub(crate) pairing: bool,
+    /// The phone this companion asked a pairing code for, if any.
+    pub(crate) code_phone: Option<String>,
 }
 
 #[derive(Clone)]

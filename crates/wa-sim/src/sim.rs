@@ -121,6 +121,7 @@ impl Sim {
                 refs,
                 refs_sent: Instant::now(),
                 pairing: false,
+                code_phone: None,
             }),
         })
     }
@@ -163,11 +164,18 @@ impl Sim {
 
     pub(crate) fn unregister(&self, id: ConnId) {
         let mut registry = self.registry();
-        registry.conns.remove(&id);
-        for phone in registry.phones.values_mut() {
-            if phone.code_request.as_ref().is_some_and(|r| r.conn == id) {
-                phone.code_request = None;
-            }
+        let Some(ConnEntry {
+            role: Role::Linking(linking),
+            ..
+        }) = registry.conns.remove(&id)
+        else {
+            return;
+        };
+        // A code request dies with the connection that made it.
+        if let Some(phone) = linking.code_phone.and_then(|p| registry.phones.get_mut(&p))
+            && phone.code_request.as_ref().is_some_and(|r| r.conn == id)
+        {
+            phone.code_request = None;
         }
     }
 

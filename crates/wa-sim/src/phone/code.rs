@@ -42,12 +42,11 @@ pub(crate) fn companion_hello(
         .ok_or(BAD)?;
     let auth_key = child_bytes(request, "companion_server_auth_key_pub").ok_or(BAD)?;
     let mut registry = sim.registry();
-    let authentic = matches!(
-        registry.conns.get(&conn).map(|c| &c.role),
-        Some(Role::Linking(l)) if l.companion.noise[..] == *auth_key
-    );
-    if !authentic {
-        return Err((401, "not-authorized"));
+    match registry.conns.get_mut(&conn).map(|c| &mut c.role) {
+        Some(Role::Linking(l)) if l.companion.noise[..] == *auth_key => {
+            l.code_phone = Some(phone.clone());
+        }
+        _ => return Err((401, "not-authorized")),
     }
     let pairing_ref = crate::fresh_refs(1).remove(0).into_bytes();
     registry.phone_mut(&phone).code_request = Some(CodeRequest {
