@@ -37,9 +37,10 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Database URL; default: a SQLite file `zapgate.db` in the data directory.
-    #[arg(long, env = "ZAPGATE_DATABASE_URL")]
-    pub database_url: Option<String>,
+    /// Database URL; default: a SQLite file `zapgate.db` in the data directory. Never
+    /// shown in `--help` or logs: it may hold a password.
+    #[arg(long, env = "ZAPGATE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
 
     /// Bearer token for the partner routes (create, list, cancel instances). When unset,
     /// one is generated on first start and kept in `<data-dir>/admin-token`.
@@ -60,9 +61,15 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_WHATSAPP_VERSION", value_parser = parse_version)]
     pub whatsapp_version: Option<(u32, u32, u32)>,
 
-    /// How long the first /qr-code or /phone-code call waits for WhatsApp's first code.
+    /// How long a /qr-code, /phone-code or /disconnect call waits for WhatsApp, at most
+    /// 50 (requests end after 60 s).
     #[arg(long, env = "ZAPGATE_LINK_WAIT_SECS", default_value_t = 20)]
     pub link_wait_secs: u64,
+
+    /// New linking windows plus pairing-code requests one instance may send WhatsApp per
+    /// minute; more get 429 with Retry-After.
+    #[arg(long, env = "ZAPGATE_LINK_RATE_PER_MINUTE", default_value_t = 6)]
+    pub link_rate_per_minute: u32,
 
     /// Stored sessions reconnecting at once after a start (each waits for its login).
     #[arg(long, env = "ZAPGATE_RESTORE_CONCURRENCY", default_value_t = 16)]
@@ -73,21 +80,48 @@ pub struct Config {
     pub log_json: bool,
 }
 
+/// Longest an HTTP request may take; every wait inside one is shorter.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a request keeps for itself beyond the link wait (answering, the database).
+const REQUEST_MARGIN: Duration = Duration::from_secs(10);
+
 impl Config {
     pub fn link_wait(&self) -> Duration {
-        Duration::from_secs(self.link_wait_secs.max(1))
+        Duration::from_secs(self.link_wait_secs)
+    }
+
+    /// Settings that parse but do not fit together, said the way a user can fix them.
+    pub fn validate(&self) -> Result<(), String> {
+        let most = (REQUEST_TIMEOUT - REQUEST_MARGIN).as_secs();
+        if !(1..=most).contains(&self.link_wait_secs) {
+            return Err(format!(
+                "--link-wait-secs (ZAPGATE_LINK_WAIT_SECS) must be 1 to {most}: requests end after {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ));
+        }
+        if self.link_rate_per_minute == 0 {
+            return Err(
+                "--link-rate-per-minute (ZAPGATE_LINK_RATE_PER_MINUTE) must be at least 1".into(),
+            );
+        }
+        if self.restore_concurrency == 0 {
+            return Err(
+                "--restore-concurrency (ZAPGATE_RESTORE_CONCURRENCY) must be at least 1".into(),
+            );
+        }
+        Ok(())
     }
 
     pub fn sessions_dir(&self) -> PathBuf {
         self.data_dir.join("sessions")
     }
 
-    pub fn database_url(&self) -> String {
+    pub fn database_url(&self) -> Secret {
         self.database_url.clone().unwrap_or_else(|| {
-            format!(
+            Secret::new(format!(
                 "sqlite://{}?mode=rwc",
                 self.data_dir.join("zapgate.db").display()
-            )
+            ))
         })
     }
 }
@@ -149,6 +183,31 @@ mod tests {
         );
         assert!(parse_version("2.3000").is_err());
         assert!(parse_version("2.x.1").is_err());
+    }
+
+    fn config(args: &[&str]) -> Config {
+        let Command::Serve(config) =
+            Cli::try_parse_from(["zapgate", "serve"].iter().chain(args).copied())
+                .unwrap()
+                .command;
+        config
+    }
+
+    #[test]
+    fn the_link_wait_must_fit_in_a_request() {
+        assert_eq!(config(&[]).validate(), Ok(()));
+        assert_eq!(config(&["--link-wait-secs", "50"]).validate(), Ok(()));
+        for bad in ["0", "51", "600"] {
+            let error = config(&["--link-wait-secs", bad]).validate().unwrap_err();
+            assert!(error.starts_with("--link-wait-secs"), "{error}");
+        }
+        assert!(config(&["--link-rate-per-minute", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn a_database_password_never_prints() {
+        let config = config(&["--database-url", "postgres://u:hunter2@db/z"]);
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

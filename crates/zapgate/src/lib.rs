@@ -31,6 +31,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     check_whatsapp_url(&config.whatsapp_url)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
@@ -38,7 +39,7 @@ pub async fn run(
         Some(token) => token.clone(),
         None => stored_admin_token(&config.data_dir)?,
     };
-    let store = store::connect(&config.database_url())
+    let store = store::connect(config.database_url().expose())
         .await
         .context("opening the database")?;
     let manager = Manager::start(
@@ -48,6 +49,7 @@ pub async fn run(
             whatsapp_url: config.whatsapp_url.clone(),
             whatsapp_version: config.whatsapp_version,
             link_wait: config.link_wait(),
+            link_rate_per_minute: config.link_rate_per_minute,
             restore_concurrency: config.restore_concurrency,
         },
         shutdown.child_token(),
@@ -101,15 +103,29 @@ fn check_whatsapp_url(url: &str) -> anyhow::Result<()> {
 }
 
 /// The admin token kept in `<data-dir>/admin-token`, generated (0600) on first start.
+/// A file that others may read is refused: the token would not be secret.
 fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
     use rand::RngExt as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let path = data_dir.join("admin-token");
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        if let Ok(token) = existing.trim().parse::<Secret>() {
-            tracing::info!(path = %path.display(), "admin token read from file");
-            return Ok(token);
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => bail!(
+            "{} may be read by other users (mode {:o}); fix it with `chmod 600 {}`, or delete it to generate a new token",
+            path.display(),
+            meta.permissions().mode() & 0o777,
+            path.display()
+        ),
+        Ok(_) => {
+            let existing = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if let Ok(token) = existing.trim().parse::<Secret>() {
+                tracing::info!(path = %path.display(), "admin token read from file");
+                return Ok(token);
+            }
+            tracing::warn!(path = %path.display(), "the admin token file is empty; generating a new token");
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
     let token: String = (0..32)
         .map(|_| format!("{:02x}", rand::rng().random::<u8>()))

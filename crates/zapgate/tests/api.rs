@@ -270,7 +270,10 @@ async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
     assert_eq!(status, 200);
     assert_eq!(
         gw.api.qr_code(&inst).await,
-        error(503, "WhatsApp did not answer in time; try again later")
+        error(
+            503,
+            "WhatsApp is unreachable: WebSocket connect failed: expected HTTP 101 Switching Protocols, got status code 503"
+        )
     );
     assert_eq!(gw.api.status(&inst).await, not_connected());
     let refused = world.wa.stats().await.unwrap()["refused"].clone();

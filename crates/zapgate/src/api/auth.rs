@@ -15,6 +15,14 @@ fn same(given: &[u8], expected: &[u8]) -> bool {
     given.ct_eq(expected).into()
 }
 
+/// The credentials of an `Authorization` value; the scheme is case-insensitive (RFC 9110).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
 /// The operator, proven by `Authorization: Bearer <admin token>`.
 pub(super) struct Admin;
 
@@ -29,7 +37,7 @@ impl FromRequestParts<AppState> for Admin {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or_default();
         if same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
             Ok(Admin)
@@ -82,5 +90,17 @@ impl FromRequestParts<AppState> for Instance {
             Some(handle) if token_matches => Ok(Instance(handle)),
             _ => Err(ApiError::instance_not_found()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t", "bearer t", "BEARER  t"] {
+            assert_eq!(super::bearer(value), Some("t"), "{value}");
+        }
+        assert_eq!(super::bearer("Basic t"), None);
+        assert_eq!(super::bearer("Bearert"), None);
     }
 }

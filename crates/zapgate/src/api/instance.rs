@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::auth::Instance;
 use super::{ApiError, AppState, partner};
-use crate::instance::{LinkError, State};
+use crate::instance::{LinkError, State, Unlinked};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -35,10 +35,10 @@ fn link_reply(result: Result<Value, LinkError>) -> Response {
         Err(e @ LinkError::AlreadyConnected) => {
             Json(json!({ "connected": true, "error": e.to_string() })).into_response()
         }
-        Err(e @ LinkError::SessionStored) => {
+        Err(e @ (LinkError::SessionStored | LinkError::Problem(_))) => {
             Json(json!({ "connected": false, "error": e.to_string() })).into_response()
         }
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::link(e),
     }
 }
 
@@ -85,30 +85,49 @@ async fn phone_code(
 }
 
 async fn status(Instance(instance): Instance) -> Json<Value> {
-    Json(match instance.snapshot().state {
-        State::Connected => json!({ "connected": true, "smartphoneConnected": true }),
-        State::NoSession | State::Linking => {
-            json!({ "connected": false, "error": NOT_CONNECTED, "smartphoneConnected": false })
+    let snapshot = instance.snapshot();
+    let error = match snapshot.state {
+        State::Connected => {
+            return Json(json!({ "connected": true, "smartphoneConnected": true }));
         }
-        State::Reconnecting | State::Stopped => {
-            json!({ "connected": false, "error": RESTORE, "smartphoneConnected": false })
-        }
-    })
+        State::NoSession | State::Linking | State::Unlinking => NOT_CONNECTED,
+        State::Reconnecting | State::Stopped | State::SessionMissing => RESTORE,
+    };
+    let error = match snapshot.problem {
+        Some(problem) => format!("{error} {problem}"),
+        None => error.to_owned(),
+    };
+    Json(json!({ "connected": false, "error": error, "smartphoneConnected": false }))
 }
 
-async fn disconnect(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
-    instance.disconnect().await?;
-    Ok(Json(json!({ "value": true })))
+/// `{"value": true}`; when WhatsApp could not be told, the body says so (the session is
+/// deleted here all the same).
+async fn disconnect(Instance(instance): Instance) -> Response {
+    match instance.disconnect().await {
+        Ok(Unlinked::Told) => Json(json!({ "value": true })).into_response(),
+        Ok(Unlinked::NotTold(why)) => Json(json!({
+            "value": true,
+            "unlinkedAtWhatsApp": false,
+            "error": format!("{why}; the session was deleted here, and the phone lists the device until it is removed there"),
+        }))
+        .into_response(),
+        Err(e) => ApiError::link(e),
+    }
 }
 
-async fn restart(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
-    instance.restart().await?;
-    Ok(Json(json!({ "value": true })))
+async fn restart(Instance(instance): Instance) -> Response {
+    value_true(instance.restart().await)
 }
 
-async fn restore_session(Instance(instance): Instance) -> Result<Json<Value>, ApiError> {
-    instance.restore().await?;
-    Ok(Json(json!({ "value": true })))
+async fn restore_session(Instance(instance): Instance) -> Response {
+    value_true(instance.restore().await)
+}
+
+fn value_true(result: Result<(), LinkError>) -> Response {
+    match result {
+        Ok(()) => Json(json!({ "value": true })).into_response(),
+        Err(e) => ApiError::link(e),
+    }
 }
 
 async fn me(Instance(instance): Instance) -> Json<Value> {

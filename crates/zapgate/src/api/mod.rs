@@ -6,7 +6,6 @@ mod instance;
 mod partner;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
@@ -21,7 +20,7 @@ use serde_json::json;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::config::Secret;
+use crate::config::{REQUEST_TIMEOUT, Secret};
 use crate::instance::{LinkError, Manager};
 use crate::store::{Store, StoreError};
 
@@ -36,8 +35,6 @@ pub struct AppState {
 
 /// Bodies above this are refused (no route takes more than a few fields).
 const BODY_LIMIT: usize = 64 * 1024;
-/// Longest a request may take; linking waits are shorter than this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -129,12 +126,33 @@ impl From<StoreError> for ApiError {
 impl From<LinkError> for ApiError {
     fn from(e: LinkError) -> Self {
         let status = match e {
-            LinkError::Unreachable | LinkError::Gone => StatusCode::SERVICE_UNAVAILABLE,
-            LinkError::WindowClosed => StatusCode::CONFLICT,
+            LinkError::Unavailable(_) | LinkError::Gone => StatusCode::SERVICE_UNAVAILABLE,
+            LinkError::WindowClosed
+            | LinkError::Replaced(_)
+            | LinkError::Unlinking
+            | LinkError::Problem(_) => StatusCode::CONFLICT,
             LinkError::Refused(_) => StatusCode::BAD_GATEWAY,
+            LinkError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             LinkError::AlreadyConnected | LinkError::SessionStored => StatusCode::OK,
         };
         Self::new(status, e.to_string())
+    }
+}
+
+impl ApiError {
+    /// The error response, with `Retry-After` when the caller was rate limited.
+    pub fn link(e: LinkError) -> Response {
+        let retry = match &e {
+            LinkError::RateLimited(wait) => Some(wait.as_secs().max(1)),
+            _ => None,
+        };
+        let mut response = Self::from(e).into_response();
+        if let Some(secs) = retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 

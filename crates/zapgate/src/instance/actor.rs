@@ -1,30 +1,48 @@
-//! The task that owns one instance's WhatsApp client. It turns API commands and client
-//! events into state-machine inputs, carries out the resulting actions, and publishes a
-//! snapshot after each step.
+//! The task that owns one instance: its state, its WhatsApp client and every decision
+//! about them. It turns API commands, client events and the reports of its child tasks
+//! into state-machine inputs, carries out the resulting actions, and publishes a
+//! snapshot after each step. Nothing in here waits on the network: starting a client,
+//! stopping one and unlinking run in child tasks (`work`) that report back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, timeout};
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::types::events::Event;
 
+use super::linking::Window;
 use super::session::{ClientFactory, Running, Signal, SignalKind};
 use super::state::{self, Action, Input, State};
-use super::{Device, InstanceHandle, LinkError, PairCode, QrCode, Snapshot};
+use super::work::{self, Work};
+use super::{Cause, Device, InstanceHandle, LinkError, Problem, Snapshot, Unlinked};
 use crate::store::{InstanceRecord, Link, Store};
 
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, LinkError>>;
+
 pub(crate) enum Command {
-    Input(Input, oneshot::Sender<()>),
+    QrCode {
+        reply: Reply<Arc<super::QrCode>>,
+    },
     PairCode {
         phone: String,
-        reply: oneshot::Sender<Result<String, LinkError>>,
+        reply: Reply<String>,
     },
-    /// Unlink, forget the session, and end the task.
-    Cancel(oneshot::Sender<()>),
+    Restart {
+        reply: Reply<()>,
+    },
+    Restore {
+        reply: Reply<()>,
+    },
+    Disconnect {
+        reply: Reply<Unlinked>,
+    },
+    /// Unlink, forget the session, delete the instance's row, and end the task.
+    Cancel {
+        reply: Reply<Unlinked>,
+    },
 }
 
 /// What every instance task shares.
@@ -32,105 +50,136 @@ pub(crate) struct Context {
     pub(crate) factory: ClientFactory,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) link_wait: Duration,
+    pub(crate) link_rate_per_minute: u32,
+    pub(crate) tracker: TaskTracker,
 }
 
-/// How long a graceful client stop or a logout may take before we move on.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queued commands, client events and child reports; each side waits when full.
+const QUEUE: usize = 32;
 
-struct Actor {
-    record: Arc<InstanceRecord>,
-    ctx: Arc<Context>,
-    state: State,
-    link: Option<Link>,
-    client: Option<Running>,
-    generation: u64,
-    code_phone: Option<String>,
-    signal_tx: mpsc::UnboundedSender<Signal>,
-    signals: mpsc::UnboundedReceiver<Signal>,
+pub(super) struct Actor {
+    pub(super) record: Arc<InstanceRecord>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) state: State,
+    pub(super) link: Option<Link>,
+    /// The current client's generation; anything about another one is stale.
+    pub(super) generation: u64,
+    pub(super) client: Option<Running>,
+    pub(super) problem: Option<Problem>,
+    pub(super) window: Window,
+    restarts: Vec<Reply<()>>,
+    unlinks: Vec<Reply<Unlinked>>,
+    cancelling: bool,
+    /// How the unlink of a cancel went, told once the row is gone too.
+    cancelled: Option<Unlinked>,
+    /// Held by whichever client uses the session file; never awaited by this task.
+    pub(super) session_lock: Arc<AsyncMutex<()>>,
+    pub(super) signal_tx: mpsc::Sender<Signal>,
+    signals: mpsc::Receiver<Signal>,
+    pub(super) work_tx: mpsc::Sender<Work>,
+    work: mpsc::Receiver<Work>,
     commands: mpsc::Receiver<Command>,
     snapshot: watch::Sender<Snapshot>,
 }
 
+/// Starts the task of one instance. A cancelled record's task finishes the cancel.
 pub(crate) fn spawn(
     record: InstanceRecord,
     ctx: Arc<Context>,
-    tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> InstanceHandle {
     let record = Arc::new(record);
-    let (commands_tx, commands) = mpsc::channel(16);
-    let (signal_tx, signals) = mpsc::unbounded_channel();
+    let (commands_tx, commands) = mpsc::channel(QUEUE);
+    let (signal_tx, signals) = mpsc::channel(QUEUE);
+    let (work_tx, work) = mpsc::channel(QUEUE);
     let (snapshot, snapshot_rx) = watch::channel(Snapshot {
         state: State::NoSession,
         qr: None,
         pair_code: None,
         device: None,
         socket_up: false,
+        problem: None,
     });
     let actor = Actor {
         link: record.link.clone(),
-        state: if record.link.is_some() {
-            State::Stopped
-        } else {
-            State::NoSession
-        },
+        state: State::NoSession,
+        window: Window::new(ctx.link_rate_per_minute),
         record: record.clone(),
         ctx: ctx.clone(),
         client: None,
         generation: 0,
-        code_phone: None,
+        problem: None,
+        restarts: Vec::new(),
+        unlinks: Vec::new(),
+        cancelling: false,
+        cancelled: None,
+        session_lock: Arc::new(AsyncMutex::new(())),
         signal_tx,
         signals,
+        work_tx,
+        work,
         commands,
         snapshot,
     };
-    tracker.spawn(actor.run(shutdown));
+    ctx.tracker.spawn(actor.run(shutdown));
     InstanceHandle {
         record,
         commands: commands_tx,
         snapshot: snapshot_rx,
-        link_wait: ctx.link_wait,
     }
 }
 
 impl Actor {
     async fn run(mut self, shutdown: CancellationToken) {
-        if self.link.is_none() {
-            // A session file without a recorded link is a linking window that never
-            // completed (or a crash mid-link): it holds nothing of the user's.
-            self.wipe_files();
-        } else if !self.ctx.factory.has_session_file(&self.record.id) {
-            tracing::warn!(instance.id = %self.record.id, "the stored session is missing; the number must be linked again");
-            self.link = None;
-            self.state = State::NoSession;
-            self.save_link().await;
+        if self.link.is_some() {
+            self.state = self.stored_session_state();
         }
         self.publish();
         loop {
+            let wake = self.window.next_deadline();
             tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(work) = self.work.recv() => self.on_work(work).await,
+                Some(signal) = self.signals.recv() => self.on_signal(signal).await,
                 command = self.commands.recv() => match command {
-                    Some(Command::Input(input, done)) => {
-                        self.apply(input).await;
-                        let _ = done.send(());
-                    }
-                    Some(Command::PairCode { phone, reply }) => self.request_pair_code(phone, reply),
-                    Some(Command::Cancel(done)) => {
-                        self.apply(Input::Disconnect).await;
-                        let _ = done.send(());
-                        return;
-                    }
+                    Some(command) => self.on_command(command).await,
                     None => break,
                 },
-                Some(signal) = self.signals.recv() => self.on_signal(signal).await,
-                () = shutdown.cancelled() => break,
+                () = sleep_until(wake), if wake.is_some() => self.on_deadline().await,
+            }
+            if self.cancelled.is_some() {
+                return self.finish_cancel().await;
             }
         }
         // The gateway is stopping: close the connection, keep the session.
-        self.run_action(Action::StopClient).await;
+        if let Some(running) = self.client.take() {
+            drop(running.stop(work::STOP_TIMEOUT).await);
+        }
     }
 
-    async fn apply(&mut self, input: Input) {
+    /// A recorded link whose session file is present reconnects; a missing or
+    /// unreadable one is reported, never forgotten.
+    fn stored_session_state(&mut self) -> State {
+        let files = &self.ctx.factory.files;
+        let path = files.path(&self.record.id);
+        match files.exists(&self.record.id) {
+            Ok(true) => {
+                self.problem = None;
+                State::Stopped
+            }
+            found => {
+                let error = found.err().map(|e| e.to_string());
+                tracing::warn!(
+                    instance.id = %self.record.id, path = %path.display(), error,
+                    "the linked number's session file is missing or unreadable; it stays linked, restore it once the file is back"
+                );
+                self.problem = Some(Problem::SessionMissing);
+                State::SessionMissing
+            }
+        }
+    }
+
+    pub(super) async fn apply(&mut self, input: Input) {
         let (next, actions) = state::step(self.state, self.link.is_some(), input);
         if next != self.state {
             tracing::info!(instance.id = %self.record.id, from = ?self.state, to = ?next, ?input, "instance state");
@@ -139,16 +188,164 @@ impl Actor {
         for action in actions {
             self.run_action(action).await;
         }
+        if self.state != State::Linking {
+            let answer = self.window_answer();
+            self.window.close(answer);
+        }
         self.publish();
     }
 
+    /// What a caller still waiting for a code hears once the window is over.
+    fn window_answer(&self) -> LinkError {
+        match self.state {
+            State::Connected => LinkError::AlreadyConnected,
+            State::Reconnecting | State::Stopped => LinkError::SessionStored,
+            State::SessionMissing => LinkError::Problem(Problem::SessionMissing),
+            State::Unlinking => LinkError::Unlinking,
+            State::NoSession | State::Linking => LinkError::WindowClosed,
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        if self.cancelling {
+            return command.refuse(LinkError::Gone);
+        }
+        match command {
+            Command::QrCode { reply } => self.ask_qr(reply).await,
+            Command::PairCode { phone, reply } => self.ask_pair(phone, reply).await,
+            Command::Restart { reply } => self.restart(Input::Restart, reply).await,
+            Command::Restore { reply } => self.restart(Input::Restore, reply).await,
+            Command::Disconnect { reply } => self.disconnect(reply).await,
+            Command::Cancel { reply } => {
+                self.cancelling = true;
+                self.disconnect(reply).await;
+            }
+        }
+    }
+
+    /// Restart and restore: one in progress answers every caller that joins it.
+    async fn restart(&mut self, input: Input, reply: Reply<()>) {
+        if !self.restarts.is_empty() {
+            return self.restarts.push(reply);
+        }
+        if self.state == State::SessionMissing {
+            self.state = self.stored_session_state();
+            if self.state == State::SessionMissing {
+                self.publish();
+                let _ = reply.send(Err(LinkError::Problem(Problem::SessionMissing)));
+                return;
+            }
+        }
+        let generation = self.generation;
+        self.apply(input).await;
+        if self.generation != generation {
+            self.restarts.push(reply); // a client is starting: answered once it has
+        } else {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    async fn disconnect(&mut self, reply: Reply<Unlinked>) {
+        let outcome = match self.state {
+            State::SessionMissing => Unlinked::NotTold(
+                "the session's keys are missing here, so WhatsApp could not be told".into(),
+            ),
+            _ => Unlinked::Told,
+        };
+        self.unlinks.push(reply);
+        self.apply(Input::Disconnect).await;
+        if self.state != State::Unlinking {
+            self.finish_unlinks(outcome);
+        }
+    }
+
+    fn finish_unlinks(&mut self, outcome: Unlinked) {
+        if let Unlinked::NotTold(why) = &outcome {
+            tracing::warn!(instance.id = %self.record.id, why, "WhatsApp could not be told to unlink the device; the phone still lists it");
+        }
+        if self.cancelling {
+            self.cancelled = Some(outcome);
+            return;
+        }
+        for reply in self.unlinks.drain(..) {
+            let _ = reply.send(Ok(outcome.clone()));
+        }
+    }
+
+    /// The session is gone at WhatsApp and here: delete the row, answer, end.
+    async fn finish_cancel(mut self) {
+        drop(self.session_lock.clone().lock_owned().await);
+        if let Err(e) = self.ctx.factory.files.wipe(&self.record.id) {
+            tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance's session");
+        }
+        match self.ctx.store.delete_instance(&self.record.id).await {
+            Ok(()) => tracing::info!(instance.id = %self.record.id, "instance cancelled"),
+            Err(e) => {
+                tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance; the next start finishes it")
+            }
+        }
+        let outcome = self.cancelled.take().unwrap_or(Unlinked::Told);
+        for reply in self.unlinks.drain(..) {
+            let _ = reply.send(Ok(outcome.clone()));
+        }
+    }
+
+    async fn on_work(&mut self, report: Work) {
+        match report {
+            Work::Started { generation, result } => self.on_started(generation, result).await,
+            Work::PairCode {
+                generation,
+                phone,
+                result,
+            } => self.on_pair_code(generation, phone, result),
+            Work::Unlinked {
+                generation,
+                outcome,
+            } if generation == self.generation => {
+                self.apply(Input::Unlinked).await;
+                self.finish_unlinks(outcome);
+            }
+            Work::Unlinked { .. } => {}
+        }
+    }
+
+    async fn on_started(&mut self, generation: u64, result: Result<Running, Cause>) {
+        if generation != self.generation {
+            if let Ok(stale) = result {
+                self.stop_in_background(stale, self.link.is_none());
+            }
+            return;
+        }
+        match result {
+            Ok(running) => {
+                self.client = Some(running);
+                for reply in self.restarts.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                if self.state == State::Linking {
+                    self.request_pair_code();
+                }
+            }
+            Err(cause) => {
+                tracing::error!(instance.id = %self.record.id, error = %cause, "could not start the WhatsApp client");
+                for reply in self.restarts.drain(..) {
+                    let _ = reply.send(Err(LinkError::Unavailable(cause.clone())));
+                }
+                if self.state == State::Linking {
+                    self.window.fail(LinkError::Unavailable(cause));
+                    self.apply(Input::LinkFailed).await;
+                } else {
+                    self.apply(Input::StartFailed).await;
+                }
+            }
+        }
+    }
+
     async fn on_signal(&mut self, signal: Signal) {
-        if self.client.as_ref().map(|c| c.generation) != Some(signal.generation) {
-            return; // from a client we already stopped
+        if signal.generation != self.generation {
+            return; // from a client we already let go of
         }
         let event = match signal.kind {
-            // The client is kept: its last events may still be on their way (they are
-            // delivered by another task and can arrive after the run loop's end).
             SignalKind::Stopped => return self.apply(Input::ClientStopped).await,
             SignalKind::SocketUp => {
                 self.snapshot.send_modify(|s| s.socket_up = true);
@@ -157,37 +354,36 @@ impl Actor {
             SignalKind::Event(event) => event,
         };
         match &*event {
-            // Codes only while a window is open: a stopped client's late code is void.
             Event::PairingQrCode(qr) if self.state == State::Linking => {
-                self.snapshot.send_modify(|s| {
-                    s.qr = Some(Arc::new(QrCode::new(qr.code.clone(), qr.timeout)))
-                });
+                self.window.on_qr(&qr.code, qr.timeout);
+                self.request_pair_code();
+                self.publish();
             }
             Event::PairingCode(code) if self.state == State::Linking => {
-                let phone = self.code_phone.clone().unwrap_or_default();
-                self.snapshot.send_modify(|s| {
-                    s.pair_code = Some(PairCode {
-                        phone,
-                        code: group_code(&code.code),
-                        expires: Instant::now() + code.timeout,
-                    })
-                });
+                self.window.on_pair_code(&code.code, code.timeout);
+                self.publish();
             }
-            Event::PairSuccess(paired) => {
-                self.link = Some(Link {
+            // A pairing code still valid keeps the window until it expires.
+            Event::PairingQrCodesExhausted(_)
+                if self.state == State::Linking && !self.window.hold_for_pair_code() =>
+            {
+                self.apply(Input::WindowEnded).await;
+            }
+            Event::PairSuccess(paired) if self.state == State::Linking => {
+                let link = Link {
                     phone: paired.id.user.to_string(),
                     linked_at: crate::unix_millis(),
                     platform: Some(paired.platform.clone()).filter(|p| !p.is_empty()),
-                });
-                self.apply(Input::Paired).await;
+                };
+                self.record_link(link).await;
             }
-            Event::Connected(_) => self.apply(Input::Connected).await,
+            Event::Connected(_) => {
+                self.problem = None;
+                self.apply(Input::Connected).await;
+            }
             Event::Disconnected(_) => self.apply(Input::Disconnected).await,
             Event::LoggedOut(_) => self.apply(Input::LoggedOut).await,
             Event::StreamReplaced(_) => self.apply(Input::Replaced).await,
-            Event::PairingQrCodesExhausted(done) if done.disconnected => {
-                self.apply(Input::CodesExhausted).await
-            }
             Event::ConnectFailure(_) | Event::TemporaryBan(_) | Event::ClientOutdated(_) => {
                 tracing::warn!(instance.id = %self.record.id, event = ?event, "WhatsApp refused the connection");
             }
@@ -195,144 +391,89 @@ impl Actor {
         }
     }
 
+    /// The phone accepted the link: it counts only once it is in the database. If it
+    /// cannot be stored, it is undone at WhatsApp rather than left to be lost.
+    async fn record_link(&mut self, link: Link) {
+        let saved = tokio::time::timeout(
+            work::STORE_TIMEOUT,
+            self.ctx.store.set_link(&self.record.id, Some(&link)),
+        )
+        .await;
+        match saved {
+            Ok(Ok(())) => {
+                tracing::info!(instance.id = %self.record.id, "number linked");
+                self.link = Some(link);
+                self.publish();
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the database did not answer in time".into(),
+                };
+                tracing::error!(instance.id = %self.record.id, error, "could not record the new link; unlinking the device");
+                self.problem = Some(Problem::LinkNotSaved);
+                self.apply(Input::LinkNotRecorded).await;
+            }
+        }
+    }
+
+    async fn on_deadline(&mut self) {
+        let cause = self
+            .client
+            .as_ref()
+            .and_then(|c| c.diagnosis.cause())
+            .unwrap_or(Cause::NoAnswer);
+        if self.window.expire(Instant::now(), self.generation, &cause) {
+            self.apply(Input::LinkFailed).await;
+        } else if self.window.pair_code_over(Instant::now()) {
+            self.apply(Input::WindowEnded).await;
+        } else {
+            self.publish();
+        }
+    }
+
     async fn run_action(&mut self, action: Action) {
         match action {
             Action::StartLinkClient => {
-                self.wipe_files();
-                self.start_client().await;
+                self.problem = None;
+                self.start_client(true);
+                self.window.open(self.generation, self.ctx.link_wait);
             }
-            Action::StartSessionClient => self.start_client().await,
+            Action::StartSessionClient => self.start_client(false),
             Action::ReconnectNow => {
                 if let Some(running) = &self.client {
-                    running.client.reconnect_immediately().await;
+                    let client = running.client.clone();
+                    self.ctx
+                        .tracker
+                        .spawn(async move { client.reconnect_immediately().await });
                 }
             }
-            Action::Logout => self.logout().await,
-            Action::StopClient => self.stop_client().await,
-            Action::RecordLink => self.save_link().await,
-            Action::WipeSession => {
+            Action::StopClient => match self.client.take() {
+                // Its late events still count: a LoggedOut after its end still forgets.
+                Some(running) => self.stop_in_background(running, false),
+                // A start still on its way is stopped when it reports.
+                None => self.generation += 1,
+            },
+            Action::CloseWindow => {
+                self.generation += 1;
+                if let Some(running) = self.client.take() {
+                    self.stop_in_background(running, true);
+                }
+            }
+            Action::Unlink => self.unlink(),
+            Action::Forget => {
                 self.link = None;
-                self.wipe_files();
-                self.save_link().await;
-            }
-        }
-    }
-
-    /// Tells WhatsApp to remove this device, connecting the stored session first if it
-    /// is not online (within the link wait), so the phone forgets the device too.
-    async fn logout(&mut self) {
-        if !self
-            .client
-            .as_ref()
-            .is_some_and(|r| r.client.is_connected())
-        {
-            self.stop_client().await;
-            self.generation += 1;
-            let started = self
-                .ctx
-                .factory
-                .start(&self.record.id, self.generation, self.signal_tx.clone())
-                .await;
-            if let Ok(running) = started {
-                let _ = running.client.wait_for_socket(self.ctx.link_wait).await;
-                self.client = Some(running);
-            }
-        }
-        match self.client.as_ref().filter(|r| r.client.is_connected()) {
-            Some(running) => {
-                if timeout(LOGOUT_TIMEOUT, running.client.logout())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(instance.id = %self.record.id, "WhatsApp did not confirm the logout");
+                if let Err(e) = self.ctx.store.set_link(&self.record.id, None).await {
+                    tracing::error!(instance.id = %self.record.id, error = %e, "could not clear the instance's link");
                 }
-            }
-            None => tracing::warn!(
-                instance.id = %self.record.id,
-                "WhatsApp could not be reached to unlink the device; the phone still lists it"
-            ),
-        }
-    }
-
-    async fn stop_client(&mut self) {
-        if let Some(running) = self.client.take() {
-            let _ = timeout(STOP_TIMEOUT, running.client.disconnect()).await;
-        }
-    }
-
-    async fn start_client(&mut self) {
-        self.generation += 1;
-        self.snapshot.send_modify(|s| s.socket_up = false);
-        match self
-            .ctx
-            .factory
-            .start(&self.record.id, self.generation, self.signal_tx.clone())
-            .await
-        {
-            Ok(running) => self.client = Some(running),
-            Err(e) => {
-                tracing::error!(instance.id = %self.record.id, error = %format!("{e:#}"), "could not start the WhatsApp client");
-                self.state = if self.link.is_some() {
-                    State::Stopped
-                } else {
-                    State::NoSession
-                };
+                self.generation += 1;
+                let running = self.client.take();
+                self.wipe_in_background(running);
             }
         }
     }
 
-    fn request_pair_code(
-        &mut self,
-        phone: String,
-        reply: oneshot::Sender<Result<String, LinkError>>,
-    ) {
-        let Some(running) = self
-            .client
-            .as_ref()
-            .filter(|_| self.state == State::Linking)
-        else {
-            let _ = reply.send(Err(LinkError::WindowClosed));
-            return;
-        };
-        let client = running.client.clone();
-        let replace = self.code_phone.as_ref().is_some_and(|p| *p != phone);
-        self.code_phone = Some(phone.clone());
-        tokio::spawn(async move {
-            if replace {
-                client.cancel_pair_code().await;
-            }
-            let options = PairCodeOptions {
-                phone_number: phone,
-                ..Default::default()
-            };
-            let result = client
-                .pair_with_code(options)
-                .await
-                .map(|code| group_code(&code))
-                .map_err(|e| LinkError::Refused(e.to_string()));
-            let _ = reply.send(result);
-        });
-    }
-
-    async fn save_link(&self) {
-        if let Err(e) = self
-            .ctx
-            .store
-            .set_link(&self.record.id, self.link.as_ref())
-            .await
-        {
-            tracing::error!(instance.id = %self.record.id, error = %e, "could not save the instance's link");
-        }
-    }
-
-    fn wipe_files(&self) {
-        if let Err(e) = self.ctx.factory.wipe(&self.record.id) {
-            tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the stored session");
-        }
-    }
-
-    fn publish(&self) {
-        let linking = self.state == State::Linking;
+    pub(super) fn publish(&self) {
         let device = match (&self.link, self.state) {
             (Some(link), State::Connected | State::Reconnecting | State::Stopped) => {
                 let client = self.client.as_ref().map(|c| &c.client);
@@ -345,31 +486,36 @@ impl Actor {
             }
             _ => None,
         };
+        let linking = self.state == State::Linking;
         self.snapshot.send_modify(|s| {
             s.state = self.state;
-            if !linking {
-                s.qr = None;
-                s.pair_code = None;
-            }
+            s.qr = self.window.qr().filter(|_| linking);
+            s.pair_code = self.window.pair_code().filter(|_| linking);
             s.device = device;
+            s.problem = self.problem.clone();
+            if self.client.is_none() {
+                s.socket_up = false;
+            }
         });
     }
 }
 
-/// WhatsApp shows pairing codes as two groups of four: `ABCD-EFGH`.
-fn group_code(code: &str) -> String {
-    if code.len() == 8 && code.is_ascii() {
-        format!("{}-{}", &code[..4], &code[4..])
-    } else {
-        code.to_owned()
+impl Command {
+    fn refuse(self, error: LinkError) {
+        match self {
+            Command::QrCode { reply } => drop(reply.send(Err(error))),
+            Command::PairCode { reply, .. } => drop(reply.send(Err(error))),
+            Command::Restart { reply } | Command::Restore { reply } => drop(reply.send(Err(error))),
+            Command::Disconnect { reply } | Command::Cancel { reply } => {
+                drop(reply.send(Err(error)))
+            }
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn codes_are_grouped_four_and_four() {
-        assert_eq!(super::group_code("ABCDEFGH"), "ABCD-EFGH");
-        assert_eq!(super::group_code("ABC"), "ABC");
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -10,8 +10,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::actor::{self, Command, Context};
-use super::session::ClientFactory;
+use super::actor::{self, Context};
+use super::session::{ClientFactory, SessionFiles};
 use super::{InstanceHandle, State};
 use crate::store::{InstanceRecord, Store, StoreError};
 
@@ -24,7 +24,6 @@ const RESTORE_SLOT: Duration = Duration::from_secs(30);
 pub struct Manager {
     instances: RwLock<HashMap<String, InstanceHandle>>,
     ctx: Arc<Context>,
-    tracker: TaskTracker,
     shutdown: CancellationToken,
 }
 
@@ -40,40 +39,52 @@ pub struct ManagerConfig {
     pub whatsapp_url: String,
     pub whatsapp_version: Option<(u32, u32, u32)>,
     pub link_wait: Duration,
+    pub link_rate_per_minute: u32,
     pub restore_concurrency: usize,
 }
 
 impl Manager {
-    /// Starts a task for every stored instance and reconnects the linked ones in the
+    /// Starts a task for every stored instance, finishes interrupted cancels, sets
+    /// aside session files no instance claims, and reconnects the linked ones in the
     /// background, at most `restore_concurrency` handshakes at a time, with jitter.
     pub async fn start(
         store: Arc<dyn Store>,
         config: ManagerConfig,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StoreError> {
+        let tracker = TaskTracker::new();
         let ctx = Arc::new(Context {
             factory: ClientFactory {
-                sessions_dir: config.sessions_dir,
+                files: SessionFiles::new(config.sessions_dir),
                 whatsapp_url: config.whatsapp_url,
                 version: config.whatsapp_version,
+                learnt: Default::default(),
+                tracker: tracker.clone(),
             },
             store: store.clone(),
             link_wait: config.link_wait,
+            link_rate_per_minute: config.link_rate_per_minute,
+            tracker,
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),
             ctx,
-            tracker: TaskTracker::new(),
             shutdown,
         });
+        let records = store.all_instances().await?;
+        set_aside_unclaimed(&manager.ctx.factory.files, &records);
         let mut linked = Vec::new();
-        for record in store.all_instances().await? {
-            let handle = actor::spawn(
-                record,
-                manager.ctx.clone(),
-                &manager.tracker,
-                manager.shutdown.child_token(),
-            );
+        for record in records {
+            let cancelled = record.cancelled_at.is_some();
+            let handle = actor::spawn(record, manager.ctx.clone(), manager.shutdown.child_token());
+            if cancelled {
+                tracing::info!(instance.id = %handle.record.id, "finishing an interrupted cancel");
+                manager
+                    .ctx
+                    .tracker
+                    .spawn(async move { handle.cancel().await });
+                continue;
+            }
             if handle.record.link.is_some() {
                 linked.push(handle.clone());
             }
@@ -84,7 +95,8 @@ impl Manager {
             linked = linked.len(),
             "instances loaded"
         );
-        manager.tracker.spawn(restore_paced(
+        manager.ctx.tracker.spawn(restore_paced(
+            manager.ctx.tracker.clone(),
             linked,
             config.restore_concurrency.max(1),
             manager.shutdown.clone(),
@@ -116,40 +128,67 @@ impl Manager {
             created_at: now,
             due_at: now + DUE_AFTER_MS,
             link: None,
+            cancelled_at: None,
         };
         self.ctx.store.insert_instance(&record).await?;
-        let handle = actor::spawn(
-            record,
-            self.ctx.clone(),
-            &self.tracker,
-            self.shutdown.child_token(),
-        );
+        let handle = actor::spawn(record, self.ctx.clone(), self.shutdown.child_token());
         self.write()
             .insert(handle.record.id.clone(), handle.clone());
         tracing::info!(instance.id = %handle.record.id, "instance created");
         Ok(handle)
     }
 
-    /// Unlinks the number, deletes the session and the instance. The row goes first: if
-    /// the database refuses, nothing has changed and the caller gets the error.
+    /// Unlinks the number, deletes the session and the instance. The row is marked
+    /// first: if the database refuses, nothing has changed and the caller gets the
+    /// error; if the process dies after, the next start finishes the cancel.
     pub async fn cancel(&self, id: &str) -> Result<(), StoreError> {
-        self.ctx.store.delete_instance(id).await?;
+        self.ctx
+            .store
+            .mark_cancelled(id, crate::unix_millis())
+            .await?;
         let Some(handle) = self.write().remove(id) else {
-            return Ok(());
+            return Ok(()); // another caller is cancelling it
         };
-        let (done, finished) = tokio::sync::oneshot::channel();
-        if handle.commands.send(Command::Cancel(done)).await.is_ok() {
-            let _ = finished.await;
+        if let Err(e) = handle.cancel().await {
+            tracing::warn!(instance.id = %id, error = %e, "the cancel is finished at the next start");
         }
-        tracing::info!(instance.id = %id, "instance cancelled");
         Ok(())
     }
 
-    /// Stops every instance task (sessions are kept) and waits for them.
+    /// Stops every instance task (sessions are kept) and waits for them and their
+    /// child tasks.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        self.ctx.tracker.close();
+        self.ctx.tracker.wait().await;
+    }
+}
+
+/// A session file with no recorded link holds nothing a user linked for sure (a window
+/// that never completed, or a crash before its link was stored), but it is moved aside,
+/// never deleted, at start.
+fn set_aside_unclaimed(files: &SessionFiles, records: &[InstanceRecord]) {
+    let stored = match files.stored() {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(error = %e, "could not list the session files");
+            return;
+        }
+    };
+    for id in stored {
+        let claimed = records.iter().any(|r| r.id == id && r.link.is_some());
+        if claimed {
+            continue;
+        }
+        match files.set_aside(&id) {
+            Ok(to) => tracing::warn!(
+                instance.id = %id, path = %to.display(),
+                "a session file without a recorded link was set aside"
+            ),
+            Err(e) => {
+                tracing::error!(instance.id = %id, error = %e, "could not set aside a session file")
+            }
+        }
     }
 }
 
@@ -157,6 +196,7 @@ impl Manager {
 /// holds a slot until it has reached WhatsApp, stops, or [`RESTORE_SLOT`] passes. The
 /// app-state sync that follows the login does not hold a slot.
 async fn restore_paced(
+    tracker: TaskTracker,
     linked: Vec<InstanceHandle>,
     concurrency: usize,
     shutdown: CancellationToken,
@@ -173,12 +213,16 @@ async fn restore_paced(
         // Jitter inside the slot: starts are spread out, and the slot count alone
         // bounds how many handshakes are in flight.
         let jitter = Duration::from_millis(rand::rng().random_range(0..200));
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             tokio::time::sleep(jitter).await;
             if handle.restore().await.is_ok() {
-                let mut rx = handle.snapshot.clone();
+                let mut rx = handle.watch();
                 let settled = rx.wait_for(|s| s.socket_up || s.state != State::Reconnecting);
-                let _ = tokio::time::timeout(RESTORE_SLOT, settled).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(RESTORE_SLOT, settled) => {}
+                    () = shutdown.cancelled() => {}
+                }
             }
             drop(slot);
         });

@@ -1,11 +1,14 @@
-//! Instances: one task per WhatsApp number owning its client (`actor`), the registry
-//! of them (`manager`), the pure state machine (`state`) and client start-up (`session`).
-//! No HTTP types here.
+//! Instances: one task per WhatsApp number owning its client and taking every decision
+//! about it (`actor`, with its linking flows in `linking` and its slow work in `work`),
+//! the registry of them (`manager`), the pure state machine (`state`) and the clients
+//! and session files (`session`). No HTTP types here.
 
 mod actor;
+mod linking;
 mod manager;
 mod session;
 pub mod state;
+mod work;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -16,9 +19,8 @@ use tokio::time::Instant;
 pub use manager::{Manager, ManagerConfig, NewInstance};
 pub use state::State;
 
-use crate::store::InstanceRecord;
+pub(crate) use crate::store::InstanceRecord;
 use actor::Command;
-use state::Input;
 
 /// A QR code as WhatsApp issued it, valid until `expires`.
 #[derive(Debug)]
@@ -51,7 +53,7 @@ impl QrCode {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PairCode {
     pub phone: String,
     pub code: String,
@@ -79,31 +81,80 @@ pub struct Snapshot {
     pub device: Option<Device>,
     /// The current client reached WhatsApp (handshake done, logging in).
     pub socket_up: bool,
+    /// Why the instance is not connected, when there is more to say than its state.
+    pub problem: Option<Problem>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Something the user must hear about, beyond the state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error(
+        "Its stored WhatsApp session is missing from the gateway's data directory; the operator must check it, then restore the session."
+    )]
+    SessionMissing,
+    #[error(
+        "The link could not be saved, so the device was unlinked at WhatsApp; link the number again."
+    )]
+    LinkNotSaved,
+}
+
+/// Why WhatsApp could not be reached; the first line of what a user sees.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Cause {
+    #[error("WhatsApp is unreachable: {0}")]
+    Unreachable(String),
+    #[error(
+        "WhatsApp's certificate was refused: the server at the WhatsApp URL could not prove it is WhatsApp"
+    )]
+    CertificateRefused,
+    #[error(
+        "WhatsApp's web version is unknown: set --whatsapp-version (ZAPGATE_WHATSAPP_VERSION), e.g. 2.3000.1030000000\n{0}"
+    )]
+    VersionUnknown(String),
+    #[error("WhatsApp did not answer in time; try again later")]
+    NoAnswer,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LinkError {
     #[error("You are already connected.")]
     AlreadyConnected,
     #[error("You need to restore the session.")]
     SessionStored,
-    #[error("WhatsApp did not answer in time; try again later")]
-    Unreachable,
+    #[error("You need to restore the session. {0}")]
+    Problem(Problem),
+    #[error("{0}")]
+    Unavailable(Cause),
     #[error("the linking window closed before a code was issued; ask again")]
     WindowClosed,
+    #[error("a pairing code was requested for another number ({0}), which replaced this request")]
+    Replaced(String),
     #[error("WhatsApp refused the pairing code request: {0}")]
     Refused(String),
+    #[error("the number is being disconnected; try again in a moment")]
+    Unlinking,
+    #[error("too many linking requests for this instance; try again in {} s", .0.as_secs().max(1))]
+    RateLimited(Duration),
     #[error("the instance is shutting down")]
     Gone,
 }
 
-/// A cheap handle to one instance's task.
+/// How a disconnect went at WhatsApp; the session is deleted here either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unlinked {
+    /// WhatsApp removed the device (or there was nothing linked).
+    Told,
+    /// WhatsApp could not be told; the phone still lists the device until it is
+    /// removed there.
+    NotTold(String),
+}
+
+/// A cheap handle to one instance's task: every method is a command it decides on.
 #[derive(Clone)]
 pub struct InstanceHandle {
     pub record: Arc<InstanceRecord>,
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Snapshot>,
-    link_wait: Duration,
 }
 
 impl InstanceHandle {
@@ -111,115 +162,50 @@ impl InstanceHandle {
         self.snapshot.borrow().clone()
     }
 
-    async fn send(&self, input: Input) -> Result<(), LinkError> {
-        let (done, applied) = oneshot::channel();
+    /// A receiver of every new snapshot, for waiting on a change.
+    pub fn watch(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, LinkError>>) -> Command,
+    ) -> Result<T, LinkError> {
+        let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Input(input, done))
+            .send(command(reply))
             .await
             .map_err(|_| LinkError::Gone)?;
-        applied.await.map_err(|_| LinkError::Gone)
+        answer.await.map_err(|_| LinkError::Gone)?
     }
 
     pub async fn restart(&self) -> Result<(), LinkError> {
-        self.send(Input::Restart).await
+        self.ask(|reply| Command::Restart { reply }).await
     }
 
     pub async fn restore(&self) -> Result<(), LinkError> {
-        self.send(Input::Restore).await
+        self.ask(|reply| Command::Restore { reply }).await
     }
 
-    pub async fn disconnect(&self) -> Result<(), LinkError> {
-        self.send(Input::Disconnect).await
+    /// Unlinks at WhatsApp (within the link wait) and deletes the session.
+    pub async fn disconnect(&self) -> Result<Unlinked, LinkError> {
+        self.ask(|reply| Command::Disconnect { reply }).await
     }
 
     /// The QR code valid now, opening a linking window if none is open.
     pub async fn qr_code(&self) -> Result<Arc<QrCode>, LinkError> {
-        self.open_window().await?;
-        let fresh = self
-            .wait_for(|s| s.qr.as_ref().filter(|q| q.is_fresh()).cloned())
-            .await;
-        self.abort_if_silent(fresh).await
+        self.ask(|reply| Command::QrCode { reply }).await
     }
 
-    /// A pairing code for `phone` (already validated), opening a window if needed.
-    /// A code already issued for that phone and still valid is served again.
+    /// A pairing code for `phone` (already validated), opening a window if needed. The
+    /// same phone in the same window gets the same code.
     pub async fn phone_code(&self, phone: &str) -> Result<String, LinkError> {
-        if let Some(code) = self
-            .snapshot()
-            .pair_code
-            .filter(|c| c.phone == phone && c.expires > Instant::now())
-        {
-            return Ok(code.code);
-        }
-        self.open_window().await?;
-        // The window is usable once the client shows its first QR (it is registered).
-        let registered = self.wait_for(|s| s.qr.clone()).await;
-        self.abort_if_silent(registered).await?;
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::PairCode {
-                phone: phone.to_owned(),
-                reply,
-            })
-            .await
-            .map_err(|_| LinkError::Gone)?;
-        let code = match tokio::time::timeout(self.link_wait, answer).await {
-            Ok(Ok(result)) => result?,
-            Ok(Err(_)) => return Err(LinkError::Gone),
-            Err(_) => return Err(LinkError::Unreachable),
-        };
-        // The client announces the code as an event too; once the snapshot holds it,
-        // asking again serves it without a new request.
-        let mut rx = self.snapshot.clone();
-        let known = rx.wait_for(|s| s.pair_code.as_ref().is_some_and(|c| c.code == code));
-        let _ = tokio::time::timeout(Duration::from_secs(2), known).await;
-        Ok(code)
+        let phone = phone.to_owned();
+        self.ask(|reply| Command::PairCode { phone, reply }).await
     }
 
-    async fn open_window(&self) -> Result<(), LinkError> {
-        match self.snapshot().state {
-            State::Connected => Err(LinkError::AlreadyConnected),
-            State::Reconnecting | State::Stopped => Err(LinkError::SessionStored),
-            State::NoSession => self.send(Input::OpenLink).await,
-            State::Linking => Ok(()),
-        }
-    }
-
-    /// Waits up to the link wait for `pick` to find something in a snapshot, or for
-    /// the window to end.
-    async fn wait_for<T>(
-        &self,
-        mut pick: impl FnMut(&Snapshot) -> Option<T>,
-    ) -> Result<T, LinkError> {
-        let mut rx = self.snapshot.clone();
-        let deadline = Instant::now() + self.link_wait;
-        loop {
-            {
-                let snapshot = rx.borrow_and_update();
-                if let Some(found) = pick(&snapshot) {
-                    return Ok(found);
-                }
-                match snapshot.state {
-                    State::Linking => {}
-                    State::Connected => return Err(LinkError::AlreadyConnected),
-                    State::Reconnecting | State::Stopped => return Err(LinkError::SessionStored),
-                    State::NoSession => return Err(LinkError::WindowClosed),
-                }
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(LinkError::Gone),
-                Err(_) => return Err(LinkError::Unreachable),
-            }
-        }
-    }
-
-    /// A window that produced nothing within the wait is closed again, so the instance
-    /// does not keep knocking on an unreachable WhatsApp.
-    async fn abort_if_silent<T>(&self, outcome: Result<T, LinkError>) -> Result<T, LinkError> {
-        if matches!(outcome, Err(LinkError::Unreachable)) && self.snapshot().qr.is_none() {
-            let _ = self.send(Input::AbortLink).await;
-        }
-        outcome
+    /// Unlinks, deletes the session, then the instance; the row is already marked.
+    pub(crate) async fn cancel(&self) -> Result<Unlinked, LinkError> {
+        self.ask(|reply| Command::Cancel { reply }).await
     }
 }

@@ -1,15 +1,28 @@
-//! Starting whatsapp-rust clients on an instance's stored session, and wiping it.
-//! Each session is one SQLite file under `<data-dir>/sessions/`, so a wipe is a delete.
+//! whatsapp-rust clients on an instance's stored session: starting and stopping them,
+//! learning why one cannot reach WhatsApp, and the session files themselves. Each
+//! session is one SQLite file under `<data-dir>/sessions/`.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use anyhow::Context as _;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use whatsapp_rust::async_channel;
 use whatsapp_rust::bot::{Bot, EventDelivery};
+use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::client::Client;
 use whatsapp_rust::store::SqliteStore;
-use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::transport::{
+    TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
+};
 use whatsapp_rust::types::events::{Event, EventKind};
+
+use super::Cause;
 
 /// What a running client tells its instance, tagged with the client's generation so
 /// events from a client that was already replaced are ignored.
@@ -27,7 +40,9 @@ pub(crate) enum SignalKind {
 }
 
 /// How long a starting client may take to reach WhatsApp before nobody waits for it.
-const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const SOCKET_WAIT: Duration = Duration::from_secs(60);
+/// A web version learnt from WhatsApp is asked again after this long.
+const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The client events an instance acts on; the client skips building the others.
 const INSTANCE_EVENTS: &[EventKind] = &[
@@ -44,58 +59,197 @@ const INSTANCE_EVENTS: &[EventKind] = &[
     EventKind::ClientOutdated,
 ];
 
-pub(crate) struct ClientFactory {
-    pub(crate) sessions_dir: PathBuf,
-    pub(crate) whatsapp_url: String,
-    pub(crate) version: Option<(u32, u32, u32)>,
+/// The session files of every instance.
+pub(crate) struct SessionFiles {
+    dir: PathBuf,
 }
 
+impl SessionFiles {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    pub(crate) fn path(&self, instance: &str) -> PathBuf {
+        self.dir.join(format!("{instance}.db"))
+    }
+
+    /// Whether the session file is there; an error (an unreadable directory) is not a no.
+    pub(crate) fn exists(&self, instance: &str) -> std::io::Result<bool> {
+        self.path(instance).try_exists()
+    }
+
+    /// Deletes the session's keys (the database and its WAL files).
+    pub(crate) fn wipe(&self, instance: &str) -> std::io::Result<()> {
+        for file in companions(&self.path(instance)) {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Instance ids that have a session file.
+    pub(crate) fn stored(&self) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".db")) {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Moves a session file that no instance claims into `sessions/set-aside/`, named
+    /// with the time, so an operator can still recover it. Returns where it went.
+    pub(crate) fn set_aside(&self, instance: &str) -> std::io::Result<PathBuf> {
+        let aside = self.dir.join("set-aside");
+        std::fs::create_dir_all(&aside)?;
+        let target = aside.join(format!("{instance}-{}.db", crate::unix_millis()));
+        for (from, to) in companions(&self.path(instance)).zip(companions(&target)) {
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(target)
+    }
+}
+
+/// A SQLite database and the files SQLite keeps beside it.
+fn companions(db: &Path) -> impl Iterator<Item = PathBuf> {
+    let db = db.display().to_string();
+    ["", "-wal", "-shm", "-journal"]
+        .into_iter()
+        .map(move |suffix| PathBuf::from(format!("{db}{suffix}")))
+}
+
+type Version = (u32, u32, u32);
+
+pub(crate) struct ClientFactory {
+    pub(crate) files: SessionFiles,
+    pub(crate) whatsapp_url: String,
+    /// Configured with `--whatsapp-version`; otherwise learnt from WhatsApp.
+    pub(crate) version: Option<(u32, u32, u32)>,
+    pub(crate) learnt: AsyncMutex<Option<(Version, Instant)>>,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// A started client. It holds its instance's session lock until it is stopped, so two
+/// clients never use one session file at once.
 pub(crate) struct Running {
     pub(crate) generation: u64,
     pub(crate) client: Arc<Client>,
+    /// Cancelled when the client's run loop has ended.
+    pub(crate) ended: CancellationToken,
+    pub(crate) diagnosis: Arc<Diagnosis>,
+    session: OwnedMutexGuard<()>,
+}
+
+impl Running {
+    /// Stops the client and waits (bounded) for its run loop to end, so its session
+    /// file is closed. Returns the session lock, for work that needs the file closed.
+    pub(crate) async fn stop(self, within: Duration) -> OwnedMutexGuard<()> {
+        self.client
+            .enable_auto_reconnect
+            .store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        let _ = tokio::time::timeout_at(deadline, self.client.disconnect()).await;
+        if tokio::time::timeout_at(deadline, self.ended.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                client.generation = self.generation,
+                "a WhatsApp client did not stop in time"
+            );
+        }
+        self.session
+    }
 }
 
 impl ClientFactory {
-    fn session_path(&self, instance: &str) -> PathBuf {
-        self.sessions_dir.join(format!("{instance}.db"))
-    }
-
-    pub(crate) fn has_session_file(&self, instance: &str) -> bool {
-        self.session_path(instance).exists()
+    /// The web version to announce when opening a linking window: configured, or learnt
+    /// from WhatsApp (once a day). Its failure is the first thing a user must hear.
+    pub(crate) async fn link_version(&self, within: Duration) -> Result<(u32, u32, u32), Cause> {
+        if let Some(version) = self.version {
+            return Ok(version);
+        }
+        let mut learnt = self.learnt.lock().await;
+        if let Some((version, at)) = *learnt {
+            if at.elapsed() < VERSION_TTL {
+                return Ok(version);
+            }
+        }
+        let http: Arc<dyn whatsapp_rust::http::HttpClient> =
+            Arc::new(whatsapp_rust::http::UreqHttpClient::new());
+        let fetched = timeout(
+            within,
+            whatsapp_rust::version::fetch_latest_app_version(&http),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(version)) => {
+                *learnt = Some((version, Instant::now()));
+                Ok(version)
+            }
+            Ok(Err(e)) => Err(Cause::VersionUnknown(format!("{e:#}"))),
+            Err(_) => Err(Cause::VersionUnknown(
+                "web.whatsapp.com did not answer in time".into(),
+            )),
+        }
     }
 
     /// Builds a client on the instance's session file (created empty if absent) and
-    /// starts it. Its events and its end arrive on `signals`.
+    /// starts it, once the session lock is free. Its events and its end arrive on
+    /// `signals`; `version` overrides the configured one.
     pub(crate) async fn start(
         &self,
         instance: &str,
         generation: u64,
-        signals: mpsc::UnboundedSender<Signal>,
+        session: OwnedMutexGuard<()>,
+        version: Option<(u32, u32, u32)>,
+        signals: mpsc::Sender<Signal>,
     ) -> anyhow::Result<Running> {
-        use anyhow::Context as _;
-        std::fs::create_dir_all(&self.sessions_dir).context("creating the sessions directory")?;
-        let path = self.session_path(instance);
+        std::fs::create_dir_all(&self.files.dir).context("creating the sessions directory")?;
+        let path = self.files.path(instance);
         let backend = SqliteStore::new(&path.to_string_lossy())
             .await
             .with_context(|| format!("opening session {}", path.display()))?;
+        let diagnosis = Arc::new(Diagnosis::default());
         let events = signals.clone();
         let mut builder = Bot::builder()
             .with_backend(backend)
-            .with_transport_factory(
-                TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
-            )
+            .with_transport_factory(WatchedFactory {
+                inner: TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
+                diagnosis: diagnosis.clone(),
+                tracker: self.tracker.clone(),
+            })
             .skip_history_sync()
             // One mailbox drained in order: the instance must see Disconnected before
-            // the Connected that follows it. Our handler never blocks, so nothing drops.
+            // the Connected that follows it. The instance's channel is bounded and its
+            // task never blocks, so waiting here only paces the client's own mailbox.
             .with_event_delivery(EventDelivery::Ordered { capacity: 256 })
             .on_event_for(INSTANCE_EVENTS, move |event, _client| {
-                let _ = events.send(Signal {
-                    generation,
-                    kind: SignalKind::Event(event),
-                });
-                std::future::ready(())
+                let events = events.clone();
+                async move {
+                    let _ = events
+                        .send(Signal {
+                            generation,
+                            kind: SignalKind::Event(event),
+                        })
+                        .await;
+                }
             });
-        if let Some(version) = self.version {
+        if let Some(version) = version.or(self.version) {
             builder = builder.with_version(version);
         }
         let bot = builder
@@ -104,36 +258,135 @@ impl ClientFactory {
             .context("building the WhatsApp client")?;
         let handle = bot.spawn();
         let client = handle.client();
-        let (waiting, socket) = (client.clone(), signals.clone());
-        tokio::spawn(async move {
-            if waiting.wait_for_socket(SOCKET_WAIT).await.is_ok() {
-                let _ = socket.send(Signal {
-                    generation,
-                    kind: SignalKind::SocketUp,
-                });
+        let ended = CancellationToken::new();
+        let (waiting, socket, stopped) = (client.clone(), signals.clone(), ended.clone());
+        self.tracker.spawn(async move {
+            tokio::select! {
+                up = waiting.wait_for_socket(SOCKET_WAIT) => if up.is_ok() {
+                    let _ = socket.send(Signal { generation, kind: SignalKind::SocketUp }).await;
+                },
+                () = stopped.cancelled() => {}
             }
         });
-        tokio::spawn(async move {
-            handle.await;
-            let _ = signals.send(Signal {
-                generation,
-                kind: SignalKind::Stopped,
-            });
+        let end = ended.clone();
+        self.tracker.spawn(async move {
+            let _ = handle.await;
+            end.cancel();
+            let _ = signals
+                .send(Signal {
+                    generation,
+                    kind: SignalKind::Stopped,
+                })
+                .await;
         });
-        Ok(Running { generation, client })
+        Ok(Running {
+            generation,
+            client,
+            ended,
+            diagnosis,
+            session,
+        })
+    }
+}
+
+/// Why a client's last attempt to reach WhatsApp failed, as far as its transport saw.
+/// The client only logs its connection errors, so the transport watches for them.
+#[derive(Default)]
+pub(crate) struct Diagnosis {
+    last: Mutex<Option<Cause>>,
+}
+
+impl Diagnosis {
+    pub(crate) fn cause(&self) -> Option<Cause> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Deletes the session's keys (the database and its WAL files).
-    pub(crate) fn wipe(&self, instance: &str) -> std::io::Result<()> {
-        let path = self.session_path(instance);
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let file = PathBuf::from(format!("{}{suffix}", path.display()));
-            match std::fs::remove_file(&file) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+    fn clear(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn record(&self, cause: Cause) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
+    }
+}
+
+struct WatchedFactory {
+    inner: TokioWebSocketTransportFactory,
+    diagnosis: Arc<Diagnosis>,
+    tracker: TaskTracker,
+}
+
+#[whatsapp_rust::async_trait]
+impl TransportFactory for WatchedFactory {
+    async fn create_transport(
+        &self,
+    ) -> Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>), anyhow::Error> {
+        let (inner, events) = match self.inner.create_transport().await {
+            Ok(created) => created,
+            Err(e) => {
+                self.diagnosis.record(Cause::Unreachable(format!("{e:#}")));
+                return Err(e);
             }
+        };
+        self.diagnosis.clear();
+        let watch = Arc::new(Watch::default());
+        // Pass the transport's events on, noting whether the server spoke and whether
+        // it closed the connection itself.
+        let (tx, rx) = async_channel::bounded(events.capacity().unwrap_or(64).max(1));
+        let seen = watch.clone();
+        self.tracker.spawn(async move {
+            while let Ok(event) = events.recv().await {
+                match &event {
+                    TransportEvent::DataReceived(_) => seen.received.store(true, Ordering::Relaxed),
+                    TransportEvent::Disconnected(_) => {
+                        seen.server_closed.store(true, Ordering::Relaxed)
+                    }
+                    TransportEvent::Connected => {}
+                }
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let transport = Watched {
+            inner,
+            watch,
+            diagnosis: self.diagnosis.clone(),
+        };
+        Ok((Arc::new(transport), rx))
+    }
+}
+
+#[derive(Default)]
+struct Watch {
+    sends: AtomicU32,
+    received: AtomicBool,
+    server_closed: AtomicBool,
+}
+
+struct Watched {
+    inner: Arc<dyn Transport>,
+    watch: Arc<Watch>,
+    diagnosis: Arc<Diagnosis>,
+}
+
+#[whatsapp_rust::async_trait]
+impl Transport for Watched {
+    async fn send(&self, data: Bytes) -> Result<(), anyhow::Error> {
+        self.watch.sends.fetch_add(1, Ordering::Relaxed);
+        self.inner.send(data).await
+    }
+
+    /// The client hangs up after its hello only when the server's hello, which carries
+    /// the certificate chain, did not verify: the handshake's one fatal outcome.
+    async fn disconnect(&self) {
+        let w = &self.watch;
+        if w.sends.load(Ordering::Relaxed) == 1
+            && w.received.load(Ordering::Relaxed)
+            && !w.server_closed.load(Ordering::Relaxed)
+        {
+            self.diagnosis.record(Cause::CertificateRefused);
         }
-        Ok(())
+        self.inner.disconnect().await
     }
 }

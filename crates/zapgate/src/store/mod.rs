@@ -31,6 +31,8 @@ pub struct InstanceRecord {
     pub created_at: i64,
     pub due_at: i64,
     pub link: Option<Link>,
+    /// Set when a cancel began; the instance is gone for its users from then on.
+    pub cancelled_at: Option<i64>,
 }
 
 /// The number an instance is linked to while its session is stored.
@@ -50,9 +52,10 @@ pub struct Page {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn insert_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError>;
-    /// Every instance, oldest first (start-up).
+    /// Every instance, oldest first, cancelled ones included (start-up finishes them).
     async fn all_instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
-    /// One page (1-based), oldest first, optionally filtered by a name or id fragment.
+    /// One page (1-based) of the instances not cancelled, oldest first, optionally
+    /// filtered by a name or id fragment.
     async fn page_instances(
         &self,
         page: u32,
@@ -60,6 +63,9 @@ pub trait Store: Send + Sync + 'static {
         query: Option<&str>,
     ) -> Result<Page, StoreError>;
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError>;
+    /// The first step of a cancel: from now on the instance is not listed.
+    async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError>;
+    /// The last step of a cancel, once the session is unlinked and deleted.
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

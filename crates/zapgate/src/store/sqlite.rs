@@ -33,7 +33,8 @@ impl SqliteStore {
 macro_rules! columns {
     () => {
         "id, token, name, session_name, connected_callback_url, \
-         disconnected_callback_url, created_at, due_at, phone, linked_at, platform"
+         disconnected_callback_url, created_at, due_at, phone, linked_at, platform, \
+         cancelled_at"
     };
 }
 
@@ -55,6 +56,7 @@ fn record(row: &SqliteRow) -> Result<InstanceRecord, sqlx::Error> {
             linked_at: linked_at.unwrap_or_default(),
             platform,
         }),
+        cancelled_at: row.try_get("cancelled_at")?,
     })
 }
 
@@ -64,7 +66,7 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO instances (",
             columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(&i.id)
         .bind(&i.token)
@@ -77,6 +79,7 @@ impl Store for SqliteStore {
         .bind(i.link.as_ref().map(|l| &l.phone))
         .bind(i.link.as_ref().map(|l| l.linked_at))
         .bind(i.link.as_ref().and_then(|l| l.platform.as_deref()))
+        .bind(i.cancelled_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -100,6 +103,7 @@ impl Store for SqliteStore {
         query: Option<&str>,
     ) -> Result<Page, StoreError> {
         let filter = |q: &mut QueryBuilder<sqlx::Sqlite>| {
+            q.push(" WHERE cancelled_at IS NULL");
             if let Some(text) = query {
                 let pattern = format!(
                     "%{}%",
@@ -107,11 +111,11 @@ impl Store for SqliteStore {
                         .replace('%', "\\%")
                         .replace('_', "\\_")
                 );
-                q.push(" WHERE name LIKE ")
+                q.push(" AND (name LIKE ")
                     .push_bind(pattern.clone())
                     .push(" ESCAPE '\\' OR id LIKE ")
                     .push_bind(pattern)
-                    .push(" ESCAPE '\\'");
+                    .push(" ESCAPE '\\')");
             }
         };
         let mut count = QueryBuilder::new("SELECT COUNT(*) FROM instances");
@@ -137,6 +141,15 @@ impl Store for SqliteStore {
             .bind(link.map(|l| &l.phone))
             .bind(link.map(|l| l.linked_at))
             .bind(link.and_then(|l| l.platform.as_deref()))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE instances SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
+            .bind(at)
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -172,6 +185,7 @@ mod tests {
             created_at,
             due_at: created_at + 1,
             link: None,
+            cancelled_at: None,
         }
     }
 
@@ -220,6 +234,22 @@ mod tests {
             store.page_instances(1, 10, Some("e_")).await.unwrap().total,
             0
         );
+
+        // A cancel in progress hides the row from listings, not from the start-up load.
+        store.mark_cancelled("ID2", 7).await.unwrap();
+        let page = store.page_instances(1, 10, None).await.unwrap();
+        assert_eq!(page.total, 3);
+        assert!(page.items.iter().all(|i| i.id != "ID2"));
+        assert_eq!(
+            store
+                .page_instances(1, 10, Some("gamma"))
+                .await
+                .unwrap()
+                .total,
+            0
+        );
+        let all = store.all_instances().await.unwrap();
+        assert_eq!(all[2].cancelled_at, Some(7));
 
         store.delete_instance("ID0").await.unwrap();
         assert_eq!(store.all_instances().await.unwrap().len(), 3);

@@ -1,0 +1,395 @@
+//! A linking window as the instance's task sees it: the code valid now, the callers
+//! waiting for one, the pairing-code request (one phone at a time, coalesced), the
+//! deadlines, and the rate at which windows and pairing codes may be asked for.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::actor::{Actor, Reply};
+use super::state::{Input, State};
+use super::{Cause, LinkError, PairCode, Problem, QrCode, work};
+
+/// How long WhatsApp accepts a pairing code (the client's own constant).
+const PAIR_CODE_VALID: Duration = Duration::from_secs(180);
+
+struct Waiter<T> {
+    deadline: Instant,
+    reply: Reply<T>,
+}
+
+/// Callers waiting for the same thing.
+struct Waiters<T>(Vec<Waiter<T>>);
+
+impl<T: Clone> Waiters<T> {
+    fn push(&mut self, deadline: Instant, reply: Reply<T>) {
+        self.0.push(Waiter { deadline, reply });
+    }
+
+    fn answer(&mut self, answer: Result<T, LinkError>) {
+        for waiter in self.0.drain(..) {
+            let _ = waiter.reply.send(answer.clone());
+        }
+    }
+
+    /// Answers the callers whose wait is over; returns whether anyone is left.
+    fn expire(&mut self, now: Instant, error: &LinkError) -> bool {
+        let (over, left) = self.0.drain(..).partition(|w| w.deadline <= now);
+        self.0 = left;
+        Waiters(over).answer(Err(error.clone()));
+        !self.0.is_empty()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.iter().map(|w| w.deadline).min()
+    }
+}
+
+/// A pairing-code request for one phone.
+struct PairFlow {
+    phone: String,
+    code: Option<PairCode>,
+    waiters: Waiters<String>,
+    requested: bool,
+    /// A code for another phone was requested in this window: WhatsApp's client must
+    /// drop it first.
+    replaces: bool,
+}
+
+pub(super) struct Window {
+    generation: u64,
+    qr: Option<Arc<QrCode>>,
+    /// The window's client showed a code: it is registered with WhatsApp.
+    registered: bool,
+    /// The window fails if its client shows no code by then.
+    first_code_by: Option<Instant>,
+    qr_waiters: Waiters<Arc<QrCode>>,
+    pair: Option<PairFlow>,
+    /// QR codes ran out but a pairing code is valid until then.
+    held_until: Option<Instant>,
+    rate: Rate,
+}
+
+impl Window {
+    pub(super) fn new(per_minute: u32) -> Self {
+        Self {
+            generation: 0,
+            qr: None,
+            registered: false,
+            first_code_by: None,
+            qr_waiters: Waiters(Vec::new()),
+            pair: None,
+            held_until: None,
+            rate: Rate::new(per_minute),
+        }
+    }
+
+    /// A new client of `generation` is starting for this window.
+    pub(super) fn open(&mut self, generation: u64, wait: Duration) {
+        self.generation = generation;
+        self.qr = None;
+        self.registered = false;
+        self.first_code_by = Some(Instant::now() + wait);
+        self.held_until = None;
+    }
+
+    /// The window is over: everyone still waiting hears `answer`.
+    pub(super) fn close(&mut self, answer: LinkError) {
+        self.fail(answer);
+        self.pair = None;
+        self.qr = None;
+        self.registered = false;
+        self.first_code_by = None;
+        self.held_until = None;
+    }
+
+    pub(super) fn fail(&mut self, error: LinkError) {
+        self.qr_waiters.answer(Err(error.clone()));
+        if let Some(flow) = &mut self.pair {
+            flow.waiters.answer(Err(error));
+        }
+    }
+
+    pub(super) fn qr(&self) -> Option<Arc<QrCode>> {
+        self.qr.clone().filter(|q| q.is_fresh())
+    }
+
+    pub(super) fn pair_code(&self) -> Option<PairCode> {
+        self.pair.as_ref().and_then(|p| p.code.clone())
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.qr_waiters.next_deadline(),
+            self.pair.as_ref().and_then(|p| p.waiters.next_deadline()),
+            self.first_code_by.filter(|_| !self.registered),
+            self.held_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub(super) fn on_qr(&mut self, code: &str, valid_for: Duration) {
+        let qr = Arc::new(QrCode::new(code.to_owned(), valid_for));
+        self.registered = true;
+        self.qr = Some(qr.clone());
+        self.qr_waiters.answer(Ok(qr));
+    }
+
+    /// WhatsApp's client announced the code it got, with its real validity.
+    pub(super) fn on_pair_code(&mut self, code: &str, valid_for: Duration) {
+        let grouped = group_code(code);
+        if let Some(issued) = self
+            .pair
+            .as_mut()
+            .and_then(|p| p.code.as_mut())
+            .filter(|c| c.code == grouped)
+        {
+            issued.expires = Instant::now() + valid_for;
+        }
+    }
+
+    /// The QR codes ran out: a pairing code still valid holds the window until it
+    /// expires. Returns whether it does.
+    pub(super) fn hold_for_pair_code(&mut self) -> bool {
+        self.qr = None;
+        self.qr_waiters.answer(Err(LinkError::WindowClosed));
+        let valid = self
+            .pair_code()
+            .map(|c| c.expires)
+            .filter(|at| *at > Instant::now());
+        self.held_until = valid;
+        valid.is_some()
+    }
+
+    pub(super) fn pair_code_over(&self, now: Instant) -> bool {
+        self.held_until.is_some_and(|at| at <= now)
+    }
+
+    /// Answers the callers whose wait is over with `cause`. Returns whether the window
+    /// of `generation` failed: its client showed no code in time.
+    pub(super) fn expire(&mut self, now: Instant, generation: u64, cause: &Cause) -> bool {
+        let error = LinkError::Unavailable(cause.clone());
+        self.qr_waiters.expire(now, &error);
+        if let Some(flow) = &mut self.pair {
+            flow.waiters.expire(now, &error);
+        }
+        let failed = generation == self.generation
+            && !self.registered
+            && self.first_code_by.is_some_and(|at| at <= now);
+        if failed {
+            self.fail(error);
+        }
+        failed
+    }
+}
+
+/// At most `per_minute` events in any minute.
+struct Rate {
+    per_minute: usize,
+    recent: VecDeque<Instant>,
+}
+
+impl Rate {
+    fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: per_minute.max(1) as usize,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Counts one event, or says how long until one is allowed.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        const MINUTE: Duration = Duration::from_secs(60);
+        while self.recent.front().is_some_and(|t| now - *t >= MINUTE) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= self.per_minute {
+            let oldest = self.recent[0];
+            return Err(MINUTE - (now - oldest));
+        }
+        self.recent.push_back(now);
+        Ok(())
+    }
+}
+
+/// WhatsApp shows pairing codes as two groups of four: `ABCD-EFGH`.
+pub(super) fn group_code(code: &str) -> String {
+    if code.len() == 8 && code.is_ascii() {
+        format!("{}-{}", &code[..4], &code[4..])
+    } else {
+        code.to_owned()
+    }
+}
+
+impl Actor {
+    /// Why a linking request is refused in this state, if it is.
+    fn link_refusal(&self) -> Option<LinkError> {
+        match self.state {
+            State::Connected => Some(LinkError::AlreadyConnected),
+            State::Reconnecting | State::Stopped => Some(LinkError::SessionStored),
+            State::SessionMissing => Some(LinkError::Problem(Problem::SessionMissing)),
+            State::Unlinking => Some(LinkError::Unlinking),
+            // Paired, logging in: it will not link again.
+            State::Linking if self.link.is_some() => Some(LinkError::AlreadyConnected),
+            State::Linking | State::NoSession => None,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.ctx.link_wait
+    }
+
+    pub(super) async fn ask_qr(&mut self, reply: Reply<Arc<QrCode>>) {
+        if let Some(refused) = self.link_refusal() {
+            let _ = reply.send(Err(refused));
+            return;
+        }
+        if self.state == State::Linking {
+            match self.window.qr() {
+                Some(qr) => drop(reply.send(Ok(qr))),
+                None if self.window.held_until.is_some() => {
+                    drop(reply.send(Err(LinkError::WindowClosed)))
+                }
+                None => self.window.qr_waiters.push(self.deadline(), reply),
+            }
+            return;
+        }
+        if let Err(wait) = self.window.rate.take(Instant::now()) {
+            let _ = reply.send(Err(LinkError::RateLimited(wait)));
+            return;
+        }
+        self.window.qr_waiters.push(self.deadline(), reply);
+        self.apply(Input::OpenLink).await;
+    }
+
+    pub(super) async fn ask_pair(&mut self, phone: String, reply: Reply<String>) {
+        if let Some(refused) = self.link_refusal() {
+            let _ = reply.send(Err(refused));
+            return;
+        }
+        let deadline = self.deadline();
+        if let Some(flow) = self.window.pair.as_mut().filter(|f| f.phone == phone) {
+            match &flow.code {
+                Some(code) if code.expires > Instant::now() + Duration::from_secs(1) => {
+                    let _ = reply.send(Ok(code.code.clone()));
+                    return;
+                }
+                None => return flow.waiters.push(deadline, reply),
+                Some(_) => {} // expired: ask WhatsApp again
+            }
+        }
+        if let Err(wait) = self.window.rate.take(Instant::now()) {
+            let _ = reply.send(Err(LinkError::RateLimited(wait)));
+            return;
+        }
+        let previous = self.window.pair.take();
+        let replaces = previous.as_ref().is_some_and(|p| p.requested);
+        if let Some(mut previous) = previous {
+            previous
+                .waiters
+                .answer(Err(LinkError::Replaced(phone.clone())));
+        }
+        let mut flow = PairFlow {
+            phone,
+            code: None,
+            waiters: Waiters(Vec::new()),
+            requested: false,
+            replaces,
+        };
+        flow.waiters.push(deadline, reply);
+        self.window.pair = Some(flow);
+        if self.state == State::Linking {
+            self.request_pair_code();
+            self.publish();
+        } else {
+            self.apply(Input::OpenLink).await;
+        }
+    }
+
+    /// Asks WhatsApp for the pending pairing code once the window's client is
+    /// registered; the answer comes back as [`work::Work::PairCode`].
+    pub(super) fn request_pair_code(&mut self) {
+        let Some(running) = &self.client else { return };
+        if !self.window.registered {
+            return;
+        }
+        let Some(flow) = self.window.pair.as_mut().filter(|f| !f.requested) else {
+            return;
+        };
+        flow.requested = true;
+        let deadline = flow
+            .waiters
+            .next_deadline()
+            .unwrap_or_else(|| Instant::now() + self.ctx.link_wait);
+        self.ctx.tracker.spawn(work::request_pair_code(
+            running.client.clone(),
+            self.generation,
+            flow.phone.clone(),
+            flow.replaces,
+            deadline,
+            self.work_tx.clone(),
+        ));
+    }
+
+    pub(super) fn on_pair_code(
+        &mut self,
+        generation: u64,
+        phone: String,
+        result: Result<String, LinkError>,
+    ) {
+        if generation != self.generation || self.state != State::Linking {
+            return;
+        }
+        let Some(flow) = self
+            .window
+            .pair
+            .as_mut()
+            .filter(|f| f.phone == phone && f.code.is_none())
+        else {
+            return; // replaced meanwhile
+        };
+        match result {
+            Ok(code) => {
+                flow.code = Some(PairCode {
+                    phone,
+                    code: code.clone(),
+                    expires: Instant::now() + PAIR_CODE_VALID,
+                });
+                flow.waiters.answer(Ok(code));
+            }
+            Err(e) => {
+                flow.waiters.answer(Err(e));
+                self.window.pair = None;
+            }
+        }
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_grouped_four_and_four() {
+        assert_eq!(group_code("ABCDEFGH"), "ABCD-EFGH");
+        assert_eq!(group_code("ABC"), "ABC");
+    }
+
+    #[test]
+    fn the_rate_allows_so_many_a_minute_and_says_how_long_to_wait() {
+        let mut rate = Rate::new(2);
+        let t0 = Instant::now();
+        assert!(rate.take(t0).is_ok());
+        assert!(rate.take(t0 + Duration::from_secs(10)).is_ok());
+        assert_eq!(
+            rate.take(t0 + Duration::from_secs(15)),
+            Err(Duration::from_secs(45))
+        );
+        assert!(rate.take(t0 + Duration::from_secs(60)).is_ok());
+    }
+}
