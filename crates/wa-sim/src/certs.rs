@@ -19,7 +19,9 @@ pub(crate) struct ServerIdentity {
 }
 
 impl ServerIdentity {
-    pub(crate) fn generate() -> Self {
+    /// `forged`: the leaf vouches for another static key than the one the service
+    /// uses, which even a client that skips the signature checks refuses.
+    pub(crate) fn generate(forged: bool) -> Self {
         let mut rng = rand::rng();
         let root = KeyPair::generate(&mut rng);
         let intermediate = KeyPair::generate(&mut rng);
@@ -38,10 +40,15 @@ impl ServerIdentity {
             not_after: Some(not_after + 24 * 3600),
         }
         .encode_to_vec();
+        let vouched = if forged {
+            KeyPair::generate(&mut rng).public_key
+        } else {
+            static_key.public_key
+        };
         let leaf_details = noise_certificate::Details {
             serial: Some(2),
             issuer_serial: Some(1),
-            key: Some(static_key.public_key.public_key_bytes().to_vec()),
+            key: Some(vouched.public_key_bytes().to_vec()),
             not_before: Some(not_before),
             not_after: Some(not_after),
         }
@@ -85,7 +92,7 @@ mod tests {
 
     #[test]
     fn the_chain_is_signed_link_by_link_and_ends_at_the_static_key() {
-        let identity = ServerIdentity::generate();
+        let identity = ServerIdentity::generate(false);
         let chain = wa::CertChain::decode_from_slice(&identity.cert_chain).unwrap();
         let intermediate = chain.intermediate.into_option().unwrap();
         let leaf = chain.leaf.into_option().unwrap();

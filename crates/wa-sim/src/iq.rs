@@ -105,6 +105,7 @@ fn link_code(conn: &Connection, iq: &Node, child: &Node) -> Node {
     }
     let outcome = match attr(child, "stage").as_deref() {
         Some("companion_hello") => {
+            crate::sim::bump(&conn.sim.stats.code_requests, 1);
             phone::companion_hello(&conn.sim, conn.id, child).map(|pairing_ref| {
                 NodeBuilder::new("link_code_companion_reg")
                     .children([NodeBuilder::new("link_code_pairing_ref")

@@ -56,6 +56,9 @@ pub struct Config {
     /// A connection with no inbound traffic for this long is closed (clients ping
     /// every 15-30 s).
     pub idle_timeout: Duration,
+    /// Present a certificate chain that vouches for another server's key, as a server
+    /// impersonating WhatsApp would: every client refuses the handshake.
+    pub forged_certificate: bool,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             max_frame_bytes: 1 << 20,
             handshake_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(120),
+            forged_certificate: false,
         }
     }
 }

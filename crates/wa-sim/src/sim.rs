@@ -33,6 +33,8 @@ pub(crate) struct Stats {
     pub(crate) logins: AtomicU64,
     pub(crate) login_failures: AtomicU64,
     pub(crate) pairings: AtomicU64,
+    /// Pairing codes companions asked for (`companion_hello`).
+    pub(crate) code_requests: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) frames_in: AtomicU64,
@@ -52,6 +54,7 @@ pub(crate) struct StatsView {
     logins: u64,
     login_failures: u64,
     pairings: u64,
+    code_requests: u64,
     refused: u64,
     protocol_errors: u64,
     frames_in: u64,
@@ -73,8 +76,8 @@ pub(crate) enum LoginRefusal {
 impl Sim {
     pub(crate) fn new(config: Config, shutdown: CancellationToken) -> Self {
         Self {
+            identity: ServerIdentity::generate(config.forged_certificate),
             config,
-            identity: ServerIdentity::generate(),
             stats: Stats::default(),
             shutdown,
             registry: Mutex::new(Registry::default()),
@@ -251,6 +254,7 @@ impl Sim {
             logins: load(&s.logins),
             login_failures: load(&s.login_failures),
             pairings: load(&s.pairings),
+            code_requests: load(&s.code_requests),
             refused: load(&s.refused),
             protocol_errors: load(&s.protocol_errors),
             frames_in: load(&s.frames_in),

@@ -10,7 +10,10 @@ async fn main() -> anyhow::Result<()> {
     let Command::Serve(config) = Cli::parse().command;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: a log file or collector gets plain lines.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if config.log_json {
         logs.json().init();
     } else {

@@ -68,6 +68,8 @@ pub(super) struct Actor {
     pub(super) problem: Option<Problem>,
     pub(super) window: Window,
     restarts: Vec<Reply<()>>,
+    /// The generation of a restart or restore still on its way to WhatsApp.
+    restarting: Option<u64>,
     unlinks: Vec<Reply<Unlinked>>,
     cancelling: bool,
     /// How the unlink of a cancel went, told once the row is gone too.
@@ -100,7 +102,7 @@ pub(crate) fn spawn(
         socket_up: false,
         problem: None,
     });
-    let actor = Actor {
+    let mut actor = Actor {
         link: record.link.clone(),
         state: State::NoSession,
         window: Window::new(ctx.link_rate_per_minute),
@@ -110,6 +112,7 @@ pub(crate) fn spawn(
         generation: 0,
         problem: None,
         restarts: Vec::new(),
+        restarting: None,
         unlinks: Vec::new(),
         cancelling: false,
         cancelled: None,
@@ -121,6 +124,11 @@ pub(crate) fn spawn(
         commands,
         snapshot,
     };
+    if actor.link.is_some() {
+        actor.state = actor.stored_session_state();
+    }
+    // Published before anyone can ask: the first /status already tells the truth.
+    actor.publish();
     ctx.tracker.spawn(actor.run(shutdown));
     InstanceHandle {
         record,
@@ -131,10 +139,6 @@ pub(crate) fn spawn(
 
 impl Actor {
     async fn run(mut self, shutdown: CancellationToken) {
-        if self.link.is_some() {
-            self.state = self.stored_session_state();
-        }
-        self.publish();
         loop {
             let wake = self.window.next_deadline();
             tokio::select! {
@@ -185,6 +189,9 @@ impl Actor {
             tracing::info!(instance.id = %self.record.id, from = ?self.state, to = ?next, ?input, "instance state");
         }
         self.state = next;
+        if next != State::Reconnecting {
+            self.restarting = None;
+        }
         for action in actions {
             self.run_action(action).await;
         }
@@ -223,10 +230,16 @@ impl Actor {
         }
     }
 
-    /// Restart and restore: one in progress answers every caller that joins it.
+    /// Restart and restore: one in progress (until its client reaches WhatsApp)
+    /// answers every caller that joins it.
     async fn restart(&mut self, input: Input, reply: Reply<()>) {
-        if !self.restarts.is_empty() {
-            return self.restarts.push(reply);
+        if self.state == State::Reconnecting && self.restarting == Some(self.generation) {
+            if self.client.is_some() {
+                let _ = reply.send(Ok(()));
+            } else {
+                self.restarts.push(reply);
+            }
+            return;
         }
         if self.state == State::SessionMissing {
             self.state = self.stored_session_state();
@@ -238,8 +251,11 @@ impl Actor {
         }
         let generation = self.generation;
         self.apply(input).await;
-        if self.generation != generation {
-            self.restarts.push(reply); // a client is starting: answered once it has
+        if self.state == State::Reconnecting {
+            self.restarting = Some(self.generation);
+        }
+        if self.generation != generation && self.state == State::Reconnecting {
+            self.restarts.push(reply); // answered once its client has started
         } else {
             let _ = reply.send(Ok(()));
         }
@@ -348,6 +364,7 @@ impl Actor {
         let event = match signal.kind {
             SignalKind::Stopped => return self.apply(Input::ClientStopped).await,
             SignalKind::SocketUp => {
+                self.restarting = None;
                 self.snapshot.send_modify(|s| s.socket_up = true);
                 return;
             }
@@ -364,10 +381,12 @@ impl Actor {
                 self.publish();
             }
             // A pairing code still valid keeps the window until it expires.
-            Event::PairingQrCodesExhausted(_)
-                if self.state == State::Linking && !self.window.hold_for_pair_code() =>
-            {
-                self.apply(Input::WindowEnded).await;
+            Event::PairingQrCodesExhausted(_) if self.state == State::Linking => {
+                if self.window.hold_for_pair_code() {
+                    tracing::info!(instance.id = %self.record.id, "QR codes ran out; the pairing code keeps the window open until it expires");
+                } else {
+                    self.apply(Input::WindowEnded).await;
+                }
             }
             Event::PairSuccess(paired) if self.state == State::Linking => {
                 let link = Link {

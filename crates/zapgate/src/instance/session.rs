@@ -289,8 +289,9 @@ impl ClientFactory {
     }
 }
 
-/// Why a client's last attempt to reach WhatsApp failed, as far as its transport saw.
-/// The client only logs its connection errors, so the transport watches for them.
+/// Why a client's latest failed attempt to reach WhatsApp failed, as far as its
+/// transport saw. The client only logs its connection errors, so the transport watches
+/// for them. Read only when the client did not get through.
 #[derive(Default)]
 pub(crate) struct Diagnosis {
     last: Mutex<Option<Cause>>,
@@ -299,10 +300,6 @@ pub(crate) struct Diagnosis {
 impl Diagnosis {
     pub(crate) fn cause(&self) -> Option<Cause> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn clear(&self) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn record(&self, cause: Cause) {
@@ -328,7 +325,6 @@ impl TransportFactory for WatchedFactory {
                 return Err(e);
             }
         };
-        self.diagnosis.clear();
         let watch = Arc::new(Watch::default());
         // Pass the transport's events on, noting whether the server spoke and whether
         // it closed the connection itself.

@@ -97,7 +97,7 @@ impl Actor {
                 }
             }
             drop(session);
-            tracing::debug!(instance.id = %id, "WhatsApp client stopped");
+            tracing::info!(instance.id = %id, "WhatsApp client stopped");
         });
     }
 
@@ -162,7 +162,7 @@ impl Actor {
                 }
             };
             let outcome = match &running {
-                Ok(running) => remove_device(&running.client, deadline).await,
+                Ok(running) => remove_device(running, deadline).await,
                 Err(why) => Unlinked::NotTold(why.clone()),
             };
             if let Ok(running) = running {
@@ -178,13 +178,11 @@ impl Actor {
     }
 }
 
-async fn remove_device(client: &Arc<Client>, deadline: Instant) -> Unlinked {
+async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
+    let client = &running.client;
     let Some(jid) = client.pn().filter(|_| client.is_connected()) else {
-        let why = match client.stats().reconnect_errors {
-            0 => "WhatsApp did not answer in time".to_owned(),
-            n => format!("WhatsApp could not be reached ({n} attempts)"),
-        };
-        return Unlinked::NotTold(why);
+        let cause = running.diagnosis.cause().unwrap_or(Cause::NoAnswer);
+        return Unlinked::NotTold(cause.to_string());
     };
     match timeout_at(
         deadline,

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -49,15 +50,38 @@ impl World {
         Gateway::start(&self.sim.ws_url(), &self.data_dir(), env).await
     }
 
+    /// A gateway on this world that must refuse to start; what it printed.
+    pub async fn refused_gateway(&self, env: &[(&str, &str)]) -> String {
+        Gateway::refused(&self.sim.ws_url(), &self.data_dir(), env).await
+    }
+
+    pub fn session_file(&self, i: &Instance) -> PathBuf {
+        self.data_dir().join(format!("sessions/{}.db", i.id))
+    }
+
+    /// wa-sim's counter `name` now.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let stats = self.wa.stats().await.unwrap();
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}: {stats}"))
+    }
+
     /// A new instance linked to `phone` by scanning its QR code, up to connected.
     pub async fn linked_instance(&self, gw: &Gateway, name: &str, phone: &str) -> Instance {
         let inst = gw.api.create_instance(name).await;
-        let (_, qr) = gw.api.qr_code(&inst).await;
+        self.wa_link(gw, &inst, phone).await;
+        inst
+    }
+
+    /// The phone scans the instance's QR code; waits until the instance is connected.
+    pub async fn wa_link(&self, gw: &Gateway, inst: &Instance, phone: &str) {
+        let (status, qr) = gw.api.qr_code(inst).await;
+        assert_eq!(status, 200, "{qr}");
         let qr = qr["value"].as_str().expect("a QR code");
         let (status, body) = self.wa.scan(qr, Some(phone)).await.unwrap();
         assert_eq!(status, 200, "{body}");
-        gw.api.wait_connected(&inst).await;
-        inst
+        gw.api.wait_connected(inst).await;
     }
 }
 
@@ -65,28 +89,80 @@ impl World {
 pub struct Gateway {
     child: Child,
     pub api: Api,
+    pub log: Log,
+}
+
+/// Every line the gateway printed, shared with the task that reads them.
+#[derive(Clone, Default)]
+pub struct Log {
+    lines: Arc<Mutex<Vec<String>>>,
+    grew: Arc<tokio::sync::Notify>,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.grew.notify_waiters();
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits (with a deadline) until `times` lines contain `needle`: a readiness point.
+    pub async fn wait_for(&self, needle: &str, times: usize) {
+        self.wait_until(needle, times, CONNECT_WAIT).await
+    }
+
+    /// Waits up to `wait` for a line with `needle`.
+    pub async fn wait_within(&self, needle: &str, wait: Duration) {
+        self.wait_until(needle, 1, wait).await
+    }
+
+    async fn wait_until(&self, needle: &str, times: usize, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let grew = self.grew.notified();
+            if self.count(needle) >= times {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, grew).await.is_err() {
+                panic!("the gateway never logged {needle:?} {times} times");
+            }
+        }
+    }
 }
 
 impl Gateway {
     pub async fn start(whatsapp_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_zapgate"));
+        Self::start_without(whatsapp_url, data_dir, env, &[]).await
+    }
+
+    /// A gateway with `env` set over the defaults and `unset` variables removed.
+    pub async fn start_without(
+        whatsapp_url: &str,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Self {
+        let mut command = gateway_command(whatsapp_url, data_dir, env, unset);
         command
-            .arg("serve")
-            .env("ZAPGATE_LISTEN", "127.0.0.1:0")
-            .env("ZAPGATE_DATA_DIR", data_dir)
-            .env("ZAPGATE_ADMIN_TOKEN", ADMIN)
-            .env("ZAPGATE_WHATSAPP_URL", whatsapp_url)
-            .env("ZAPGATE_WHATSAPP_VERSION", VERSION)
-            .env("ZAPGATE_LINK_WAIT_SECS", "10")
-            .env("RUST_LOG", "info,whatsapp_rust=warn,wacore=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
         let mut child = command.spawn().expect("zapgate starts");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let log = Log::default();
         let base = loop {
             let line = lines
                 .next_line()
@@ -94,14 +170,17 @@ impl Gateway {
                 .unwrap()
                 .expect("zapgate printed its address");
             println!("{line}");
+            log.push(line.clone());
             if let Some(addr) = line.split("zapgate listening on ").nth(1) {
                 break addr.trim().to_owned();
             }
         };
         // Keep echoing the gateway's log so a failing test shows it.
+        let echo = log.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 println!("{line}");
+                echo.push(line);
             }
         });
         let client_token = env
@@ -115,7 +194,23 @@ impl Gateway {
                 base,
                 client_token,
             },
+            log,
         }
+    }
+
+    /// Runs a gateway that must refuse to start; returns what it printed.
+    pub async fn refused(whatsapp_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> String {
+        let mut command = gateway_command(whatsapp_url, data_dir, env, &[]);
+        let output = tokio::time::timeout(CONNECT_WAIT, command.output())
+            .await
+            .expect("a refused start ends at once")
+            .unwrap();
+        assert!(!output.status.success(), "zapgate started");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -137,6 +232,33 @@ impl Gateway {
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
         assert!(status.expect("zapgate stops on SIGTERM").unwrap().success());
     }
+}
+
+fn gateway_command(
+    whatsapp_url: &str,
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    unset: &[&str],
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zapgate"));
+    command
+        .arg("serve")
+        .env("ZAPGATE_LISTEN", "127.0.0.1:0")
+        .env("ZAPGATE_DATA_DIR", data_dir)
+        .env("ZAPGATE_ADMIN_TOKEN", ADMIN)
+        .env("ZAPGATE_WHATSAPP_URL", whatsapp_url)
+        .env("ZAPGATE_WHATSAPP_VERSION", VERSION)
+        .env("ZAPGATE_LINK_WAIT_SECS", "10")
+        .env("RUST_LOG", "info,whatsapp_rust=warn,wacore=warn")
+        // Plain lines, so tests can look for what the gateway logged.
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    for k in unset {
+        command.env_remove(k);
+    }
+    command
 }
 
 #[derive(Clone, Debug)]
