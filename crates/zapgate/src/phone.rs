@@ -54,4 +54,40 @@ mod tests {
                 .contains("country code")
         );
     }
+
+    proptest::proptest! {
+        /// Anything at all: never a panic; accepted exactly when what is left after
+        /// the formatting characters is a valid number, refused with a reason otherwise.
+        #[test]
+        fn any_input_is_accepted_or_refused_with_a_reason(raw in ".*") {
+            let left: String = raw
+                .chars()
+                .filter(|c| !matches!(c, '+' | ' ' | '-' | '(' | ')'))
+                .collect();
+            let valid = (7..=15).contains(&left.len())
+                && left.bytes().all(|b| b.is_ascii_digit())
+                && !left.starts_with('0');
+            match normalize(&raw) {
+                Ok(digits) => {
+                    proptest::prop_assert!(valid);
+                    proptest::prop_assert_eq!(digits, left);
+                }
+                Err(why) => {
+                    proptest::prop_assert!(!valid);
+                    proptest::prop_assert!(why.starts_with("phone "), "{}", why);
+                }
+            }
+        }
+
+        #[test]
+        fn formatted_numbers_keep_their_digits(
+            digits in "[1-9][0-9]{6,14}",
+            cut in 1usize..7,
+        ) {
+            let (country, rest) = digits.split_at(1);
+            let (area, number) = rest.split_at(cut.min(rest.len()));
+            let formatted = format!("+{country} ({area}) {number}-");
+            proptest::prop_assert_eq!(normalize(&formatted), Ok(digits));
+        }
+    }
 }

@@ -276,14 +276,17 @@ async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
         )
     );
     assert_eq!(gw.api.status(&inst).await, not_connected());
-    let refused = world.wa.stats().await.unwrap()["refused"].clone();
-    assert!(refused.as_u64().unwrap() >= 1, "it did try: {refused}");
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Once the window's client has stopped, every attempt it made is counted at both
+    // ends, and no client is left to make another.
+    gw.log.wait_for("WhatsApp client stopped", 1).await;
+    let refused = world.stat("refused").await;
+    assert!(refused >= 1, "it did try");
     assert_eq!(
-        world.wa.stats().await.unwrap()["refused"],
+        gw.log.count("Failed to connect") as u64,
         refused,
-        "and then stopped trying"
+        "every attempt was one WhatsApp refused"
     );
+    assert_eq!(world.stat("connections").await, 0);
 }
 
 #[tokio::test]
@@ -294,4 +297,142 @@ async fn undecodable_path_segments_are_bad_requests() {
     let (status, body) = gw.api.instance_get(&inst, "phone-code/%FF%FE").await;
     assert_eq!((status, body), error(400, "The path is not valid UTF-8"));
     assert_eq!(world.wa.stats().await.unwrap()["handshakes"], json!(0));
+}
+
+#[tokio::test]
+async fn misconfigured_starts_are_refused_saying_how_to_fix_them() {
+    let world = World::new().await;
+    let out = world
+        .refused_gateway(&[("ZAPGATE_LINK_WAIT_SECS", "120")], &[])
+        .await;
+    assert!(
+        out.contains(
+            "--link-wait-secs (ZAPGATE_LINK_WAIT_SECS) must be 1 to 50: requests end after 60 s"
+        ),
+        "{out}"
+    );
+
+    // An admin token file that other users may read.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(world.data_dir()).unwrap();
+    let file = world.data_dir().join("admin-token");
+    std::fs::write(&file, "token-from-the-file\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = world.refused_gateway(&[], &["ZAPGATE_ADMIN_TOKEN"]).await;
+    assert!(
+        out.contains(&format!("fix it with `chmod 600 {}`", file.display())),
+        "{out}"
+    );
+    assert!(!out.contains("token-from-the-file"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let gw = common::Gateway::start_without(
+        &world.sim.ws_url(),
+        &world.data_dir(),
+        &[],
+        &["ZAPGATE_ADMIN_TOKEN"],
+    )
+    .await;
+    let (status, _) = gw
+        .api
+        .call(Method::GET, "/instances", None, Some("token-from-the-file"))
+        .await;
+    assert_eq!(status, 200, "the file's token is the admin token");
+
+    // A password in the database URL shows neither in the refusal nor in --help.
+    let secret_url = "postgres://zapgate:hunter2@db.internal/zapgate";
+    let out = world
+        .refused_gateway(&[("ZAPGATE_DATABASE_URL", secret_url)], &[])
+        .await;
+    assert!(out.contains("only sqlite: is supported"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_zapgate"))
+        .args(["serve", "--help"])
+        .env("ZAPGATE_DATABASE_URL", secret_url)
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--database-url"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+}
+
+#[tokio::test]
+async fn no_token_or_secret_ever_reaches_the_log() {
+    let world = World::new().await;
+    let client_token = "account-secret-c7e1";
+    let gw = world
+        .gateway_with(&[("ZAPGATE_CLIENT_TOKEN", client_token)])
+        .await;
+    let inst = gw.api.create_instance("secretive").await;
+    let stranger = Instance {
+        id: inst.id.clone(),
+        token: "D00D".repeat(6),
+    };
+    for route in [
+        "status",
+        "qr-code/image",
+        "phone-code/5511988880001",
+        "me",
+        "device",
+    ] {
+        gw.api.instance_get(&inst, route).await;
+        gw.api.instance_get(&stranger, route).await;
+    }
+    let (_, code) = gw.api.phone_code(&inst, "5511988880001").await;
+    let code = code["code"].as_str().expect("a pairing code").to_owned();
+    let (status, _) = world.wa.link_code("5511988880001", &code).await.unwrap();
+    assert_eq!(status, 200);
+    gw.api.wait_connected(&inst).await;
+    gw.api.restart(&inst).await;
+    gw.api.wait_connected(&inst).await;
+    gw.api
+        .call(Method::GET, "/instances", None, Some("not-the-admin-token"))
+        .await;
+    gw.api
+        .call(Method::GET, "/instances", None, Some(&ADMIN.to_lowercase()))
+        .await;
+    let cancel = format!(
+        "/instances/{}/token/{}/integrator/on-demand/cancel",
+        inst.id, inst.token
+    );
+    assert_eq!(
+        gw.api
+            .call(Method::POST, &cancel, None, Some(ADMIN))
+            .await
+            .0,
+        201
+    );
+    let log = gw.log.clone();
+    gw.stop().await;
+
+    let text = log.text();
+    assert!(text.contains(&inst.id), "the log does follow the instance");
+    assert!(text.contains("instance cancelled"));
+    for secret in [
+        ADMIN,
+        client_token,
+        inst.token.as_str(),
+        stranger.token.as_str(),
+        "not-the-admin-token",
+        code.as_str(),
+    ] {
+        assert!(!text.contains(secret), "{secret:?} is in the log");
+    }
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = gw
+            .api
+            .http
+            .get(format!("{}/instances", gw.api.base))
+            .header("authorization", format!("{scheme} {ADMIN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
 }

@@ -83,11 +83,14 @@ async fn a_refreshed_code_replaces_the_old_one_for_good() {
     let (_, first) = gw.api.qr_code(&inst).await;
     let (status, _) = world.wa.post("refresh-refs", json!({})).await.unwrap();
     assert_eq!(status, 200);
+    // A user's app polls for the code valid now, as Z-API advises.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let second = loop {
         let (_, now) = gw.api.qr_code(&inst).await;
         if now != first {
             break now;
         }
+        assert!(tokio::time::Instant::now() < deadline, "no new code");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for _ in 0..5 {
@@ -123,27 +126,22 @@ async fn a_closed_window_stops_all_traffic_until_asked_again() {
     let (_, first) = gw.api.qr_code(&inst).await;
     assert!(first["value"].is_string(), "{first}");
     // The only ref lives 60 s; then the client gives up and the instance goes quiet.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(80);
-    while world.wa.stats().await.unwrap()["connections"] != json!(0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the instance kept talking to WhatsApp"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    gw.log
+        .wait_within("WhatsApp client stopped", Duration::from_secs(80))
+        .await;
     assert_eq!(gw.api.status(&inst).await, not_connected());
-    let handshakes = world.wa.stats().await.unwrap()["handshakes"].clone();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        world.wa.stats().await.unwrap()["handshakes"],
-        handshakes,
-        "no reconnects while closed"
-    );
+    assert_eq!(world.stat("connections").await, 0);
+    let handshakes = world.stat("handshakes").await;
 
     let (status, second) = gw.api.qr_code(&inst).await;
     assert_eq!(status, 200);
     assert_ne!(second, first);
-    assert_eq!(world.wa.stats().await.unwrap()["connections"], json!(1));
+    assert_eq!(world.stat("connections").await, 1);
+    assert_eq!(
+        world.stat("handshakes").await,
+        handshakes + 1,
+        "no reconnects while closed: the new window is the only new handshake"
+    );
 }
 
 #[tokio::test]
@@ -276,13 +274,16 @@ async fn a_replaced_stream_does_not_ping_pong() {
         .api
         .wait_status(&inst, "replaced", |s| *s == restore_needed())
         .await;
-    let logins = world.wa.stats().await.unwrap()["logins"].clone();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The replaced client has stopped: nothing is left to take the session back.
+    first.log.wait_for("WhatsApp client stopped", 1).await;
+    let logins = world.stat("logins").await;
     assert_eq!(
-        world.wa.stats().await.unwrap()["logins"],
-        logins,
-        "neither takes the session back by itself"
+        world.stat("connections").await,
+        1,
+        "only the second is online"
     );
+    assert_eq!(first.api.status(&inst).await, restore_needed());
+    assert_eq!(world.stat("logins").await, logins);
     assert_eq!(first.api.status(&inst).await, restore_needed());
     assert_eq!(second.api.status(&inst).await, connected());
 

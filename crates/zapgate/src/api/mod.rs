@@ -128,6 +128,7 @@ impl From<LinkError> for ApiError {
         let status = match e {
             LinkError::Unavailable(_) | LinkError::Gone => StatusCode::SERVICE_UNAVAILABLE,
             LinkError::WindowClosed
+            | LinkError::QrCodesRanOut
             | LinkError::Replaced(_)
             | LinkError::Unlinking
             | LinkError::Problem(_) => StatusCode::CONFLICT,
@@ -143,7 +144,7 @@ impl ApiError {
     /// The error response, with `Retry-After` when the caller was rate limited.
     pub fn link(e: LinkError) -> Response {
         let retry = match &e {
-            LinkError::RateLimited(wait) => Some(wait.as_secs().max(1)),
+            LinkError::RateLimited(wait) => Some(crate::instance::whole_seconds(*wait)),
             _ => None,
         };
         let mut response = Self::from(e).into_response();

@@ -16,7 +16,7 @@ use whatsapp_rust::types::events::Event;
 use super::linking::Window;
 use super::session::{ClientFactory, Running, Signal, SignalKind};
 use super::state::{self, Action, Input, State};
-use super::work::{self, Work};
+use super::work::{self, StartError, Work};
 use super::{Cause, Device, InstanceHandle, LinkError, Problem, Snapshot, Unlinked};
 use crate::store::{InstanceRecord, Link, Store};
 
@@ -52,6 +52,8 @@ pub(crate) struct Context {
     pub(crate) link_wait: Duration,
     pub(crate) link_rate_per_minute: u32,
     pub(crate) tracker: TaskTracker,
+    /// Cancelled when the gateway stops: child tasks start no new client after it.
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// Queued commands, client events and child reports; each side waits when full.
@@ -152,12 +154,28 @@ impl Actor {
                 () = sleep_until(wake), if wake.is_some() => self.on_deadline().await,
             }
             if self.cancelled.is_some() {
-                return self.finish_cancel().await;
+                return self.finish_cancel(shutdown).await;
             }
         }
-        // The gateway is stopping: close the connection, keep the session.
+        self.close().await;
+    }
+
+    /// The gateway is stopping: close the connection, keep the session, and stop any
+    /// client a child task started meanwhile. Children that report later find the
+    /// channel closed and stop their client themselves.
+    async fn close(mut self) {
+        self.work.close();
         if let Some(running) = self.client.take() {
             drop(running.stop(work::STOP_TIMEOUT).await);
+        }
+        while let Some(report) = self.work.recv().await {
+            if let Work::Started {
+                result: Ok(running),
+                ..
+            } = report
+            {
+                drop(running.stop(work::STOP_TIMEOUT).await);
+            }
         }
     }
 
@@ -194,6 +212,10 @@ impl Actor {
         }
         for action in actions {
             self.run_action(action).await;
+        }
+        if self.restarting != Some(self.generation) || self.client.is_some() {
+            // The restart was overtaken (or its client already started): say so once.
+            self.settle_restarts(Ok(()));
         }
         if self.state != State::Linking {
             let answer = self.window_answer();
@@ -289,11 +311,28 @@ impl Actor {
     }
 
     /// The session is gone at WhatsApp and here: delete the row, answer, end.
-    async fn finish_cancel(mut self) {
-        drop(self.session_lock.clone().lock_owned().await);
+    async fn finish_cancel(mut self, shutdown: CancellationToken) {
+        // Once no client uses the session: clients still reporting are stopped.
+        let lock = self.session_lock.clone();
+        let acquire = lock.lock_owned();
+        tokio::pin!(acquire);
+        let session = loop {
+            tokio::select! {
+                session = &mut acquire => break session,
+                Some(report) = self.work.recv() => {
+                    if let Work::Started { result: Ok(running), .. } = report {
+                        self.stop_in_background(running, false);
+                    }
+                }
+                Some(_) = self.signals.recv() => {}
+                // The row stays marked: the next start finishes the cancel.
+                () = shutdown.cancelled() => return self.close().await,
+            }
+        };
         if let Err(e) = self.ctx.factory.files.wipe(&self.record.id) {
             tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance's session");
         }
+        drop(session);
         match self.ctx.store.delete_instance(&self.record.id).await {
             Ok(()) => tracing::info!(instance.id = %self.record.id, "instance cancelled"),
             Err(e) => {
@@ -311,9 +350,9 @@ impl Actor {
             Work::Started { generation, result } => self.on_started(generation, result).await,
             Work::PairCode {
                 generation,
-                phone,
+                request,
                 result,
-            } => self.on_pair_code(generation, phone, result),
+            } => self.on_pair_code(generation, request, result),
             Work::Unlinked {
                 generation,
                 outcome,
@@ -325,28 +364,39 @@ impl Actor {
         }
     }
 
-    async fn on_started(&mut self, generation: u64, result: Result<Running, Cause>) {
+    async fn on_started(&mut self, generation: u64, result: Result<Running, StartError>) {
         if generation != self.generation {
-            if let Ok(stale) = result {
-                self.stop_in_background(stale, self.link.is_none());
+            match result {
+                Ok(stale) => self.stop_in_background(stale, self.link.is_none()),
+                Err(e) => {
+                    tracing::info!(instance.id = %self.record.id, error = ?e, "a superseded client could not start")
+                }
             }
             return;
         }
         match result {
             Ok(running) => {
                 self.client = Some(running);
-                for reply in self.restarts.drain(..) {
-                    let _ = reply.send(Ok(()));
-                }
+                self.settle_restarts(Ok(()));
                 if self.state == State::Linking {
                     self.request_pair_code();
                 }
+                self.publish();
             }
-            Err(cause) => {
+            Err(StartError::SessionMissing) => {
+                tracing::warn!(
+                    instance.id = %self.record.id,
+                    path = %self.ctx.factory.files.path(&self.record.id).display(),
+                    "the linked number's session file is missing; it stays linked, restore it once the file is back"
+                );
+                self.problem = Some(Problem::SessionMissing);
+                self.settle_restarts(Err(LinkError::Problem(Problem::SessionMissing)));
+                self.apply(Input::FileMissing).await;
+            }
+            Err(StartError::ShuttingDown) => {}
+            Err(StartError::Unavailable(cause)) => {
                 tracing::error!(instance.id = %self.record.id, error = %cause, "could not start the WhatsApp client");
-                for reply in self.restarts.drain(..) {
-                    let _ = reply.send(Err(LinkError::Unavailable(cause.clone())));
-                }
+                self.settle_restarts(Err(LinkError::Unavailable(cause.clone())));
                 if self.state == State::Linking {
                     self.window.fail(LinkError::Unavailable(cause));
                     self.apply(Input::LinkFailed).await;
@@ -354,6 +404,13 @@ impl Actor {
                     self.apply(Input::StartFailed).await;
                 }
             }
+        }
+    }
+
+    /// Answers the callers of a restart or restore.
+    fn settle_restarts(&mut self, answer: Result<(), LinkError>) {
+        for reply in self.restarts.drain(..) {
+            let _ = reply.send(answer.clone());
         }
     }
 
@@ -397,8 +454,11 @@ impl Actor {
                 self.record_link(link).await;
             }
             Event::Connected(_) => {
-                self.problem = None;
                 self.apply(Input::Connected).await;
+                if self.state == State::Connected && self.problem.is_some() {
+                    self.problem = None;
+                    self.publish();
+                }
             }
             Event::Disconnected(_) => self.apply(Input::Disconnected).await,
             Event::LoggedOut(_) => self.apply(Input::LoggedOut).await,
@@ -422,6 +482,7 @@ impl Actor {
             Ok(Ok(())) => {
                 tracing::info!(instance.id = %self.record.id, "number linked");
                 self.link = Some(link);
+                self.window.on_paired();
                 self.publish();
             }
             failed => {
@@ -482,8 +543,13 @@ impl Actor {
             Action::Unlink => self.unlink(),
             Action::Forget => {
                 self.link = None;
-                if let Err(e) = self.ctx.store.set_link(&self.record.id, None).await {
-                    tracing::error!(instance.id = %self.record.id, error = %e, "could not clear the instance's link");
+                let cleared = tokio::time::timeout(
+                    work::STORE_TIMEOUT,
+                    self.ctx.store.set_link(&self.record.id, None),
+                )
+                .await;
+                if !matches!(cleared, Ok(Ok(()))) {
+                    tracing::error!(instance.id = %self.record.id, outcome = ?cleared, "could not clear the instance's link; the next start reports its session missing");
                 }
                 self.generation += 1;
                 let running = self.client.take();

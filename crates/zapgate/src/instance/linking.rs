@@ -52,10 +52,8 @@ struct PairFlow {
     phone: String,
     code: Option<PairCode>,
     waiters: Waiters<String>,
-    requested: bool,
-    /// A code for another phone was requested in this window: WhatsApp's client must
-    /// drop it first.
-    replaces: bool,
+    /// The window's request number once sent to WhatsApp.
+    request: Option<u64>,
 }
 
 pub(super) struct Window {
@@ -69,6 +67,12 @@ pub(super) struct Window {
     pair: Option<PairFlow>,
     /// QR codes ran out but a pairing code is valid until then.
     held_until: Option<Instant>,
+    /// Pairing-code requests sent on this window's client, and whether one is still
+    /// on its way: one at a time, each a new number.
+    requests: u64,
+    in_flight: bool,
+    /// The last code the client announced, with its validity.
+    announced: Option<(String, Instant)>,
     rate: Rate,
 }
 
@@ -82,6 +86,9 @@ impl Window {
             qr_waiters: Waiters(Vec::new()),
             pair: None,
             held_until: None,
+            requests: 0,
+            in_flight: false,
+            announced: None,
             rate: Rate::new(per_minute),
         }
     }
@@ -93,6 +100,9 @@ impl Window {
         self.registered = false;
         self.first_code_by = Some(Instant::now() + wait);
         self.held_until = None;
+        self.requests = 0;
+        self.in_flight = false;
+        self.announced = None;
     }
 
     /// The window is over: everyone still waiting hears `answer`.
@@ -139,24 +149,35 @@ impl Window {
         self.qr_waiters.answer(Ok(qr));
     }
 
-    /// WhatsApp's client announced the code it got, with its real validity.
+    /// WhatsApp's client announced the code it got, with its real validity (this may
+    /// come before or after the request's own answer).
     pub(super) fn on_pair_code(&mut self, code: &str, valid_for: Duration) {
-        let grouped = group_code(code);
+        let (grouped, expires) = (group_code(code), Instant::now() + valid_for);
         if let Some(issued) = self
             .pair
             .as_mut()
             .and_then(|p| p.code.as_mut())
             .filter(|c| c.code == grouped)
         {
-            issued.expires = Instant::now() + valid_for;
+            issued.expires = expires;
+            if self.held_until.is_some() {
+                self.held_until = Some(expires);
+            }
         }
+        self.announced = Some((grouped, expires));
+    }
+
+    /// The phone linked: nothing of the window is waited for any more.
+    pub(super) fn on_paired(&mut self) {
+        self.held_until = None;
+        self.first_code_by = None;
     }
 
     /// The QR codes ran out: a pairing code still valid holds the window until it
     /// expires. Returns whether it does.
     pub(super) fn hold_for_pair_code(&mut self) -> bool {
         self.qr = None;
-        self.qr_waiters.answer(Err(LinkError::WindowClosed));
+        self.qr_waiters.answer(Err(LinkError::QrCodesRanOut));
         let valid = self
             .pair_code()
             .map(|c| c.expires)
@@ -165,8 +186,13 @@ impl Window {
         valid.is_some()
     }
 
-    pub(super) fn pair_code_over(&self, now: Instant) -> bool {
-        self.held_until.is_some_and(|at| at <= now)
+    /// Whether the pairing code that held the window has expired (said once).
+    pub(super) fn pair_code_over(&mut self, now: Instant) -> bool {
+        let over = self.held_until.is_some_and(|at| at <= now);
+        if over {
+            self.held_until = None;
+        }
+        over
     }
 
     /// Answers the callers whose wait is over with `cause`. Returns whether the window
@@ -177,9 +203,11 @@ impl Window {
         if let Some(flow) = &mut self.pair {
             flow.waiters.expire(now, &error);
         }
-        let failed = generation == self.generation
-            && !self.registered
-            && self.first_code_by.is_some_and(|at| at <= now);
+        let passed = !self.registered && self.first_code_by.is_some_and(|at| at <= now);
+        if passed {
+            self.first_code_by = None;
+        }
+        let failed = passed && generation == self.generation;
         if failed {
             self.fail(error);
         }
@@ -252,7 +280,7 @@ impl Actor {
             match self.window.qr() {
                 Some(qr) => drop(reply.send(Ok(qr))),
                 None if self.window.held_until.is_some() => {
-                    drop(reply.send(Err(LinkError::WindowClosed)))
+                    drop(reply.send(Err(LinkError::QrCodesRanOut)))
                 }
                 None => self.window.qr_waiters.push(self.deadline(), reply),
             }
@@ -286,9 +314,7 @@ impl Actor {
             let _ = reply.send(Err(LinkError::RateLimited(wait)));
             return;
         }
-        let previous = self.window.pair.take();
-        let replaces = previous.as_ref().is_some_and(|p| p.requested);
-        if let Some(mut previous) = previous {
+        if let Some(mut previous) = self.window.pair.take() {
             previous
                 .waiters
                 .answer(Err(LinkError::Replaced(phone.clone())));
@@ -297,8 +323,7 @@ impl Actor {
             phone,
             code: None,
             waiters: Waiters(Vec::new()),
-            requested: false,
-            replaces,
+            request: None,
         };
         flow.waiters.push(deadline, reply);
         self.window.pair = Some(flow);
@@ -311,16 +336,20 @@ impl Actor {
     }
 
     /// Asks WhatsApp for the pending pairing code once the window's client is
-    /// registered; the answer comes back as [`work::Work::PairCode`].
+    /// registered and no other request is on its way; the answer comes back as
+    /// [`work::Work::PairCode`].
     pub(super) fn request_pair_code(&mut self) {
         let Some(running) = &self.client else { return };
-        if !self.window.registered {
+        let window = &mut self.window;
+        if !window.registered || window.in_flight {
             return;
         }
-        let Some(flow) = self.window.pair.as_mut().filter(|f| !f.requested) else {
+        let Some(flow) = window.pair.as_mut().filter(|f| f.request.is_none()) else {
             return;
         };
-        flow.requested = true;
+        window.requests += 1;
+        window.in_flight = true;
+        flow.request = Some(window.requests);
         let deadline = flow
             .waiters
             .next_deadline()
@@ -328,8 +357,9 @@ impl Actor {
         self.ctx.tracker.spawn(work::request_pair_code(
             running.client.clone(),
             self.generation,
+            window.requests,
             flow.phone.clone(),
-            flow.replaces,
+            window.requests > 1,
             deadline,
             self.work_tx.clone(),
         ));
@@ -338,34 +368,39 @@ impl Actor {
     pub(super) fn on_pair_code(
         &mut self,
         generation: u64,
-        phone: String,
+        request: u64,
         result: Result<String, LinkError>,
     ) {
         if generation != self.generation || self.state != State::Linking {
             return;
         }
-        let Some(flow) = self
-            .window
-            .pair
-            .as_mut()
-            .filter(|f| f.phone == phone && f.code.is_none())
-        else {
-            return; // replaced meanwhile
-        };
-        match result {
-            Ok(code) => {
-                flow.code = Some(PairCode {
-                    phone,
-                    code: code.clone(),
-                    expires: Instant::now() + PAIR_CODE_VALID,
-                });
-                flow.waiters.answer(Ok(code));
-            }
-            Err(e) => {
-                flow.waiters.answer(Err(e));
-                self.window.pair = None;
+        let window = &mut self.window;
+        window.in_flight = false;
+        if let Some(flow) = window.pair.as_mut().filter(|f| f.request == Some(request)) {
+            match result {
+                Ok(code) => {
+                    let expires = match &window.announced {
+                        Some((announced, at)) if *announced == code => *at,
+                        _ => Instant::now() + PAIR_CODE_VALID,
+                    };
+                    flow.code = Some(PairCode {
+                        phone: flow.phone.clone(),
+                        code: code.clone(),
+                        expires,
+                    });
+                    if window.held_until.is_some() {
+                        window.held_until = Some(expires);
+                    }
+                    flow.waiters.answer(Ok(code));
+                }
+                Err(e) => {
+                    flow.waiters.answer(Err(e));
+                    window.pair = None;
+                }
             }
         }
+        // A request that was replaced meanwhile is over: the newer one goes now.
+        self.request_pair_code();
         self.publish();
     }
 }

@@ -65,6 +65,7 @@ impl Manager {
             link_wait: config.link_wait,
             link_rate_per_minute: config.link_rate_per_minute,
             tracker,
+            shutdown: shutdown.clone(),
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),

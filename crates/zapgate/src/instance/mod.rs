@@ -113,6 +113,8 @@ pub enum Cause {
     VersionUnknown(String),
     #[error("WhatsApp did not answer in time; try again later")]
     NoAnswer,
+    #[error("the session could not be opened here: {0}")]
+    Storage(String),
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,16 +129,25 @@ pub enum LinkError {
     Unavailable(Cause),
     #[error("the linking window closed before a code was issued; ask again")]
     WindowClosed,
+    #[error(
+        "WhatsApp's QR codes for this window ran out while a pairing code is still valid: type that code, or ask again once it expires"
+    )]
+    QrCodesRanOut,
     #[error("a pairing code was requested for another number ({0}), which replaced this request")]
     Replaced(String),
     #[error("WhatsApp refused the pairing code request: {0}")]
     Refused(String),
     #[error("the number is being disconnected; try again in a moment")]
     Unlinking,
-    #[error("too many linking requests for this instance; try again in {} s", .0.as_secs().max(1))]
+    #[error("too many linking requests for this instance; try again in {} s", whole_seconds(*.0))]
     RateLimited(Duration),
     #[error("the instance is shutting down")]
     Gone,
+}
+
+/// A wait in whole seconds, rounded up: waiting that long is always enough.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).max(1) as u64
 }
 
 /// How a disconnect went at WhatsApp; the session is deleted here either way.

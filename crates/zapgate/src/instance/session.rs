@@ -151,12 +151,17 @@ pub(crate) struct Running {
     /// Cancelled when the client's run loop has ended.
     pub(crate) ended: CancellationToken,
     pub(crate) diagnosis: Arc<Diagnosis>,
+    /// Aborts the client's run loop; also when a `Running` is dropped without a stop,
+    /// so no client outlives the task that owned it.
+    abort: CancellationToken,
+    _abort_on_drop: tokio_util::sync::DropGuard,
     session: OwnedMutexGuard<()>,
 }
 
 impl Running {
     /// Stops the client and waits (bounded) for its run loop to end, so its session
-    /// file is closed. Returns the session lock, for work that needs the file closed.
+    /// file is closed; a client that does not end in time is aborted. Returns the
+    /// session lock, for work that needs the file closed.
     pub(crate) async fn stop(self, within: Duration) -> OwnedMutexGuard<()> {
         self.client
             .enable_auto_reconnect
@@ -169,12 +174,17 @@ impl Running {
         {
             tracing::warn!(
                 client.generation = self.generation,
-                "a WhatsApp client did not stop in time"
+                "a WhatsApp client did not stop in time; aborting it"
             );
+            self.abort.cancel();
+            let _ = timeout(ABORT_WAIT, self.ended.cancelled()).await;
         }
         self.session
     }
 }
+
+/// How long an aborted client's run loop may take to unwind.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 impl ClientFactory {
     /// The web version to announce when opening a linking window: configured, or learnt
@@ -268,9 +278,17 @@ impl ClientFactory {
                 () = stopped.cancelled() => {}
             }
         });
-        let end = ended.clone();
+        let (end, abort) = (ended.clone(), CancellationToken::new());
+        let aborted = abort.clone();
         self.tracker.spawn(async move {
-            let _ = handle.await;
+            let mut handle = handle;
+            tokio::select! {
+                _ = &mut handle => {}
+                () = aborted.cancelled() => {
+                    handle.abort();
+                    let _ = handle.await;
+                }
+            }
             end.cancel();
             let _ = signals
                 .send(Signal {
@@ -284,6 +302,8 @@ impl ClientFactory {
             client,
             ended,
             diagnosis,
+            _abort_on_drop: abort.clone().drop_guard(),
+            abort,
             session,
         })
     }

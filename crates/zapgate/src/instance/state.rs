@@ -44,6 +44,8 @@ pub enum Input {
     Unlinked,
     /// A session client could not start.
     StartFailed,
+    /// The stored session's file is gone.
+    FileMissing,
     Connected,
     /// The connection dropped; the client reconnects by itself.
     Disconnected,
@@ -103,12 +105,14 @@ pub fn step(state: State, linked: bool, input: Input) -> (State, Vec<Action>) {
         (SessionMissing, Input::Disconnect) => (NoSession, vec![Forget]),
         (_, Input::Disconnect) if linked => (Unlinking, vec![Unlink]),
 
-        (Connected | Reconnecting | Stopped, Input::Restart) if linked => {
+        // Linking and linked: paired, but the login never completed.
+        (Connected | Reconnecting | Stopped | Linking, Input::Restart) if linked => {
             (Reconnecting, vec![StopClient, StartSessionClient])
         }
         (Stopped, Input::Restore) if linked => (Reconnecting, vec![StartSessionClient]),
         (Reconnecting, Input::Restore) => (Reconnecting, vec![ReconnectNow]),
         (Reconnecting, Input::StartFailed) => (Stopped, vec![]),
+        (Reconnecting | Stopped, Input::FileMissing) if linked => (SessionMissing, vec![]),
 
         (Connected, Input::Disconnected) => (Reconnecting, vec![]),
         (Linking | Connected | Reconnecting | Stopped, Input::LoggedOut) if linked => {
@@ -239,6 +243,14 @@ mod tests {
         assert_eq!(
             step(SessionMissing, true, Input::Restore),
             (SessionMissing, vec![])
+        );
+        assert_eq!(
+            step(Reconnecting, true, Input::FileMissing),
+            (SessionMissing, vec![])
+        );
+        assert_eq!(
+            step(Linking, true, Input::Restart),
+            (Reconnecting, vec![StopClient, StartSessionClient])
         );
     }
 

@@ -11,10 +11,12 @@ use whatsapp_rust::client::Client;
 use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::wacore::iq::devices::RemoveCompanionDeviceSpec;
 
-use super::actor::Actor;
+use super::actor::{Actor, Context};
 use super::linking::group_code;
 use super::session::Running;
+use super::session::Signal;
 use super::{Cause, LinkError, Unlinked};
+use tokio::sync::Mutex as AsyncMutex;
 
 /// How long a client may take to stop before we move on.
 pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,11 +26,11 @@ pub(super) const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) enum Work {
     Started {
         generation: u64,
-        result: Result<Running, Cause>,
+        result: Result<Running, StartError>,
     },
     PairCode {
         generation: u64,
-        phone: String,
+        request: u64,
         result: Result<String, LinkError>,
     },
     Unlinked {
@@ -37,9 +39,70 @@ pub(crate) enum Work {
     },
 }
 
+#[derive(Debug)]
+pub(crate) enum StartError {
+    Unavailable(Cause),
+    /// The stored session file is not there (any more).
+    SessionMissing,
+    /// The gateway is stopping.
+    ShuttingDown,
+}
+
+async fn start(
+    ctx: &Context,
+    id: &str,
+    generation: u64,
+    fresh: bool,
+    lock: Arc<AsyncMutex<()>>,
+    signals: mpsc::Sender<Signal>,
+) -> Result<Running, StartError> {
+    let factory = &ctx.factory;
+    // Half the link wait: a caller waiting for a code hears this cause, not a timeout.
+    let version = match fresh {
+        true => Some(
+            factory
+                .link_version(ctx.link_wait / 2)
+                .await
+                .map_err(StartError::Unavailable)?,
+        ),
+        false => None,
+    };
+    let session = tokio::select! {
+        session = lock.lock_owned() => session,
+        () = ctx.shutdown.cancelled() => return Err(StartError::ShuttingDown),
+    };
+    match (fresh, factory.files.exists(id)) {
+        // Whatever an earlier window left (or a link whose record was lost) is moved
+        // aside, never deleted: nothing linked is wiped by a new window.
+        (true, Ok(true)) => match factory.files.set_aside(id) {
+            Ok(to) => {
+                tracing::warn!(instance.id = %id, path = %to.display(), "an unlinked session file was set aside")
+            }
+            Err(e) => {
+                tracing::error!(instance.id = %id, error = %e, "could not set aside an unlinked session file");
+                return Err(StartError::Unavailable(Cause::Storage(e.to_string())));
+            }
+        },
+        (true, _) | (false, Ok(true)) => {}
+        (false, Ok(false)) => return Err(StartError::SessionMissing),
+        (false, Err(e)) => {
+            tracing::warn!(instance.id = %id, error = %e, "the session file cannot be read");
+            return Err(StartError::SessionMissing);
+        }
+    }
+    factory
+        .start(id, generation, session, version, signals)
+        .await
+        .map_err(|e| {
+            tracing::error!(instance.id = %id, error = %format!("{e:#}"), "could not start the WhatsApp client");
+            StartError::Unavailable(Cause::Storage(format!("{e:#}")))
+        })
+}
+
 impl Actor {
     /// Starts a client of a new generation once the session lock is free: on an empty
-    /// session for a linking window (`fresh`), else on the stored one.
+    /// session for a linking window (`fresh`), else on the stored one, which must be
+    /// there (opening a missing one would create an empty session).
     pub(super) fn start_client(&mut self, fresh: bool) {
         self.generation += 1;
         let generation = self.generation;
@@ -50,38 +113,12 @@ impl Actor {
             self.work_tx.clone(),
         );
         self.ctx.tracker.spawn(async move {
-            let factory = &ctx.factory;
-            let version = if fresh {
-                match factory.link_version(ctx.link_wait).await {
-                    Ok(version) => Some(version),
-                    Err(cause) => {
-                        let result = Err(cause);
-                        let _ = report.send(Work::Started { generation, result }).await;
-                        return;
-                    }
-                }
-            } else {
-                None
-            };
-            let session = lock.lock_owned().await;
-            if fresh {
-                // Whatever an earlier window left; nothing linked is ever here.
-                if let Err(e) = factory.files.wipe(&id) {
-                    tracing::error!(instance.id = %id, error = %e, "could not clear an unlinked session");
-                }
-            }
-            let result = factory
-                .start(&id, generation, session, version, signals)
-                .await
-                .map_err(|e| {
-                    tracing::error!(instance.id = %id, error = %format!("{e:#}"), "could not start the WhatsApp client");
-                    Cause::Unreachable(format!("the client could not start: {e}"))
-                });
+            let result = start(&ctx, &id, generation, fresh, lock, signals).await;
             if let Err(mpsc::error::SendError(Work::Started {
                 result: Ok(orphan), ..
             })) = report.send(Work::Started { generation, result }).await
             {
-                drop(orphan.stop(STOP_TIMEOUT).await); // the instance is gone
+                drop(orphan.stop(STOP_TIMEOUT).await); // the instance's task is gone
             }
         });
     }
@@ -140,34 +177,38 @@ impl Actor {
         let stop = (ctx.link_wait / 4).clamp(Duration::from_millis(500), STOP_TIMEOUT);
         let deadline = Instant::now() + ctx.link_wait - stop;
         self.ctx.tracker.spawn(async move {
-            let running = match current {
-                Some(running) if running.client.is_connected() => Ok(running),
+            let outcome = match current {
+                Some(running) if running.client.is_connected() => {
+                    let outcome = remove_device(&running, deadline).await;
+                    drop(running.stop(stop).await);
+                    outcome
+                }
                 other => {
-                    let session = match other {
-                        Some(running) => running.stop(stop).await,
-                        None => lock.lock_owned().await,
-                    };
-                    match ctx
-                        .factory
-                        .start(&id, generation, session, None, signals)
-                        .await
-                    {
-                        Ok(running) => {
-                            let wait = deadline.saturating_duration_since(Instant::now());
-                            let _ = running.client.wait_for_socket(wait).await;
-                            Ok(running)
+                    if let Some(running) = other {
+                        drop(running.stop(stop).await);
+                    }
+                    // The stored session, connected just to be removed.
+                    let started = start(&ctx, &id, generation, false, lock, signals);
+                    match timeout_at(deadline, started).await {
+                        Ok(Ok(running)) => {
+                            let outcome = remove_device(&running, deadline).await;
+                            drop(running.stop(stop).await);
+                            outcome
                         }
-                        Err(e) => Err(format!("the session could not be opened: {e:#}")),
+                        Ok(Err(StartError::SessionMissing)) => Unlinked::NotTold(
+                            "the session's keys are missing here, so WhatsApp could not be told"
+                                .into(),
+                        ),
+                        Ok(Err(StartError::Unavailable(cause))) => {
+                            Unlinked::NotTold(cause.to_string())
+                        }
+                        Ok(Err(StartError::ShuttingDown)) => {
+                            Unlinked::NotTold("the gateway is stopping".into())
+                        }
+                        Err(_) => Unlinked::NotTold(Cause::NoAnswer.to_string()),
                     }
                 }
             };
-            let outcome = match &running {
-                Ok(running) => remove_device(running, deadline).await,
-                Err(why) => Unlinked::NotTold(why.clone()),
-            };
-            if let Ok(running) = running {
-                drop(running.stop(stop).await);
-            }
             let _ = report
                 .send(Work::Unlinked {
                     generation,
@@ -178,29 +219,52 @@ impl Actor {
     }
 }
 
-async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
-    let client = &running.client;
-    let Some(jid) = client.pn().filter(|_| client.is_connected()) else {
-        let cause = running.diagnosis.cause().unwrap_or(Cause::NoAnswer);
-        return Unlinked::NotTold(cause.to_string());
-    };
-    match timeout_at(
-        deadline,
-        client.execute(RemoveCompanionDeviceSpec::new(&jid)),
-    )
-    .await
-    {
-        Ok(Ok(())) => Unlinked::Told,
-        Ok(Err(e)) => Unlinked::NotTold(format!("WhatsApp refused to remove the device: {e}")),
-        Err(_) => Unlinked::NotTold("WhatsApp did not confirm the removal in time".into()),
+/// Waits until the client has logged in (WhatsApp answers a device's requests only
+/// then), leaving a moment before `deadline` for the request itself.
+async fn wait_for_login(client: &Arc<Client>, deadline: Instant) {
+    let by = deadline - Duration::from_secs(1).min(deadline - Instant::now());
+    while !client.is_logged_in() && Instant::now() < by {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Asks WhatsApp for a pairing code for `phone`, dropping the code of another phone
-/// first when this one replaces it.
+/// Removes the device at WhatsApp once its client is logged in, trying again while
+/// time is left if the connection turns over meanwhile (a link's first login restarts
+/// the stream, for one).
+async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
+    let client = &running.client;
+    loop {
+        wait_for_login(client, deadline).await;
+        let Some(jid) = client.pn().filter(|_| client.is_logged_in()) else {
+            let cause = running.diagnosis.cause().unwrap_or(Cause::NoAnswer);
+            return Unlinked::NotTold(cause.to_string());
+        };
+        match timeout_at(
+            deadline,
+            client.execute(RemoveCompanionDeviceSpec::new(&jid)),
+        )
+        .await
+        {
+            Ok(Ok(())) => return Unlinked::Told,
+            Ok(Err(_)) if !client.is_logged_in() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => {
+                return Unlinked::NotTold(format!("WhatsApp refused to remove the device: {e}"));
+            }
+            Err(_) => {
+                return Unlinked::NotTold("WhatsApp did not confirm the removal in time".into());
+            }
+        }
+    }
+}
+
+/// Asks WhatsApp for a pairing code for `phone`, as request number `request` of the
+/// window. A code asked for earlier on this client is dropped first (`replaces`).
 pub(super) async fn request_pair_code(
     client: Arc<Client>,
     generation: u64,
+    request: u64,
     phone: String,
     replaces: bool,
     deadline: Instant,
@@ -210,7 +274,7 @@ pub(super) async fn request_pair_code(
         client.cancel_pair_code().await;
     }
     let options = PairCodeOptions {
-        phone_number: phone.clone(),
+        phone_number: phone,
         ..Default::default()
     };
     let result = match timeout_at(deadline, client.pair_with_code(options)).await {
@@ -221,7 +285,7 @@ pub(super) async fn request_pair_code(
     let _ = report
         .send(Work::PairCode {
             generation,
-            phone,
+            request,
             result,
         })
         .await;

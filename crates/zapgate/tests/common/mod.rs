@@ -51,8 +51,8 @@ impl World {
     }
 
     /// A gateway on this world that must refuse to start; what it printed.
-    pub async fn refused_gateway(&self, env: &[(&str, &str)]) -> String {
-        Gateway::refused(&self.sim.ws_url(), &self.data_dir(), env).await
+    pub async fn refused_gateway(&self, env: &[(&str, &str)], unset: &[&str]) -> String {
+        Gateway::refused(&self.sim.ws_url(), &self.data_dir(), env, unset).await
     }
 
     pub fn session_file(&self, i: &Instance) -> PathBuf {
@@ -199,8 +199,13 @@ impl Gateway {
     }
 
     /// Runs a gateway that must refuse to start; returns what it printed.
-    pub async fn refused(whatsapp_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> String {
-        let mut command = gateway_command(whatsapp_url, data_dir, env, &[]);
+    pub async fn refused(
+        whatsapp_url: &str,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> String {
+        let mut command = gateway_command(whatsapp_url, data_dir, env, unset);
         let output = tokio::time::timeout(CONNECT_WAIT, command.output())
             .await
             .expect("a refused start ends at once")
