@@ -53,6 +53,11 @@ impl Control {
             .await
     }
 
+    /// Cuts every connection and refuses websockets for `seconds`.
+    pub async fn outage(&self, seconds: u64) -> reqwest::Result<(u16, Value)> {
+        self.post("outage", json!({ "seconds": seconds })).await
+    }
+
     pub async fn devices(&self) -> reqwest::Result<Vec<Value>> {
         let (_, body) = self.get("devices").await?;
         Ok(body.as_array().cloned().unwrap_or_default())

@@ -262,12 +262,7 @@ async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
     let world = World::new().await;
     let gw = world.gateway_with(&[("ZAPGATE_LINK_WAIT_SECS", "2")]).await;
     let inst = gw.api.create_instance("offline").await;
-    let (status, _) = world
-        .wa
-        .post("outage", json!({ "seconds": 60 }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(world.wa.outage(60).await.unwrap().0, 200);
     assert_eq!(
         gw.api.qr_code(&inst).await,
         error(

@@ -193,12 +193,7 @@ async fn a_disconnect_while_whatsapp_is_down_answers_in_time_and_says_so() {
     let world = World::new().await;
     let gw = world.gateway().await;
     let inst = world.linked_instance(&gw, "offline", PHONE).await;
-    let (status, _) = world
-        .wa
-        .post("outage", json!({ "seconds": 60 }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(world.wa.outage(60).await.unwrap().0, 200);
 
     let asked = tokio::time::Instant::now();
     let (status, body) = gw.api.disconnect(&inst).await;

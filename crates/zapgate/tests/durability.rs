@@ -125,12 +125,7 @@ async fn a_cancel_cut_short_by_a_kill_is_finished_at_the_next_start() {
 
     // WhatsApp goes away for a moment, so the cancel's unlink waits; the gateway dies
     // while it does. The row is already marked.
-    let (status, _) = world
-        .wa
-        .post("outage", json!({ "seconds": 3 }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(world.wa.outage(3).await.unwrap().0, 200);
     let cancel = format!(
         "{}/instances/{}/token/{}/integrator/on-demand/cancel",
         gw.api.base, inst.id, inst.token

@@ -244,12 +244,7 @@ async fn an_outage_needs_restoring_and_then_heals() {
     let gw = world.gateway().await;
     let inst = world.linked_instance(&gw, "outage", PHONE).await;
 
-    let (status, _) = world
-        .wa
-        .post("outage", json!({ "seconds": 4 }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(world.wa.outage(4).await.unwrap().0, 200);
     gw.api
         .wait_status(&inst, "restore needed", |s| *s == restore_needed())
         .await;

@@ -163,10 +163,11 @@ impl Gateway {
         let mut child = command.spawn().expect("zapgate starts");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let log = Log::default();
+        let started = tokio::time::Instant::now() + CONNECT_WAIT;
         let base = loop {
-            let line = lines
-                .next_line()
+            let line = tokio::time::timeout_at(started, lines.next_line())
                 .await
+                .expect("zapgate started in time")
                 .unwrap()
                 .expect("zapgate printed its address");
             println!("{line}");
