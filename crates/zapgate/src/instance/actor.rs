@@ -5,6 +5,7 @@
 //! stopping one and unlinking run in child tasks (`work`) that report back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
@@ -58,6 +59,8 @@ pub(crate) struct Context {
 
 /// Queued commands, client events and child reports; each side waits when full.
 const QUEUE: usize = 32;
+/// Restores in a row make the client skip its backoff at most this often.
+const RECONNECT_NOW_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Actor {
     pub(super) record: Arc<InstanceRecord>,
@@ -72,6 +75,10 @@ pub(super) struct Actor {
     restarts: Vec<Reply<()>>,
     /// The generation of a restart or restore still on its way to WhatsApp.
     restarting: Option<u64>,
+    /// When a restore last made the client skip its backoff.
+    reconnected_at: Option<Instant>,
+    /// The current generation, for child tasks to see that theirs was superseded.
+    pub(super) current: Arc<AtomicU64>,
     unlinks: Vec<Reply<Unlinked>>,
     cancelling: bool,
     /// How the unlink of a cancel went, told once the row is gone too.
@@ -115,6 +122,8 @@ pub(crate) fn spawn(
         problem: None,
         restarts: Vec::new(),
         restarting: None,
+        reconnected_at: None,
+        current: Arc::new(AtomicU64::new(0)),
         unlinks: Vec::new(),
         cancelling: false,
         cancelled: None,
@@ -207,15 +216,21 @@ impl Actor {
             tracing::info!(instance.id = %self.record.id, from = ?self.state, to = ?next, ?input, "instance state");
         }
         self.state = next;
-        if next != State::Reconnecting {
-            self.restarting = None;
-        }
         for action in actions {
             self.run_action(action).await;
         }
-        if self.restarting != Some(self.generation) || self.client.is_some() {
-            // The restart was overtaken (or its client already started): say so once.
-            self.settle_restarts(Ok(()));
+        if self.restarting.is_some()
+            && (self.restarting != Some(self.generation) || next != State::Reconnecting)
+        {
+            // The restart was overtaken: its callers hear where things stand now.
+            self.restarting = None;
+            let answer = match self.state {
+                State::Unlinking => Err(LinkError::Unlinking),
+                State::Stopped => Err(LinkError::SessionStored),
+                State::SessionMissing => Err(LinkError::Problem(Problem::SessionMissing)),
+                _ => Ok(()),
+            };
+            self.settle_restarts(answer);
         }
         if self.state != State::Linking {
             let answer = self.window_answer();
@@ -252,16 +267,11 @@ impl Actor {
         }
     }
 
-    /// Restart and restore: one in progress (until its client reaches WhatsApp)
-    /// answers every caller that joins it.
+    /// Restart and restore: one whose client is still starting answers every caller
+    /// that joins it.
     async fn restart(&mut self, input: Input, reply: Reply<()>) {
-        if self.state == State::Reconnecting && self.restarting == Some(self.generation) {
-            if self.client.is_some() {
-                let _ = reply.send(Ok(()));
-            } else {
-                self.restarts.push(reply);
-            }
-            return;
+        if self.restarting.is_some() {
+            return self.restarts.push(reply);
         }
         if self.state == State::SessionMissing {
             self.state = self.stored_session_state();
@@ -273,10 +283,8 @@ impl Actor {
         }
         let generation = self.generation;
         self.apply(input).await;
-        if self.state == State::Reconnecting {
-            self.restarting = Some(self.generation);
-        }
         if self.generation != generation && self.state == State::Reconnecting {
+            self.restarting = Some(self.generation);
             self.restarts.push(reply); // answered once its client has started
         } else {
             let _ = reply.send(Ok(()));
@@ -332,11 +340,17 @@ impl Actor {
         if let Err(e) = self.ctx.factory.files.wipe(&self.record.id) {
             tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance's session");
         }
+        let deleted = tokio::time::timeout(
+            work::STORE_TIMEOUT,
+            self.ctx.store.delete_instance(&self.record.id),
+        )
+        .await;
+        // Held until the row is gone: a start still on its way finds it superseded.
         drop(session);
-        match self.ctx.store.delete_instance(&self.record.id).await {
-            Ok(()) => tracing::info!(instance.id = %self.record.id, "instance cancelled"),
-            Err(e) => {
-                tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance; the next start finishes it")
+        match deleted {
+            Ok(Ok(())) => tracing::info!(instance.id = %self.record.id, "instance cancelled"),
+            failed => {
+                tracing::error!(instance.id = %self.record.id, outcome = ?failed, "could not delete the cancelled instance; the next start finishes it")
             }
         }
         let outcome = self.cancelled.take().unwrap_or(Unlinked::Told);
@@ -377,6 +391,7 @@ impl Actor {
         match result {
             Ok(running) => {
                 self.client = Some(running);
+                self.restarting = None;
                 self.settle_restarts(Ok(()));
                 if self.state == State::Linking {
                     self.request_pair_code();
@@ -390,12 +405,14 @@ impl Actor {
                     "the linked number's session file is missing; it stays linked, restore it once the file is back"
                 );
                 self.problem = Some(Problem::SessionMissing);
+                self.restarting = None;
                 self.settle_restarts(Err(LinkError::Problem(Problem::SessionMissing)));
                 self.apply(Input::FileMissing).await;
             }
-            Err(StartError::ShuttingDown) => {}
+            Err(StartError::Superseded) => {}
             Err(StartError::Unavailable(cause)) => {
                 tracing::error!(instance.id = %self.record.id, error = %cause, "could not start the WhatsApp client");
+                self.restarting = None;
                 self.settle_restarts(Err(LinkError::Unavailable(cause.clone())));
                 if self.state == State::Linking {
                     self.window.fail(LinkError::Unavailable(cause));
@@ -405,6 +422,13 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// A new client generation: whatever is about an older one is stale from now on.
+    pub(super) fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.current.store(self.generation, Ordering::Relaxed);
+        self.generation
     }
 
     /// Answers the callers of a restart or restore.
@@ -420,11 +444,17 @@ impl Actor {
         }
         let event = match signal.kind {
             SignalKind::Stopped => return self.apply(Input::ClientStopped).await,
-            SignalKind::SocketUp => {
-                self.restarting = None;
+            // Not from a client only logging out, or one already let go of.
+            SignalKind::SocketUp
+                if matches!(
+                    self.state,
+                    State::Linking | State::Reconnecting | State::Connected
+                ) =>
+            {
                 self.snapshot.send_modify(|s| s.socket_up = true);
                 return;
             }
+            SignalKind::SocketUp => return,
             SignalKind::Event(event) => event,
         };
         match &*event {
@@ -521,7 +551,11 @@ impl Actor {
             }
             Action::StartSessionClient => self.start_client(false),
             Action::ReconnectNow => {
-                if let Some(running) = &self.client {
+                let recent = self
+                    .reconnected_at
+                    .is_some_and(|at| at.elapsed() < RECONNECT_NOW_EVERY);
+                if let Some(running) = self.client.as_ref().filter(|_| !recent) {
+                    self.reconnected_at = Some(Instant::now());
                     let client = running.client.clone();
                     self.ctx
                         .tracker
@@ -532,10 +566,12 @@ impl Actor {
                 // Its late events still count: a LoggedOut after its end still forgets.
                 Some(running) => self.stop_in_background(running, false),
                 // A start still on its way is stopped when it reports.
-                None => self.generation += 1,
+                None => {
+                    self.next_generation();
+                }
             },
             Action::CloseWindow => {
-                self.generation += 1;
+                self.next_generation();
                 if let Some(running) = self.client.take() {
                     self.stop_in_background(running, true);
                 }
@@ -543,6 +579,9 @@ impl Actor {
             Action::Unlink => self.unlink(),
             Action::Forget => {
                 self.link = None;
+                if self.problem == Some(Problem::SessionMissing) {
+                    self.problem = None;
+                }
                 let cleared = tokio::time::timeout(
                     work::STORE_TIMEOUT,
                     self.ctx.store.set_link(&self.record.id, None),
@@ -551,7 +590,7 @@ impl Actor {
                 if !matches!(cleared, Ok(Ok(()))) {
                     tracing::error!(instance.id = %self.record.id, outcome = ?cleared, "could not clear the instance's link; the next start reports its session missing");
                 }
-                self.generation += 1;
+                self.next_generation();
                 let running = self.client.take();
                 self.wipe_in_background(running);
             }

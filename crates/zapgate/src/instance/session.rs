@@ -43,6 +43,8 @@ pub(crate) enum SignalKind {
 const SOCKET_WAIT: Duration = Duration::from_secs(60);
 /// A web version learnt from WhatsApp is asked again after this long.
 const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A failure to learn it is told again, without asking, for this long.
+const VERSION_RETRY: Duration = Duration::from_secs(10);
 
 /// The client events an instance acts on; the client skips building the others.
 const INSTANCE_EVENTS: &[EventKind] = &[
@@ -139,7 +141,8 @@ pub(crate) struct ClientFactory {
     pub(crate) whatsapp_url: String,
     /// Configured with `--whatsapp-version`; otherwise learnt from WhatsApp.
     pub(crate) version: Option<(u32, u32, u32)>,
-    pub(crate) learnt: AsyncMutex<Option<(Version, Instant)>>,
+    /// The last version learnt (or why not), and when.
+    pub(crate) learnt: AsyncMutex<Option<(Result<Version, String>, Instant)>>,
     pub(crate) tracker: TaskTracker,
 }
 
@@ -159,19 +162,15 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    /// Stops the client and waits (bounded) for its run loop to end, so its session
-    /// file is closed; a client that does not end in time is aborted. Returns the
+    /// Stops the client and waits (each step within `within`) for its run loop to end,
+    /// so its session file is closed; a client that does not end in time is aborted. Returns the
     /// session lock, for work that needs the file closed.
     pub(crate) async fn stop(self, within: Duration) -> OwnedMutexGuard<()> {
         self.client
             .enable_auto_reconnect
             .store(false, Ordering::Relaxed);
-        let deadline = Instant::now() + within;
-        let _ = tokio::time::timeout_at(deadline, self.client.disconnect()).await;
-        if tokio::time::timeout_at(deadline, self.ended.cancelled())
-            .await
-            .is_err()
-        {
+        let _ = timeout(within, self.client.disconnect()).await;
+        if timeout(within, self.ended.cancelled()).await.is_err() {
             tracing::warn!(
                 client.generation = self.generation,
                 "a WhatsApp client did not stop in time; aborting it"
@@ -189,33 +188,32 @@ const ABORT_WAIT: Duration = Duration::from_secs(1);
 impl ClientFactory {
     /// The web version to announce when opening a linking window: configured, or learnt
     /// from WhatsApp (once a day). Its failure is the first thing a user must hear.
-    pub(crate) async fn link_version(&self, within: Duration) -> Result<(u32, u32, u32), Cause> {
+    pub(crate) async fn link_version(&self, within: Duration) -> Result<Version, Cause> {
         if let Some(version) = self.version {
             return Ok(version);
         }
-        let mut learnt = self.learnt.lock().await;
-        if let Some((version, at)) = *learnt {
-            if at.elapsed() < VERSION_TTL {
-                return Ok(version);
+        let learn = async {
+            let mut learnt = self.learnt.lock().await;
+            match &*learnt {
+                Some((Ok(version), at)) if at.elapsed() < VERSION_TTL => return Ok(*version),
+                Some((Err(why), at)) if at.elapsed() < VERSION_RETRY => {
+                    return Err(Cause::VersionUnknown(why.clone()));
+                }
+                _ => {}
             }
-        }
-        let http: Arc<dyn whatsapp_rust::http::HttpClient> =
-            Arc::new(whatsapp_rust::http::UreqHttpClient::new());
-        let fetched = timeout(
-            within,
-            whatsapp_rust::version::fetch_latest_app_version(&http),
-        )
-        .await;
-        match fetched {
-            Ok(Ok(version)) => {
-                *learnt = Some((version, Instant::now()));
-                Ok(version)
-            }
-            Ok(Err(e)) => Err(Cause::VersionUnknown(format!("{e:#}"))),
-            Err(_) => Err(Cause::VersionUnknown(
+            let http: Arc<dyn whatsapp_rust::http::HttpClient> =
+                Arc::new(whatsapp_rust::http::UreqHttpClient::new());
+            let fetched = whatsapp_rust::version::fetch_latest_app_version(&http)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            *learnt = Some((fetched.clone(), Instant::now()));
+            fetched.map_err(Cause::VersionUnknown)
+        };
+        timeout(within, learn).await.unwrap_or_else(|_| {
+            Err(Cause::VersionUnknown(
                 "web.whatsapp.com did not answer in time".into(),
-            )),
-        }
+            ))
+        })
     }
 
     /// Builds a client on the instance's session file (created empty if absent) and

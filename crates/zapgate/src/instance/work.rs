@@ -16,10 +16,12 @@ use super::linking::group_code;
 use super::session::Running;
 use super::session::Signal;
 use super::{Cause, LinkError, Unlinked};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Mutex as AsyncMutex;
 
-/// How long a client may take to stop before we move on.
-pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to stop before we move on (twice: to disconnect, then
+/// for its run loop to end).
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a database write may take before it counts as failed.
 pub(super) const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,14 +46,14 @@ pub(crate) enum StartError {
     Unavailable(Cause),
     /// The stored session file is not there (any more).
     SessionMissing,
-    /// The gateway is stopping.
-    ShuttingDown,
+    /// The gateway is stopping, or the task moved on to another client.
+    Superseded,
 }
 
 async fn start(
     ctx: &Context,
     id: &str,
-    generation: u64,
+    (generation, current): (u64, &AtomicU64),
     fresh: bool,
     lock: Arc<AsyncMutex<()>>,
     signals: mpsc::Sender<Signal>,
@@ -68,9 +70,13 @@ async fn start(
         false => None,
     };
     let session = tokio::select! {
+        biased;
+        () = ctx.shutdown.cancelled() => return Err(StartError::Superseded),
         session = lock.lock_owned() => session,
-        () = ctx.shutdown.cancelled() => return Err(StartError::ShuttingDown),
     };
+    if ctx.shutdown.is_cancelled() || current.load(Ordering::Relaxed) != generation {
+        return Err(StartError::Superseded);
+    }
     match (fresh, factory.files.exists(id)) {
         // Whatever an earlier window left (or a link whose record was lost) is moved
         // aside, never deleted: nothing linked is wiped by a new window.
@@ -104,21 +110,27 @@ impl Actor {
     /// session for a linking window (`fresh`), else on the stored one, which must be
     /// there (opening a missing one would create an empty session).
     pub(super) fn start_client(&mut self, fresh: bool) {
-        self.generation += 1;
-        let generation = self.generation;
+        let generation = self.next_generation();
         let (ctx, id) = (self.ctx.clone(), self.record.id.clone());
-        let (lock, signals, report) = (
+        let (lock, signals, report, current) = (
             self.session_lock.clone(),
             self.signal_tx.clone(),
             self.work_tx.clone(),
+            self.current.clone(),
         );
         self.ctx.tracker.spawn(async move {
-            let result = start(&ctx, &id, generation, fresh, lock, signals).await;
+            let started = (generation, &*current);
+            let result = start(&ctx, &id, started, fresh, lock, signals).await;
             if let Err(mpsc::error::SendError(Work::Started {
                 result: Ok(orphan), ..
             })) = report.send(Work::Started { generation, result }).await
             {
-                drop(orphan.stop(STOP_TIMEOUT).await); // the instance's task is gone
+                // The instance's task is gone; a window's session goes with it.
+                let session = orphan.stop(STOP_TIMEOUT).await;
+                if fresh {
+                    let _ = ctx.factory.files.wipe(&id);
+                }
+                drop(session);
             }
         });
     }
@@ -164,20 +176,21 @@ impl Actor {
     /// session first if it is not online, then stops the client. Reports
     /// [`Work::Unlinked`]; the session is deleted by the task after that.
     pub(super) fn unlink(&mut self) {
-        self.generation += 1;
-        let generation = self.generation;
-        let current = self.client.take();
+        let generation = self.next_generation();
+        let running = self.client.take();
         let (ctx, id) = (self.ctx.clone(), self.record.id.clone());
-        let (lock, signals, report) = (
+        let (lock, signals, report, current) = (
             self.session_lock.clone(),
             self.signal_tx.clone(),
             self.work_tx.clone(),
+            self.current.clone(),
         );
-        // The caller waits for all of it: leave the stop its share of the link wait.
-        let stop = (ctx.link_wait / 4).clamp(Duration::from_millis(500), STOP_TIMEOUT);
-        let deadline = Instant::now() + ctx.link_wait - stop;
+        // The caller waits for all of it: leave the stop (which may take twice its
+        // budget) its share of the link wait.
+        let stop = (ctx.link_wait / 5).clamp(Duration::from_millis(500), STOP_TIMEOUT);
+        let deadline = Instant::now() + ctx.link_wait - 2 * stop;
         self.ctx.tracker.spawn(async move {
-            let outcome = match current {
+            let outcome = match running {
                 Some(running) if running.client.is_connected() => {
                     let outcome = remove_device(&running, deadline).await;
                     drop(running.stop(stop).await);
@@ -188,7 +201,7 @@ impl Actor {
                         drop(running.stop(stop).await);
                     }
                     // The stored session, connected just to be removed.
-                    let started = start(&ctx, &id, generation, false, lock, signals);
+                    let started = start(&ctx, &id, (generation, &current), false, lock, signals);
                     match timeout_at(deadline, started).await {
                         Ok(Ok(running)) => {
                             let outcome = remove_device(&running, deadline).await;
@@ -202,7 +215,7 @@ impl Actor {
                         Ok(Err(StartError::Unavailable(cause))) => {
                             Unlinked::NotTold(cause.to_string())
                         }
-                        Ok(Err(StartError::ShuttingDown)) => {
+                        Ok(Err(StartError::Superseded)) => {
                             Unlinked::NotTold("the gateway is stopping".into())
                         }
                         Err(_) => Unlinked::NotTold(Cause::NoAnswer.to_string()),
