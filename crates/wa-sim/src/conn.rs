@@ -153,6 +153,12 @@ impl Connection {
             }
             Err(LoginRefusal::Unknown) => {
                 bump(&self.sim.stats.login_failures, 1);
+                tracing::warn!(
+                    conn.id = self.id,
+                    phone,
+                    device,
+                    "login refused: not a linked device with this noise key"
+                );
                 self.send_node(&stanza::failure(401)).await?;
                 let _ = self.socket.send(Message::Close(None)).await;
                 Ok(false)

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::phone::{self, PhoneError};
 use crate::registry::{Command, Role};
-use crate::sim::Sim;
+use crate::sim::{Sim, bump};
 use crate::stanza;
 
 pub(crate) fn routes() -> Router<Arc<Sim>> {
@@ -92,8 +92,18 @@ struct ScanBody {
 }
 
 async fn scan(State(sim): State<Arc<Sim>>, Body(body): Body<ScanBody>) -> Reply {
-    let linked = phone::scan(&sim, &body.qr, body.phone.as_deref()).await?;
+    let linked = phone::scan(&sim, &body.qr, body.phone.as_deref()).await;
+    let linked = refusal_noted(&sim, "scan", linked)?;
     Ok(Json(json!(linked)))
+}
+
+/// Every pairing the phone or the device refused is logged with its reason and counted.
+fn refusal_noted<T>(sim: &Sim, how: &str, result: Result<T, PhoneError>) -> Result<T, PhoneError> {
+    if let Err(PhoneError::Refused(reason)) = &result {
+        bump(&sim.stats.pairing_refusals, 1);
+        tracing::warn!(how, reason, "pairing refused");
+    }
+    result
 }
 
 #[derive(Deserialize)]
@@ -104,7 +114,8 @@ struct LinkCodeBody {
 }
 
 async fn link_code(State(sim): State<Arc<Sim>>, Body(body): Body<LinkCodeBody>) -> Reply {
-    let linked = phone::enter_code(&sim, &body.phone, &body.code).await?;
+    let linked = phone::enter_code(&sim, &body.phone, &body.code).await;
+    let linked = refusal_noted(&sim, "link-code", linked)?;
     Ok(Json(json!(linked)))
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct Stats {
     pub(crate) pairings: AtomicU64,
     /// Pairing codes companions asked for (`companion_hello`).
     pub(crate) code_requests: AtomicU64,
+    /// Pairings the phone or the device refused (a bad signature, a wrong code...).
+    pub(crate) pairing_refusals: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) frames_in: AtomicU64,
@@ -55,6 +57,7 @@ pub(crate) struct StatsView {
     login_failures: u64,
     pairings: u64,
     code_requests: u64,
+    pairing_refusals: u64,
     refused: u64,
     protocol_errors: u64,
     frames_in: u64,
@@ -255,6 +258,7 @@ impl Sim {
             login_failures: load(&s.login_failures),
             pairings: load(&s.pairings),
             code_requests: load(&s.code_requests),
+            pairing_refusals: load(&s.pairing_refusals),
             refused: load(&s.refused),
             protocol_errors: load(&s.protocol_errors),
             frames_in: load(&s.frames_in),

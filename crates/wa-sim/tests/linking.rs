@@ -104,6 +104,11 @@ async fn a_typed_pairing_code_links_the_device_and_a_wrong_one_does_not() {
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("code"), "{body}");
     assert!(h.control.devices().await.unwrap().is_empty());
+    assert_eq!(
+        h.control.stats().await.unwrap()["pairingRefusals"],
+        json!(1),
+        "the refusal is counted"
+    );
 
     let grouped = format!("{}-{}", &code[..4], &code[4..]);
     let (status, body) = h.control.link_code(PHONE, &grouped).await.unwrap();
@@ -161,6 +166,10 @@ async fn a_tampered_qr_links_nothing() {
     assert!(
         body["error"].as_str().unwrap().contains("hmac-mismatch"),
         "{body}"
+    );
+    assert_eq!(
+        h.control.stats().await.unwrap()["pairingRefusals"],
+        json!(1)
     );
     companion
         .wait_for("PairError", |e| {

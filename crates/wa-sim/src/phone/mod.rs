@@ -197,10 +197,17 @@ fn check_device_signature(
         .ok_or("the device's answer holds no device identity")?;
     let signed = wa::ADVSignedDeviceIdentity::decode_from_slice(bytes)
         .map_err(|_| "the device identity is malformed")?;
-    if signed.details.as_deref() != Some(details)
-        || signed.account_signature_key.as_deref() != Some(account_key)
-    {
+    if signed.details.as_deref() != Some(details) {
         return Err("the device signed other details than the phone sent");
+    }
+    // WhatsApp's own companions (and whatsmeow, Baileys) leave the account key out of
+    // their answer; it is the phone's own either way, and one that differs is refused.
+    if signed
+        .account_signature_key
+        .as_deref()
+        .is_some_and(|key| key != account_key)
+    {
+        return Err("the device answered with another account key than the phone's");
     }
     let signature = signed
         .device_signature
@@ -226,5 +233,66 @@ fn check_device_signature(
 pub(super) fn release(sim: &Sim, conn: ConnId) {
     if let Some(Role::Linking(l)) = sim.registry().conns.get_mut(&conn).map(|c| &mut c.role) {
         l.pairing = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wacore::libsignal::protocol::KeyPair;
+
+    /// A companion's `pair-device-sign` answer, signed as a real companion signs it.
+    fn answer(details: &[u8], account_key: &[u8], sent_key: Option<&[u8]>, me: &KeyPair) -> Node {
+        let identity = me.public_key.public_key_bytes();
+        let message = [
+            &ADV_DEVICE_SIGNATURE_PREFIX[..],
+            details,
+            identity,
+            account_key,
+        ]
+        .concat();
+        let signature = me
+            .private_key
+            .calculate_signature(&message, &mut rand::rng())
+            .unwrap();
+        let signed = wa::ADVSignedDeviceIdentity {
+            details: Some(details.to_vec()),
+            account_signature_key: sent_key.map(<[u8]>::to_vec),
+            device_signature: Some(signature.to_vec()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        NodeBuilder::new("iq")
+            .children([NodeBuilder::new("pair-device-sign")
+                .children([NodeBuilder::new("device-identity").bytes(signed).build()])
+                .build()])
+            .build()
+    }
+
+    #[test]
+    fn a_companion_may_leave_the_account_key_out_but_not_change_it() {
+        let me = KeyPair::generate(&mut rand::rng());
+        let identity = crate::key32(me.public_key.public_key_bytes()).unwrap();
+        let (details, account_key) = (b"details".as_slice(), [7u8; 32]);
+        let check = |sent: Option<&[u8]>| {
+            check_device_signature(
+                &answer(details, &account_key, sent, &me),
+                details,
+                &account_key,
+                &identity,
+            )
+        };
+        assert_eq!(check(Some(&account_key)), Ok(()));
+        assert_eq!(check(None), Ok(()), "as WhatsApp's own companions answer");
+        assert_eq!(
+            check(Some(&[8u8; 32])),
+            Err("the device answered with another account key than the phone's")
+        );
+        // A signature over other bytes is still refused.
+        let forged = answer(details, &[9u8; 32], None, &me);
+        assert_eq!(
+            check_device_signature(&forged, details, &account_key, &identity),
+            Err("the device's signature does not verify")
+        );
     }
 }
