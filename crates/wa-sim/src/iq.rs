@@ -6,16 +6,23 @@ use wacore_binary::builder::NodeBuilder;
 
 use crate::conn::{Connection, Session};
 use crate::phone;
-use crate::stanza::{attr, first_child, iq_error, iq_result, offline_done};
+use crate::stanza::{account_sync, attr, first_child, iq_error, iq_result, offline_done};
 
 pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
     let xmlns = attr(iq, "xmlns");
     let child = first_child(iq);
     match (xmlns.as_deref(), child) {
-        // Going active: answer, then say there is no offline backlog.
-        (Some("passive"), _) if matches!(conn.session, Session::Device { .. }) => {
-            vec![iq_result(iq).build(), offline_done()]
-        }
+        // Going active: answer, say there is no offline backlog, and share the
+        // account's push name. A device that knows it logs in without waiting for the
+        // first app-state sync (the name would otherwise come from there).
+        (Some("passive"), _) => match &conn.session {
+            Session::Device { phone, .. } => vec![
+                iq_result(iq).build(),
+                offline_done(),
+                account_sync(&phone::push_name(phone)),
+            ],
+            _ => vec![iq_result(iq).build()],
+        },
         (Some("w:sync:app:state"), _) => vec![app_state(iq)],
         (Some("abt"), Some(child)) if child.tag == "props" => vec![ab_props(iq)],
         (Some("privacy"), Some(child))

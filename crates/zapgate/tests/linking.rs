@@ -39,6 +39,11 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
     assert_eq!(device["phone"], json!(PHONE));
     assert_eq!(device["sessionId"], json!(1));
     assert_eq!(device["originalDevice"], json!("android"));
+    assert_eq!(
+        device["name"],
+        json!(format!("wa-sim {PHONE}")),
+        "the account's push name"
+    );
     let already = json!({ "connected": true, "error": "You are already connected." });
     assert_eq!(api.qr_code(&inst).await, (200, already.clone()));
     assert_eq!(api.qr_code_image(&inst).await, (200, already.clone()));

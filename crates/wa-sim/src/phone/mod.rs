@@ -24,6 +24,11 @@ use crate::registry::{Command, Companion, ConnId, DeviceRecord, Role};
 use crate::sim::{Sim, bump};
 use crate::stanza::{self, attr};
 
+/// The name the account's owner chose, as the phone shows it to contacts.
+pub(crate) fn push_name(phone: &str) -> String {
+    format!("wa-sim {phone}")
+}
+
 const ADV_ACCOUNT_SIGNATURE_PREFIX: [u8; 2] = [6, 0];
 const ADV_DEVICE_SIGNATURE_PREFIX: [u8; 2] = [6, 1];
 

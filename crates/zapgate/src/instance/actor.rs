@@ -493,6 +493,8 @@ impl Actor {
             Event::Disconnected(_) => self.apply(Input::Disconnected).await,
             Event::LoggedOut(_) => self.apply(Input::LoggedOut).await,
             Event::StreamReplaced(_) => self.apply(Input::Replaced).await,
+            // The device's name shows in /device.
+            Event::SelfPushNameUpdated(_) => self.publish(),
             Event::ConnectFailure(_) | Event::TemporaryBan(_) | Event::ClientOutdated(_) => {
                 tracing::warn!(instance.id = %self.record.id, event = ?event, "WhatsApp refused the connection");
             }

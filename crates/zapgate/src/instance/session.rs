@@ -59,6 +59,7 @@ const INSTANCE_EVENTS: &[EventKind] = &[
     EventKind::ConnectFailure,
     EventKind::TemporaryBan,
     EventKind::ClientOutdated,
+    EventKind::SelfPushNameUpdated,
 ];
 
 /// The session files of every instance.
