@@ -198,3 +198,47 @@ async fn a_gateway_killed_while_linking_sets_the_window_aside_and_links_again() 
     assert_eq!(status, 200, "{body}");
     gw.api.wait_connected(&inst).await;
 }
+
+#[tokio::test]
+async fn a_gateway_stops_promptly_whatever_its_instances_are_doing() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let online = world.linked_instance(&gw, "online", PHONE).await;
+    let linking = gw.api.create_instance("linking").await;
+    assert_eq!(gw.api.qr_code(&linking).await.0, 200);
+    gw.stop().await;
+
+    // WhatsApp is down: the linked session keeps retrying, a disconnect waits on it,
+    // a new window waits for a first code. SIGTERM must still end it all in time.
+    assert_eq!(world.wa.outage(60).await.unwrap().0, 200);
+    let gw = world.gateway().await;
+    gw.log.wait_for("instance state", 1).await;
+    let waiting = gw.api.create_instance("waiting").await;
+    let (base, token) = (
+        gw.api.base.clone(),
+        (waiting.id.clone(), waiting.token.clone()),
+    );
+    let pending = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let qr = http
+            .get(format!(
+                "{base}/instances/{}/token/{}/qr-code",
+                token.0, token.1
+            ))
+            .send();
+        let off = http
+            .get(format!(
+                "{base}/instances/{}/token/{}/disconnect",
+                online.id, online.token
+            ))
+            .send();
+        tokio::join!(qr, off)
+    });
+    gw.log.wait_for("to=Unlinking", 1).await;
+    gw.stop().await; // within 20 s, cleanly
+    let (qr, off) = pending.await.unwrap();
+    // Each caller got an answer or a closed connection, never a hang.
+    for response in [qr, off].into_iter().flatten() {
+        assert!(response.status().as_u16() >= 200);
+    }
+}

@@ -190,19 +190,22 @@ impl Actor {
         let stop = (ctx.link_wait / 5).clamp(Duration::from_millis(500), STOP_TIMEOUT);
         let deadline = Instant::now() + ctx.link_wait - 2 * stop;
         self.ctx.tracker.spawn(async move {
-            let outcome = match running {
-                Some(running) if running.client.is_connected() => {
-                    let outcome = remove_device(&running, deadline).await;
-                    drop(running.stop(stop).await);
-                    outcome
-                }
-                other => {
-                    if let Some(running) = other {
+            let shutdown = ctx.shutdown.clone();
+            let unlink = async {
+                match running {
+                    Some(running) if running.client.is_connected() => {
+                        let outcome = remove_device(&running, deadline).await;
                         drop(running.stop(stop).await);
+                        outcome
                     }
-                    // The stored session, connected just to be removed.
-                    let started = start(&ctx, &id, (generation, &current), false, lock, signals);
-                    match timeout_at(deadline, started).await {
+                    other => {
+                        if let Some(running) = other {
+                            drop(running.stop(stop).await);
+                        }
+                        // The stored session, connected just to be removed.
+                        let started =
+                            start(&ctx, &id, (generation, &current), false, lock, signals);
+                        match timeout_at(deadline, started).await {
                         Ok(Ok(running)) => {
                             let outcome = remove_device(&running, deadline).await;
                             drop(running.stop(stop).await);
@@ -220,7 +223,15 @@ impl Actor {
                         }
                         Err(_) => Unlinked::NotTold(Cause::NoAnswer.to_string()),
                     }
+                    }
                 }
+            };
+            // A stopping gateway does not wait for WhatsApp: the client is aborted
+            // with the future and the session stays as it was (a cancel's marked row
+            // is finished at the next start).
+            let outcome = tokio::select! {
+                outcome = unlink => outcome,
+                () = shutdown.cancelled() => return,
             };
             let _ = report
                 .send(Work::Unlinked {
