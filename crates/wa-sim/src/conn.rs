@@ -15,7 +15,7 @@ use waproto::whatsapp as wa;
 
 use crate::frame::{FrameError, FrameReader, encode_frame};
 use crate::noise::{AfterHello, HandshakeError, Pattern, Transport};
-use crate::registry::{Command, Companion, ConnId};
+use crate::registry::{Command, Companion, ConnId, Registration};
 use crate::sim::{LoginRefusal, Sim, bump};
 use crate::{iq, stanza};
 
@@ -244,6 +244,9 @@ impl Connection {
                 for reply in iq::answer(self, &node) {
                     self.send_node(&reply).await?;
                 }
+                if stanza::attr(&node, "xmlns").as_deref() == Some("passive") {
+                    self.share_app_state_key().await?;
+                }
                 Ok(())
             }
             _ => {
@@ -251,6 +254,50 @@ impl Connection {
                     .await
             }
         }
+    }
+
+    /// After a device's first login the phone shares an app-state key with it, over a
+    /// Signal session of its own, as WhatsApp's phone does.
+    async fn share_app_state_key(&mut self) -> Result<(), ConnError> {
+        let Session::Device { phone, device } = &self.session else {
+            return Ok(());
+        };
+        let (phone, device) = (phone.clone(), *device);
+        let found = {
+            let mut registry = self.sim.registry();
+            let account = registry.phone_mut(&phone);
+            let identity = account.identity.clone();
+            account
+                .devices
+                .get(&device)
+                .filter(|d| !d.key_shared)
+                .map(|d| (identity, d.companion.clone()))
+        };
+        let Some((account, companion)) = found else {
+            return Ok(());
+        };
+        match crate::phone::key_share(&phone, &account, &companion, device).await {
+            Ok(message) => {
+                self.send_node(&message).await?;
+                if let Some(record) = self
+                    .sim
+                    .registry()
+                    .phone_mut(&phone)
+                    .devices
+                    .get_mut(&device)
+                {
+                    record.key_shared = true;
+                }
+            }
+            Err(e) => tracing::warn!(
+                conn.id = self.id,
+                phone,
+                device,
+                error = e,
+                "could not share an app-state key"
+            ),
+        }
+        Ok(())
     }
 
     async fn next_raw_frame(&mut self) -> Result<Vec<u8>, ConnError> {
@@ -321,9 +368,18 @@ fn check_registration(
     if !identity_key.verify_signature(&signed, signature) {
         return Err(bad("the signed prekey's signature does not verify"));
     }
-    if data.e_regid.as_ref().is_none_or(|r| r.len() != 4) {
-        return Err(bad("registration id"));
-    }
+    let registration_id = data
+        .e_regid
+        .as_deref()
+        .and_then(|r| <[u8; 4]>::try_from(r).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| bad("registration id"))?;
+    let signed_prekey_id = data
+        .e_skey_id
+        .as_deref()
+        .filter(|id| id.len() == 3)
+        .map(|id| u32::from_be_bytes([0, id[0], id[1], id[2]]))
+        .ok_or_else(|| bad("signed prekey id"))?;
     let props = data
         .device_props
         .as_deref()
@@ -335,6 +391,12 @@ fn check_registration(
         noise: *client_static,
         identity,
         platform: props.os.unwrap_or_else(|| "unknown".to_owned()),
+        registration: Registration {
+            id: registration_id,
+            signed_prekey_id,
+            signed_prekey: prekey,
+            signature: signature.to_vec(),
+        },
     })
 }
 

@@ -48,6 +48,16 @@ pub(crate) struct Companion {
     pub(crate) noise: [u8; 32],
     pub(crate) identity: [u8; 32],
     pub(crate) platform: String,
+    pub(crate) registration: Registration,
+}
+
+/// What a companion registered for Signal: enough for the phone to open a session.
+#[derive(Clone)]
+pub(crate) struct Registration {
+    pub(crate) id: u32,
+    pub(crate) signed_prekey_id: u32,
+    pub(crate) signed_prekey: [u8; 32],
+    pub(crate) signature: Vec<u8>,
 }
 
 pub(crate) struct Phone {
@@ -61,6 +71,8 @@ pub(crate) struct Phone {
 pub(crate) struct DeviceRecord {
     pub(crate) companion: Companion,
     pub(crate) linked_at_ms: u64,
+    /// The phone shared an app-state key with it (after its first login).
+    pub(crate) key_shared: bool,
 }
 
 /// A companion asked to link by phone-number code (stage 1 done).

@@ -6,6 +6,7 @@ use common::Harness;
 use serde_json::json;
 use wa_sim::Config;
 use whatsapp_rust::pair_code::PairCodeOptions;
+use whatsapp_rust::store::{AppSyncStore as _, SqliteStore};
 use whatsapp_rust::types::events::Event;
 use whatsapp_rust::wacore::iq::privacy::{PrivacyCategory, PrivacyValue};
 
@@ -51,7 +52,18 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     // Registration (XX), then the login after the 515 restart (XX, which caches our chain).
     assert_eq!(h.control.stats().await.unwrap()["ikHandshakes"], json!(0));
 
+    assert_eq!(devices[0]["appStateKeyShared"], json!(true));
+    assert_eq!(companion.client.push_name(), format!("wa-sim {PHONE}"));
+
     companion.stop().await;
+    // The phone's key share, over its Signal session, was decrypted and kept.
+    let kept = SqliteStore::new(store.to_str().unwrap())
+        .await
+        .unwrap()
+        .get_latest_sync_key_id()
+        .await
+        .unwrap();
+    assert_eq!(kept.map(|id| id.len()), Some(6), "the shared key is stored");
     let mut again = h.companion(&store).await;
     again.wait_connected().await;
     let seen = again.drain();

@@ -2,9 +2,11 @@
 //! or by the user typing a pairing code, with the same cryptography as WhatsApp's phone.
 
 mod code;
+mod keyshare;
 mod qr;
 
 pub(crate) use code::{companion_finish, companion_hello, enter_code};
+pub(crate) use keyshare::key_share;
 pub(crate) use qr::scan;
 
 use std::sync::Arc;
@@ -172,6 +174,7 @@ pub(super) async fn complete_pairing(
             DeviceRecord {
                 companion,
                 linked_at_ms: crate::unix_millis(),
+                key_shared: false,
             },
         );
     }
