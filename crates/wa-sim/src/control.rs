@@ -195,6 +195,7 @@ async fn devices(State(sim): State<Arc<Sim>>) -> Reply {
                 "platform": record.companion.platform,
                 "linkedAt": record.linked_at_ms,
                 "appStateKeyShared": record.key_shared,
+                "preKeys": record.prekeys.len(),
             }));
         }
     }

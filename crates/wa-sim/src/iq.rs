@@ -30,6 +30,16 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
         {
             vec![privacy_settings(iq)]
         }
+        (Some("encrypt"), Some(child)) if child.tag == "count" => {
+            vec![crate::prekeys::count(conn, iq)]
+        }
+        (Some("encrypt"), _)
+            if attr(iq, "type").as_deref() == Some("set")
+                && (iq.get_optional_child("list").is_some()
+                    || iq.get_optional_child("rotate").is_some()) =>
+        {
+            vec![crate::prekeys::upload(conn, iq)]
+        }
         (Some("md"), Some(child)) if child.tag == "remove-companion-device" => {
             vec![remove_companion_device(conn, iq, child)]
         }

@@ -19,6 +19,7 @@ mod frame;
 mod iq;
 mod noise;
 mod phone;
+mod prekeys;
 mod registry;
 mod sim;
 mod stanza;

@@ -73,6 +73,8 @@ pub(crate) struct DeviceRecord {
     pub(crate) linked_at_ms: u64,
     /// The phone shared an app-state key with it (after its first login).
     pub(crate) key_shared: bool,
+    /// The one-time prekeys it uploaded.
+    pub(crate) prekeys: crate::prekeys::PreKeys,
 }
 
 /// A companion asked to link by phone-number code (stage 1 done).

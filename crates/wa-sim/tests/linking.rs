@@ -53,6 +53,21 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     assert_eq!(h.control.stats().await.unwrap()["ikHandshakes"], json!(0));
 
     assert_eq!(devices[0]["appStateKeyShared"], json!(true));
+    // The device uploads its one-time prekeys after its first login; the service keeps
+    // them and counts them as the device's signed key was checked.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.control.devices().await.unwrap()[0]["preKeys"] == json!(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prekeys uploaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        h.control.devices().await.unwrap()[0]["preKeys"],
+        json!(812),
+        "whatsapp-rust uploads 812 in one go"
+    );
     assert_eq!(companion.client.push_name(), format!("wa-sim {PHONE}"));
 
     companion.stop().await;

@@ -175,6 +175,7 @@ pub(super) async fn complete_pairing(
                 companion,
                 linked_at_ms: crate::unix_millis(),
                 key_shared: false,
+                prekeys: Default::default(),
             },
         );
     }
