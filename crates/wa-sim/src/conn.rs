@@ -263,39 +263,45 @@ impl Connection {
             return Ok(());
         };
         let (phone, device) = (phone.clone(), *device);
+        // Claimed under the lock, so two logins of one device share one key.
         let found = {
             let mut registry = self.sim.registry();
-            let account = registry.phone_mut(&phone);
-            let identity = account.identity.clone();
-            account
-                .devices
-                .get(&device)
-                .filter(|d| !d.key_shared)
-                .map(|d| (identity, d.companion.clone()))
+            registry.phones.get_mut(&phone).and_then(|account| {
+                let identity = account.identity.clone();
+                let record = account.devices.get_mut(&device).filter(|d| !d.key_shared)?;
+                record.key_shared = true;
+                Some((identity, record.companion.clone()))
+            })
         };
         let Some((account, companion)) = found else {
             return Ok(());
         };
-        match crate::phone::key_share(&phone, &account, &companion, device).await {
-            Ok(message) => {
-                self.send_node(&message).await?;
-                if let Some(record) = self
-                    .sim
-                    .registry()
-                    .phone_mut(&phone)
-                    .devices
-                    .get_mut(&device)
-                {
-                    record.key_shared = true;
-                }
+        let shared = match crate::phone::key_share(&phone, &account, &companion, device).await {
+            Ok(message) => self.send_node(&message).await.map_err(Some),
+            Err(e) => {
+                tracing::warn!(
+                    conn.id = self.id,
+                    phone,
+                    device,
+                    error = e,
+                    "could not share an app-state key"
+                );
+                Err(None)
             }
-            Err(e) => tracing::warn!(
-                conn.id = self.id,
-                phone,
-                device,
-                error = e,
-                "could not share an app-state key"
-            ),
+        };
+        if let Err(failed) = shared {
+            // The next login tries again.
+            let mut registry = self.sim.registry();
+            if let Some(record) = registry
+                .phones
+                .get_mut(&phone)
+                .and_then(|a| a.devices.get_mut(&device))
+            {
+                record.key_shared = false;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         Ok(())
     }

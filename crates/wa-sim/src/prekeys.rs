@@ -14,6 +14,10 @@ use crate::stanza::{child_bytes, iq_error, iq_result};
 /// A device's one-time prekeys, by id.
 pub(crate) type PreKeys = BTreeMap<u32, [u8; 32]>;
 
+/// At most this many prekeys are kept per device (a client uploads 812); the oldest
+/// ids go first, so repeated uploads never grow the service without bound.
+const MAX_PREKEYS: usize = 1024;
+
 /// A 3-byte big-endian key id, as WhatsApp writes them.
 fn key_id(bytes: &[u8]) -> Option<u32> {
     <[u8; 3]>::try_from(bytes)
@@ -44,24 +48,16 @@ fn signed_prekey(
 }
 
 /// A device uploads prekeys (and its current signed prekey) or rotates its signed
-/// prekey. Only a logged-in device may, for itself, with the identity it registered.
+/// prekey. Only a logged-in device may, for itself, with the identity and registration
+/// id it registered. The stanza is read before the registry is locked.
 pub(crate) fn upload(conn: &Connection, iq: &Node) -> Node {
     let Session::Device { phone, device } = &conn.session else {
         return iq_error(iq, 401, "not-authorized");
     };
-    let mut registry = conn.sim.registry();
-    let Some(record) = registry.phone_mut(phone).devices.get_mut(device) else {
-        return iq_error(iq, 401, "not-authorized");
+    let refuse = |why: &str| {
+        tracing::warn!(phone, device, why, "refused a prekey upload");
+        iq_error(iq, 400, "bad-request")
     };
-    let companion = &mut record.companion;
-    let uploaded_identity = child_bytes(iq, "identity");
-    if uploaded_identity.is_some_and(|i| i != companion.identity) {
-        return iq_error(iq, 400, "bad-request");
-    }
-    let skey = iq.get_optional_child("skey").or_else(|| {
-        iq.get_optional_child("rotate")
-            .and_then(|r| r.get_optional_child("skey"))
-    });
     let mut fresh = PreKeys::new();
     for key in iq
         .get_optional_child("list")
@@ -74,24 +70,60 @@ pub(crate) fn upload(conn: &Connection, iq: &Node) -> Node {
             (Some(id), Some(value)) => {
                 fresh.insert(id, value);
             }
-            _ => return iq_error(iq, 400, "bad-request"),
+            _ => return refuse("a prekey without a 3-byte id and a 32-byte key"),
         }
     }
-    if let Some(skey) = skey {
-        match signed_prekey(skey, &companion.identity) {
-            Ok((id, value, signature)) => {
-                let registration = &mut companion.registration;
-                registration.signed_prekey_id = id;
-                registration.signed_prekey = value;
-                registration.signature = signature;
-            }
-            Err(why) => {
-                tracing::warn!(phone, device, why, "refused a signed prekey");
-                return iq_error(iq, 400, "bad-request");
-            }
+    let uploading = iq.get_optional_child("list").is_some();
+    if uploading && child_bytes(iq, "type") != Some(&[5][..]) {
+        return refuse("key type is not Curve25519");
+    }
+    let skey = iq.get_optional_child("skey").or_else(|| {
+        iq.get_optional_child("rotate")
+            .and_then(|r| r.get_optional_child("skey"))
+    });
+    let Some((identity, registration_id)) = conn
+        .sim
+        .registry()
+        .phones
+        .get(phone)
+        .and_then(|p| p.devices.get(device))
+        .map(|d| (d.companion.identity, d.companion.registration.id))
+    else {
+        return iq_error(iq, 401, "not-authorized");
+    };
+    if uploading {
+        if child_bytes(iq, "identity") != Some(&identity[..]) {
+            return refuse("not the identity the device registered");
         }
+        let registration = child_bytes(iq, "registration")
+            .and_then(|r| <[u8; 4]>::try_from(r).ok())
+            .map(u32::from_be_bytes);
+        if registration != Some(registration_id) {
+            return refuse("not the registration id the device registered");
+        }
+    }
+    let signed = match skey.map(|skey| signed_prekey(skey, &identity)).transpose() {
+        Ok(signed) => signed,
+        Err(why) => return refuse(why),
+    };
+    let mut registry = conn.sim.registry();
+    let Some(record) = registry
+        .phones
+        .get_mut(phone)
+        .and_then(|p| p.devices.get_mut(device))
+    else {
+        return iq_error(iq, 401, "not-authorized");
+    };
+    if let Some((id, value, signature)) = signed {
+        let registration = &mut record.companion.registration;
+        registration.signed_prekey_id = id;
+        registration.signed_prekey = value;
+        registration.signature = signature;
     }
     record.prekeys.extend(fresh);
+    while record.prekeys.len() > MAX_PREKEYS {
+        record.prekeys.pop_first();
+    }
     iq_result(iq).build()
 }
 

@@ -43,7 +43,7 @@ pub(crate) async fn key_share(
     let mut sessions = Sessions::default();
     let mut identities = Identities {
         own: IdentityKeyPair::from(account.clone()),
-        registration_id: rand::random::<u32>() & 0x3fff,
+        registration_id: 1 + rand::random::<u32>() % 16380,
         known: HashMap::new(),
     };
     // A generator that may cross the awaits (the thread's own may not).
