@@ -237,8 +237,18 @@ async fn a_gateway_stops_promptly_whatever_its_instances_are_doing() {
     gw.log.wait_for("to=Unlinking", 1).await;
     gw.stop().await; // within 20 s, cleanly
     let (qr, off) = pending.await.unwrap();
-    // Each caller got an answer or a closed connection, never a hang.
-    for response in [qr, off].into_iter().flatten() {
-        assert!(response.status().as_u16() >= 200);
+    // Each caller got a closed connection or an answer that says what happened: no
+    // code while WhatsApp is down, and a disconnect that could not tell WhatsApp.
+    if let Ok(qr) = qr {
+        assert_eq!(qr.status(), 503);
+    }
+    if let Ok(off) = off {
+        let status = off.status().as_u16();
+        let body: serde_json::Value = off.json().await.unwrap();
+        match status {
+            200 => assert_eq!(body["unlinkedAtWhatsApp"], json!(false), "{body}"),
+            503 => assert!(body["error"].is_string(), "{body}"),
+            other => panic!("disconnect answered {other}: {body}"),
+        }
     }
 }

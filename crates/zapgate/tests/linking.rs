@@ -264,16 +264,8 @@ async fn an_outage_needs_restoring_and_then_heals() {
 #[tokio::test]
 async fn a_replaced_stream_does_not_ping_pong() {
     let world = World::new().await;
-    let first = world.gateway().await;
-    let inst = world.linked_instance(&first, "twice", PHONE).await;
-
     // A second gateway on the same data takes the session over.
-    let second = world.gateway().await;
-    second.api.wait_connected(&inst).await;
-    first
-        .api
-        .wait_status(&inst, "replaced", |s| *s == restore_needed())
-        .await;
+    let (first, second, inst) = world.taken_over("twice", PHONE).await;
     // The replaced client has stopped: nothing is left to take the session back.
     first.log.wait_for("WhatsApp client stopped", 1).await;
     let logins = world.stat("logins").await;

@@ -293,9 +293,7 @@ impl Actor {
 
     async fn disconnect(&mut self, reply: Reply<Unlinked>) {
         let outcome = match self.state {
-            State::SessionMissing => Unlinked::NotTold(
-                "the session's keys are missing here, so WhatsApp could not be told".into(),
-            ),
+            State::SessionMissing => Unlinked::NotTold(work::KEYS_MISSING.into()),
             _ => Unlinked::Told,
         };
         self.unlinks.push(reply);

@@ -105,19 +105,45 @@ async fn start(
         })
 }
 
+/// What a child task that starts a client takes from its instance's task.
+struct Kit {
+    ctx: Arc<Context>,
+    id: String,
+    lock: Arc<AsyncMutex<()>>,
+    signals: mpsc::Sender<Signal>,
+    report: mpsc::Sender<Work>,
+    current: Arc<AtomicU64>,
+}
+
+/// Why an unlink could not tell WhatsApp when the session file is gone.
+pub(super) const KEYS_MISSING: &str =
+    "the session's keys are missing here, so WhatsApp could not be told";
+
 impl Actor {
+    fn kit(&self) -> Kit {
+        Kit {
+            ctx: self.ctx.clone(),
+            id: self.record.id.clone(),
+            lock: self.session_lock.clone(),
+            signals: self.signal_tx.clone(),
+            report: self.work_tx.clone(),
+            current: self.current.clone(),
+        }
+    }
+
     /// Starts a client of a new generation once the session lock is free: on an empty
     /// session for a linking window (`fresh`), else on the stored one, which must be
     /// there (opening a missing one would create an empty session).
     pub(super) fn start_client(&mut self, fresh: bool) {
         let generation = self.next_generation();
-        let (ctx, id) = (self.ctx.clone(), self.record.id.clone());
-        let (lock, signals, report, current) = (
-            self.session_lock.clone(),
-            self.signal_tx.clone(),
-            self.work_tx.clone(),
-            self.current.clone(),
-        );
+        let Kit {
+            ctx,
+            id,
+            lock,
+            signals,
+            report,
+            current,
+        } = self.kit();
         self.ctx.tracker.spawn(async move {
             let started = (generation, &*current);
             let result = start(&ctx, &id, started, fresh, lock, signals).await;
@@ -178,13 +204,14 @@ impl Actor {
     pub(super) fn unlink(&mut self) {
         let generation = self.next_generation();
         let running = self.client.take();
-        let (ctx, id) = (self.ctx.clone(), self.record.id.clone());
-        let (lock, signals, report, current) = (
-            self.session_lock.clone(),
-            self.signal_tx.clone(),
-            self.work_tx.clone(),
-            self.current.clone(),
-        );
+        let Kit {
+            ctx,
+            id,
+            lock,
+            signals,
+            report,
+            current,
+        } = self.kit();
         // The caller waits for all of it: leave the stop (which may take twice its
         // budget) its share of the link wait.
         let stop = (ctx.link_wait / 5).clamp(Duration::from_millis(500), STOP_TIMEOUT);
@@ -206,23 +233,22 @@ impl Actor {
                         let started =
                             start(&ctx, &id, (generation, &current), false, lock, signals);
                         match timeout_at(deadline, started).await {
-                        Ok(Ok(running)) => {
-                            let outcome = remove_device(&running, deadline).await;
-                            drop(running.stop(stop).await);
-                            outcome
+                            Ok(Ok(running)) => {
+                                let outcome = remove_device(&running, deadline).await;
+                                drop(running.stop(stop).await);
+                                outcome
+                            }
+                            Ok(Err(StartError::SessionMissing)) => {
+                                Unlinked::NotTold(KEYS_MISSING.into())
+                            }
+                            Ok(Err(StartError::Unavailable(cause))) => {
+                                Unlinked::NotTold(cause.to_string())
+                            }
+                            Ok(Err(StartError::Superseded)) => {
+                                Unlinked::NotTold("the gateway is stopping".into())
+                            }
+                            Err(_) => Unlinked::NotTold(Cause::NoAnswer.to_string()),
                         }
-                        Ok(Err(StartError::SessionMissing)) => Unlinked::NotTold(
-                            "the session's keys are missing here, so WhatsApp could not be told"
-                                .into(),
-                        ),
-                        Ok(Err(StartError::Unavailable(cause))) => {
-                            Unlinked::NotTold(cause.to_string())
-                        }
-                        Ok(Err(StartError::Superseded)) => {
-                            Unlinked::NotTold("the gateway is stopping".into())
-                        }
-                        Err(_) => Unlinked::NotTold(Cause::NoAnswer.to_string()),
-                    }
                     }
                 }
             };
@@ -246,7 +272,8 @@ impl Actor {
 /// Waits until the client has logged in (WhatsApp answers a device's requests only
 /// then), leaving a moment before `deadline` for the request itself.
 async fn wait_for_login(client: &Arc<Client>, deadline: Instant) {
-    let by = deadline - Duration::from_secs(1).min(deadline - Instant::now());
+    let left = deadline.saturating_duration_since(Instant::now());
+    let by = deadline - Duration::from_secs(1).min(left);
     while !client.is_logged_in() && Instant::now() < by {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -74,6 +74,20 @@ impl World {
         inst
     }
 
+    /// A number linked on a first gateway, then taken over by a second gateway on the
+    /// same data: the first needs restoring, the second is connected.
+    pub async fn taken_over(&self, name: &str, phone: &str) -> (Gateway, Gateway, Instance) {
+        let first = self.gateway().await;
+        let inst = self.linked_instance(&first, name, phone).await;
+        let second = self.gateway().await;
+        second.api.wait_connected(&inst).await;
+        first
+            .api
+            .wait_status(&inst, "replaced", |s| *s == restore_needed())
+            .await;
+        (first, second, inst)
+    }
+
     /// The phone scans the instance's QR code; waits until the instance is connected.
     pub async fn wa_link(&self, gw: &Gateway, inst: &Instance, phone: &str) {
         let (status, qr) = gw.api.qr_code(inst).await;
