@@ -227,8 +227,11 @@ impl Connection {
     }
 
     async fn on_node(&mut self, node: Node) -> Result<(), ConnError> {
+        if node.tag == "receipt" && stanza::attr(&node, "type").as_deref() == Some("retry") {
+            return self.answer_retry(&node).await;
+        }
         if node.tag != "iq" {
-            // acks, receipts, presence and <ib> need no answer from the service.
+            // acks, other receipts, presence and <ib> need no answer from the service.
             return Ok(());
         }
         match stanza::attr(&node, "type").as_deref() {
@@ -245,7 +248,7 @@ impl Connection {
                     self.send_node(&reply).await?;
                 }
                 if stanza::attr(&node, "xmlns").as_deref() == Some("passive") {
-                    self.share_app_state_key().await?;
+                    self.welcome().await?;
                 }
                 Ok(())
             }
@@ -256,52 +259,145 @@ impl Connection {
         }
     }
 
-    /// After a device's first login the phone shares an app-state key with it, over a
-    /// Signal session of its own, as WhatsApp's phone does.
-    async fn share_app_state_key(&mut self) -> Result<(), ConnError> {
+    /// After a device's first login the phone sends it its welcome (an app-state key
+    /// share and an empty initial history sync), as WhatsApp's phone does.
+    async fn welcome(&mut self) -> Result<(), ConnError> {
         let Session::Device { phone, device } = &self.session else {
             return Ok(());
         };
         let (phone, device) = (phone.clone(), *device);
-        // Claimed under the lock, so two logins of one device share one key.
+        let messages = crate::phone::welcome(device);
+        // Claimed under the lock, so two logins of one device get one welcome.
         let found = {
             let mut registry = self.sim.registry();
             registry.phones.get_mut(&phone).and_then(|account| {
-                let identity = account.identity.clone();
+                let (identity, registration_id) =
+                    (account.identity.clone(), account.primary.registration_id);
                 let record = account.devices.get_mut(&device).filter(|d| !d.key_shared)?;
                 record.key_shared = true;
-                Some((identity, record.companion.clone()))
+                for message in &messages {
+                    record.sent.push(message.clone());
+                }
+                let prekey = record.prekeys.pop_first();
+                let bundle = crate::phone::Bundle::registered(&record.companion, prekey);
+                Some((identity, registration_id, bundle))
             })
         };
-        let Some((account, companion)) = found else {
+        let Some((account, registration_id, bundle)) = found else {
             return Ok(());
         };
-        let shared = match crate::phone::key_share(&phone, &account, &companion, device).await {
-            Ok(message) => self.send_node(&message).await.map_err(Some),
+        let seal = crate::phone::Seal {
+            phone: &phone,
+            account: &account,
+            registration_id,
+            device,
+            retry: None,
+            garble_first: self.sim.take_garbled(),
+        };
+        match seal.seal(&bundle, &messages).await {
+            Ok(stanzas) => {
+                for stanza in &stanzas {
+                    self.send_node(stanza).await?;
+                }
+                bump(&self.sim.stats.peer_messages, stanzas.len() as u64);
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(
                     conn.id = self.id,
                     phone,
                     device,
                     error = e,
-                    "could not share an app-state key"
+                    "could not seal the phone's welcome; the next login tries again"
                 );
-                Err(None)
+                let mut registry = self.sim.registry();
+                if let Some(record) = registry
+                    .phones
+                    .get_mut(&phone)
+                    .and_then(|a| a.devices.get_mut(&device))
+                {
+                    record.key_shared = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A device could not decrypt a message of the phone's: it is sealed again, with the
+    /// same id, over a new session (from the keys in the receipt, else from what the
+    /// device registered and uploaded).
+    async fn answer_retry(&mut self, receipt: &Node) -> Result<(), ConnError> {
+        let Session::Device { phone, device } = &self.session else {
+            return Ok(());
+        };
+        let (phone, device) = (phone.clone(), *device);
+        bump(&self.sim.stats.retry_receipts, 1);
+        let refuse = |why: &str| {
+            tracing::warn!(phone, device, why, "retry receipt not answered");
+        };
+        let id = stanza::attr(receipt, "id").unwrap_or_default();
+        let count = receipt
+            .get_optional_child("retry")
+            .and_then(|r| stanza::attr(r, "count"))
+            .and_then(|c| c.parse::<u32>().ok())
+            .unwrap_or(1);
+        if count > MAX_RETRIES {
+            refuse("the device asked more than 5 times");
+            return Ok(());
+        }
+        let offered = match crate::phone::Bundle::from_retry(receipt) {
+            Ok(offered) => offered,
+            Err(why) => {
+                refuse(why);
+                return Ok(());
             }
         };
-        if let Err(failed) = shared {
-            // The next login tries again.
+        let found = {
             let mut registry = self.sim.registry();
-            if let Some(record) = registry
-                .phones
-                .get_mut(&phone)
-                .and_then(|a| a.devices.get_mut(&device))
-            {
-                record.key_shared = false;
+            registry.phones.get_mut(&phone).and_then(|account| {
+                let (identity, registration_id) =
+                    (account.identity.clone(), account.primary.registration_id);
+                let record = account.devices.get_mut(&device)?;
+                let message = record.sent.find(&id);
+                let bundle = match offered {
+                    Some(bundle) => Ok(bundle),
+                    None => Err(record.prekeys.pop_first()),
+                }
+                .unwrap_or_else(|prekey| {
+                    crate::phone::Bundle::registered(&record.companion, prekey)
+                });
+                let same_identity = bundle.identity() == &record.companion.identity;
+                Some((identity, registration_id, message, bundle, same_identity))
+            })
+        };
+        let Some((account, registration_id, message, bundle, same_identity)) = found else {
+            refuse("not a linked device");
+            return Ok(());
+        };
+        let Some(message) = message else {
+            refuse("the phone sent no such message");
+            return Ok(());
+        };
+        if !same_identity {
+            refuse("the receipt's identity key is not the one the device registered");
+            return Ok(());
+        }
+        let seal = crate::phone::Seal {
+            phone: &phone,
+            account: &account,
+            registration_id,
+            device,
+            retry: Some(count),
+            garble_first: false,
+        };
+        match seal.seal(&bundle, std::slice::from_ref(&message)).await {
+            Ok(stanzas) => {
+                for stanza in &stanzas {
+                    self.send_node(stanza).await?;
+                }
+                bump(&self.sim.stats.resent_messages, 1);
             }
-            if let Some(e) = failed {
-                return Err(e);
-            }
+            Err(e) => refuse(&e),
         }
         Ok(())
     }
@@ -405,6 +501,9 @@ fn check_registration(
         },
     })
 }
+
+/// A device asks again at most this many times for one message (both clients stop there).
+const MAX_RETRIES: u32 = 5;
 
 /// How long the service waits for a companion's answer to an iq it sent.
 pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);

@@ -6,7 +6,7 @@ use wacore_binary::builder::NodeBuilder;
 
 use crate::conn::{Connection, Session};
 use crate::phone;
-use crate::stanza::{account_sync, attr, first_child, iq_error, iq_result, offline_done};
+use crate::stanza::{attr, first_child, iq_error, iq_result, offline_done};
 
 pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
     let xmlns = attr(iq, "xmlns");
@@ -15,14 +15,18 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
         // Going active: answer, say there is no offline backlog, and share the
         // account's push name. A device that knows it logs in without waiting for the
         // first app-state sync (the name would otherwise come from there).
-        (Some("passive"), _) => match &conn.session {
-            Session::Device { phone, .. } => vec![
-                iq_result(iq).build(),
-                offline_done(),
-                account_sync(&phone::push_name(phone)),
-            ],
-            _ => vec![iq_result(iq).build()],
-        },
+        (Some("passive"), _) => {
+            let mut replies = vec![iq_result(iq).build()];
+            if let Session::Device { phone, .. } = &conn.session {
+                replies.push(offline_done());
+                if let Some(account) = conn.sim.registry().phones.get(phone) {
+                    let name = phone::push_name(phone);
+                    replies.push(crate::devices::account_sync(phone, account, Some(&name)));
+                }
+            }
+            replies
+        }
+        (Some("usync"), _) => vec![crate::devices::usync(conn, iq)],
         (Some("w:sync:app:state"), _) => vec![app_state(iq)],
         (Some("abt"), Some(child)) if child.tag == "props" => vec![ab_props(iq)],
         (Some("privacy"), Some(child))
@@ -32,6 +36,12 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
         }
         (Some("encrypt"), Some(child)) if child.tag == "count" => {
             vec![crate::prekeys::count(conn, iq)]
+        }
+        (Some("encrypt"), Some(child)) if child.tag == "digest" => {
+            vec![crate::prekeys::digest(conn, iq)]
+        }
+        (Some("encrypt"), Some(child)) if child.tag == "key" => {
+            vec![crate::prekeys::bundles(conn, iq, child)]
         }
         (Some("encrypt"), _)
             if attr(iq, "type").as_deref() == Some("set")

@@ -15,6 +15,7 @@ mod certs;
 mod client;
 mod conn;
 mod control;
+mod devices;
 mod frame;
 mod iq;
 mod noise;
@@ -60,6 +61,10 @@ pub struct Config {
     /// Present a certificate chain that vouches for another server's key, as a server
     /// impersonating WhatsApp would: every client refuses the handshake.
     pub forged_certificate: bool,
+    /// The first this-many welcomes the phone sends go out with their first message
+    /// garbled in transit (its last ciphertext byte flipped), so the device cannot
+    /// decrypt it and must ask again with a retry receipt.
+    pub garble_peer_messages: u32,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(120),
             forged_certificate: false,
+            garble_peer_messages: 0,
         }
     }
 }

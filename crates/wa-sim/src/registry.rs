@@ -62,19 +62,59 @@ pub(crate) struct Registration {
 
 pub(crate) struct Phone {
     pub(crate) identity: KeyPair,
+    /// The phone's own Signal registration, as the account's primary device (device 0).
+    pub(crate) primary: Primary,
+    /// The account's ADV id: the same in every device identity the phone signs and in
+    /// its signed key-index list, for as long as the account exists.
+    pub(crate) adv_raw_id: u32,
+    /// When the device list last changed (unix seconds), as the key-index list says.
+    pub(crate) devices_changed: u64,
     pub(crate) lid: String,
     next_device: u32,
     pub(crate) devices: BTreeMap<u32, DeviceRecord>,
     pub(crate) code_request: Option<CodeRequest>,
 }
 
+/// What the phone publishes for Signal as device 0 of its account.
+pub(crate) struct Primary {
+    pub(crate) registration_id: u32,
+    pub(crate) signed_prekey_id: u32,
+    pub(crate) signed_prekey: KeyPair,
+    /// The account key's signature over the signed prekey (`0x05 || key`).
+    pub(crate) signature: Vec<u8>,
+}
+
+impl Primary {
+    fn generate(identity: &KeyPair) -> Self {
+        use rand::RngExt as _;
+        let mut rng = rand::rng();
+        let signed_prekey = KeyPair::generate(&mut rng);
+        let signature = identity
+            .private_key
+            .calculate_signature(&signed_prekey.public_key.serialize(), &mut rng)
+            .expect("a fresh key signs")
+            .to_vec();
+        Self {
+            registration_id: rng.random_range(1..16381),
+            signed_prekey_id: 1,
+            signed_prekey,
+            signature,
+        }
+    }
+}
+
 pub(crate) struct DeviceRecord {
     pub(crate) companion: Companion,
+    /// The `ADVSignedDeviceIdentity` both sides signed at pairing, with the account key:
+    /// what the service hands out with the device's prekey bundle.
+    pub(crate) signed_identity: Vec<u8>,
     pub(crate) linked_at_ms: u64,
     /// The phone shared an app-state key with it (after its first login).
     pub(crate) key_shared: bool,
     /// The one-time prekeys it uploaded.
     pub(crate) prekeys: crate::prekeys::PreKeys,
+    /// The phone's last peer messages to it, for a retry receipt to ask again.
+    pub(crate) sent: crate::phone::Sent,
 }
 
 /// A companion asked to link by phone-number code (stage 1 done).
@@ -99,6 +139,8 @@ pub(crate) struct CompanionFinish {
 #[derive(Default)]
 pub(crate) struct Registry {
     pub(crate) phones: HashMap<String, Phone>,
+    /// Each account's number, by its LID.
+    lids: HashMap<String, String>,
     pub(crate) conns: HashMap<ConnId, ConnEntry>,
     next_conn: ConnId,
     next_fresh_phone: u64,
@@ -128,15 +170,35 @@ impl Registry {
     }
 
     pub(crate) fn phone_mut(&mut self, number: &str) -> &mut Phone {
+        let lids = &mut self.lids;
         self.phones
             .entry(number.to_owned())
-            .or_insert_with(|| Phone {
-                identity: KeyPair::generate(&mut rand::rng()),
-                lid: fresh_lid(),
+            .or_insert_with(|| {
+                let identity = KeyPair::generate(&mut rand::rng());
+                let lid = loop {
+                    let lid = fresh_lid();
+                    if !lids.contains_key(&lid) {
+                        lids.insert(lid.clone(), number.to_owned());
+                        break lid;
+                    }
+                };
+                Phone {
+                primary: Primary::generate(&identity),
+                identity,
+                adv_raw_id: rand::random::<u32>() | 1,
+                devices_changed: crate::unix_secs(),
+                lid,
                 next_device: 1,
                 devices: BTreeMap::new(),
                 code_request: None,
-            })
+            }})
+    }
+
+    pub(crate) fn phone_by_lid(&self, lid: &str) -> Option<(&str, &Phone)> {
+        let number = self.lids.get(lid)?;
+        self.phones
+            .get_key_value(number)
+            .map(|(k, v)| (k.as_str(), v))
     }
 
     /// A Brazilian mobile number nobody uses yet, for scans that name no phone.

@@ -1,7 +1,7 @@
 //! The service object shared by every connection task and the control API.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -20,6 +20,8 @@ pub(crate) struct Sim {
     pub(crate) shutdown: CancellationToken,
     registry: Mutex<Registry>,
     outage_until: Mutex<Option<Instant>>,
+    /// Peer messages still to garble (from `Config::garble_peer_messages`).
+    garbled: AtomicU64,
 }
 
 /// Counters since start; `connections` is the only gauge.
@@ -39,6 +41,11 @@ pub(crate) struct Stats {
     pub(crate) pairing_refusals: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    /// Signal messages the phone sent its devices (key shares, history syncs), resends
+    /// included; retry receipts devices sent and the messages sent again for them.
+    pub(crate) peer_messages: AtomicU64,
+    pub(crate) retry_receipts: AtomicU64,
+    pub(crate) resent_messages: AtomicU64,
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
@@ -60,6 +67,9 @@ pub(crate) struct StatsView {
     pairing_refusals: u64,
     refused: u64,
     protocol_errors: u64,
+    peer_messages: u64,
+    retry_receipts: u64,
+    resent_messages: u64,
     frames_in: u64,
     frames_out: u64,
     bytes_in: u64,
@@ -78,6 +88,7 @@ pub(crate) enum LoginRefusal {
 
 impl Sim {
     pub(crate) fn new(config: Config, shutdown: CancellationToken) -> Self {
+        let config_garbled = u64::from(config.garble_peer_messages);
         Self {
             identity: ServerIdentity::generate(config.forged_certificate),
             config,
@@ -85,11 +96,19 @@ impl Sim {
             shutdown,
             registry: Mutex::new(Registry::default()),
             outage_until: Mutex::new(None),
+            garbled: AtomicU64::new(config_garbled),
         }
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the next welcome's first message is to be garbled in transit.
+    pub(crate) fn take_garbled(&self) -> bool {
+        self.garbled
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     pub(crate) fn in_outage(&self) -> bool {
@@ -186,12 +205,21 @@ impl Sim {
     }
 
     /// The device removes itself (client logout). Only its own record may go.
-    pub(crate) fn remove_own_device(&self, phone: &str, device: u32) -> bool {
-        let mut registry = self.registry();
-        registry
-            .phones
-            .get_mut(phone)
-            .is_some_and(|p| p.devices.remove(&device).is_some())
+    pub(crate) fn remove_own_device(self: &Arc<Self>, phone: &str, device: u32) -> bool {
+        let removed = {
+            let mut registry = self.registry();
+            registry.phones.get_mut(phone).is_some_and(|p| {
+                let removed = p.devices.remove(&device).is_some();
+                if removed {
+                    p.devices_changed = crate::unix_secs();
+                }
+                removed
+            })
+        };
+        if removed {
+            crate::devices::announce(self, phone);
+        }
+        removed
     }
 
     /// The phone unlinks every companion: each connected one is told it was removed.
@@ -200,6 +228,7 @@ impl Sim {
         let removed = {
             let account = registry.phones.get_mut(phone)?;
             account.code_request = None;
+            account.devices_changed = crate::unix_secs();
             std::mem::take(&mut account.devices).len()
         };
         for (_, tx) in registry.device_conns(phone, None) {
@@ -261,6 +290,9 @@ impl Sim {
             pairing_refusals: load(&s.pairing_refusals),
             refused: load(&s.refused),
             protocol_errors: load(&s.protocol_errors),
+            peer_messages: load(&s.peer_messages),
+            retry_receipts: load(&s.retry_receipts),
+            resent_messages: load(&s.resent_messages),
             frames_in: load(&s.frames_in),
             frames_out: load(&s.frames_out),
             bytes_in: load(&s.bytes_in),

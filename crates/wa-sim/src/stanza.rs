@@ -111,19 +111,6 @@ pub(crate) fn offline_done() -> Node {
         .build()
 }
 
-/// The account's push name, as the phone shares it with its devices.
-pub(crate) fn account_sync(push_name: &str) -> Node {
-    NodeBuilder::new("notification")
-        .attrs([
-            ("from", SERVER_JID.to_owned()),
-            ("type", "account_sync".to_owned()),
-            ("id", fresh_id()),
-            ("t", crate::unix_secs().to_string()),
-            ("pushname", push_name.to_owned()),
-        ])
-        .build()
-}
-
 /// A fresh id for an iq the service sends.
 pub(crate) fn fresh_id() -> String {
     use rand::RngExt as _;

@@ -2,11 +2,11 @@
 //! or by the user typing a pairing code, with the same cryptography as WhatsApp's phone.
 
 mod code;
-mod keyshare;
+mod peer;
 mod qr;
 
 pub(crate) use code::{companion_finish, companion_hello, enter_code};
-pub(crate) use keyshare::key_share;
+pub(crate) use peer::{Bundle, Seal, Sent, welcome};
 pub(crate) use qr::scan;
 
 use std::sync::Arc;
@@ -85,17 +85,18 @@ pub(super) async fn complete_pairing(
     companion: Companion,
     adv_secret: [u8; 32],
 ) -> Result<Linked, PhoneError> {
-    let (account, device, lid) = {
+    let (account, device, lid, raw_id) = {
         let mut registry = sim.registry();
         let account = registry.phone_mut(phone);
         (
             account.identity.clone(),
             account.allocate_device(),
             account.lid.clone(),
+            account.adv_raw_id,
         )
     };
     let details = wa::ADVDeviceIdentity {
-        raw_id: Some(rand::random()),
+        raw_id: Some(raw_id),
         timestamp: Some(crate::unix_secs()),
         key_index: Some(device),
         account_type: Some(ADVEncryptionType::E2EE),
@@ -115,13 +116,13 @@ pub(super) async fn complete_pairing(
             &mut rand::rng(),
         )
         .map_err(|_| Refused("the phone could not sign".into()))?;
-    let signed = wa::ADVSignedDeviceIdentity {
+    let mut identity = wa::ADVSignedDeviceIdentity {
         details: Some(details.clone()),
         account_signature_key: Some(account_key.clone()),
         account_signature: Some(account_signature.to_vec()),
         device_signature: None,
-    }
-    .encode_to_vec();
+    };
+    let signed = identity.encode_to_vec();
     let container = wa::ADVSignedDeviceIdentityHMAC {
         hmac: Some(hmac_sha256(&adv_secret, &signed).to_vec()),
         details: Some(signed),
@@ -164,22 +165,29 @@ pub(super) async fn complete_pairing(
             .unwrap_or_else(|| "no reason given".into());
         return Err(Refused(format!("the device refused the pairing: {reason}")));
     }
-    check_device_signature(&answer, &details, &account_key, &companion.identity)
-        .map_err(|e| Refused(e.into()))?;
+    let device_signature =
+        check_device_signature(&answer, &details, &account_key, &companion.identity)
+            .map_err(|e| Refused(e.into()))?;
+    identity.device_signature = Some(device_signature);
 
     {
         let mut registry = sim.registry();
-        registry.phone_mut(phone).devices.insert(
+        let account = registry.phone_mut(phone);
+        account.devices.insert(
             device,
             DeviceRecord {
                 companion,
+                signed_identity: identity.encode_to_vec(),
                 linked_at_ms: crate::unix_millis(),
                 key_shared: false,
                 prekeys: Default::default(),
+                sent: Default::default(),
             },
         );
+        account.devices_changed = crate::unix_secs();
     }
     bump(&sim.stats.pairings, 1);
+    crate::devices::announce(sim, phone);
     let _ = tx
         .send(Command::StreamError(stanza::stream_error_code(515)))
         .await;
@@ -193,13 +201,13 @@ pub(super) async fn complete_pairing(
 }
 
 /// The companion's `pair-device-sign`: our details and account key, plus its own
-/// signature over them with the identity key it registered.
+/// signature over them with the identity key it registered. Returns that signature.
 fn check_device_signature(
     answer: &Node,
     details: &[u8],
     account_key: &[u8],
     companion_identity: &[u8; 32],
-) -> Result<(), &'static str> {
+) -> Result<Vec<u8>, &'static str> {
     let bytes = answer
         .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
         .and_then(stanza::bytes)
@@ -232,7 +240,7 @@ fn check_device_signature(
     let key =
         PublicKey::from_djb_public_key_bytes(companion_identity).map_err(|_| "bad identity key")?;
     if key.verify_signature(&message, signature) {
-        Ok(())
+        Ok(signature.to_vec())
     } else {
         Err("the device's signature does not verify")
     }
@@ -291,8 +299,8 @@ mod tests {
                 &identity,
             )
         };
-        assert_eq!(check(Some(&account_key)), Ok(()));
-        assert_eq!(check(None), Ok(()), "as WhatsApp's own companions answer");
+        assert!(check(Some(&account_key)).is_ok());
+        assert!(check(None).is_ok(), "as WhatsApp's own companions answer");
         assert_eq!(
             check(Some(&[8u8; 32])),
             Err("the device answered with another account key than the phone's")

@@ -1,0 +1,95 @@
+// Drives an unmodified Baileys client against wa-sim, for the conformance tests.
+//
+//   node harness.mjs --url ws://127.0.0.1:PORT/ws/chat --auth DIR
+//
+// Writes one JSON object per line on stdout, each with `event` and `ms` (since start):
+//   {"event":"qr","qr":"2@..."}                 a QR code to scan
+//   {"event":"pairing-code","code":"ABCD1234"}  after a `pair` command
+//   {"event":"open","jid":"...","name":"..."}   logged in
+//   {"event":"close","status":401}              the connection ended (401: logged out)
+//   {"event":"error","message":"..."}           a command failed
+// Reads commands, one per line, on stdin:
+//   pair <phone>   ask for a pairing code for <phone> (once the socket is up)
+//   quit           close the socket and exit
+// Baileys' own log (pino, JSON lines) goes to stderr; BAILEYS_LOG_LEVEL sets its level.
+// A socket closed with 515 (restart required, after pairing) is reopened, as an app does.
+
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+
+import makeWASocket, { Browsers, DisconnectReason, useMultiFileAuthState } from 'baileys';
+import pino from 'pino';
+
+const { values: args } = parseArgs({
+  options: { url: { type: 'string' }, auth: { type: 'string' } },
+});
+if (!args.url || !args.auth) {
+  process.stderr.write('usage: node harness.mjs --url WS_URL --auth DIR\n');
+  process.exit(2);
+}
+
+const started = Date.now();
+const emit = (event, fields = {}) =>
+  process.stdout.write(JSON.stringify({ event, ms: Date.now() - started, ...fields }) + '\n');
+const logger = pino({ level: process.env.BAILEYS_LOG_LEVEL ?? 'warn' }, pino.destination(2));
+
+const { state, saveCreds } = await useMultiFileAuthState(args.auth);
+let sock;
+// Credential writes in order, so quitting can wait for the last one.
+let saving = Promise.resolve();
+let registered; // resolves once the current socket showed a QR (it is registered)
+let quitting = false;
+
+function connect() {
+  let ready;
+  registered = new Promise((resolve) => (ready = resolve));
+  sock = makeWASocket({
+    auth: state,
+    waWebSocketUrl: args.url,
+    browser: Browsers.ubuntu('Chrome'),
+    logger,
+    markOnlineOnConnect: false,
+  });
+  sock.ev.on('creds.update', () => {
+    saving = saving.then(saveCreds);
+  });
+  sock.ev.on('connection.update', async (update) => {
+    if (update.qr) {
+      ready();
+      emit('qr', { qr: update.qr });
+    }
+    if (update.connection === 'open') {
+      emit('open', { jid: sock.user?.id, name: sock.user?.name ?? null });
+    }
+    if (update.connection === 'close') {
+      const status = update.lastDisconnect?.error?.output?.statusCode ?? null;
+      emit('close', { status });
+      if (status === DisconnectReason.restartRequired && !quitting) {
+        connect();
+      } else {
+        await saving;
+        process.exit(0);
+      }
+    }
+  });
+}
+
+connect();
+
+for await (const line of createInterface({ input: process.stdin })) {
+  const [command, ...rest] = line.trim().split(/\s+/);
+  if (command === 'pair') {
+    await registered;
+    try {
+      emit('pairing-code', { code: await sock.requestPairingCode(rest[0]) });
+    } catch (e) {
+      emit('error', { message: String(e?.message ?? e) });
+    }
+  } else if (command === 'quit') {
+    quitting = true;
+    sock.end(undefined);
+    setTimeout(() => process.exit(0), 2000).unref();
+  } else if (command) {
+    emit('error', { message: `unknown command: ${command}` });
+  }
+}

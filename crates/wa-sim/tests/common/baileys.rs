@@ -1,0 +1,177 @@
+//! Baileys, a second WhatsApp client written independently of whatsapp-rust, run
+//! unmodified in Node (`crates/wa-sim/baileys/harness.mjs`) and driven over its
+//! stdin and stdout. Its own log (pino JSON lines on stderr) is kept for the checks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Where the harness and its pinned `node_modules` live.
+pub fn harness_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("baileys")
+}
+
+pub struct Baileys {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::UnboundedReceiver<Value>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Baileys {
+    /// Starts Baileys against `ws_url`, keeping its credentials in `auth`.
+    pub fn start(ws_url: &str, auth: &Path) -> Self {
+        let dir = harness_dir();
+        assert!(
+            dir.join("node_modules/baileys/package.json").exists(),
+            "Baileys is not installed: run `npm ci --prefix {}` (.ci/run does)",
+            dir.display()
+        );
+        let mut child = Command::new("node")
+            .arg("harness.mjs")
+            .arg("--url")
+            .arg(ws_url)
+            .arg("--auth")
+            .arg(auth)
+            .current_dir(&dir)
+            .env("BAILEYS_LOG_LEVEL", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("node runs (Node 20 is needed for the Baileys tests)");
+        let (tx, events) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(event) => {
+                        if tx.send(event).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => eprintln!("baileys harness printed: {line}"),
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            events,
+            log,
+        }
+    }
+
+    /// The next event of the harness, whatever it is.
+    pub async fn next_event(&mut self, within: Duration) -> Value {
+        match tokio::time::timeout(within, self.events.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => panic!("Baileys exited; its log:\n{}", self.log_text()),
+            Err(_) => panic!(
+                "Baileys said nothing within {within:?}; its log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Waits for the next `name` event; fails naming the events that came instead.
+    pub async fn wait_for(&mut self, name: &str, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(event)) => event,
+                Ok(None) => panic!(
+                    "Baileys exited before {name}; saw {seen:?}; its log:\n{}",
+                    self.log_text()
+                ),
+                Err(_) => panic!(
+                    "no {name} from Baileys within {within:?}; saw {seen:?}; its log:\n{}",
+                    self.log_text()
+                ),
+            };
+            if event["event"] == name {
+                return event;
+            }
+            seen.push(event);
+        }
+    }
+
+    pub fn command(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("harness running");
+        writeln!(stdin, "{line}").expect("harness reads commands");
+        stdin.flush().expect("harness reads commands");
+    }
+
+    /// Lines of Baileys' own log at error level or above (pino levels 50, 60), but the
+    /// stream error 515 that WhatsApp sends after every pairing to make the client
+    /// reconnect: Baileys logs every stream error at error level, that one included.
+    pub fn errors(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| {
+                let Ok(entry) = serde_json::from_str::<Value>(line) else {
+                    return true;
+                };
+                let restart = entry["fullErrorNode"]["tag"] == "stream:error"
+                    && entry["fullErrorNode"]["attrs"]["code"] == "515";
+                entry["level"].as_u64().unwrap_or(0) >= 50 && !restart
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Every line Baileys logged at warn level.
+    pub fn warnings(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| {
+                serde_json::from_str::<Value>(line).is_ok_and(|entry| entry["level"] == 40)
+            })
+            .cloned()
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Asks the harness to close its socket and waits for Node to exit.
+    pub async fn quit(&mut self) {
+        self.command("quit");
+        drop(self.stdin.take());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if self.child.try_wait().expect("child status").is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("Baileys did not exit within 10 s of quit");
+    }
+}
+
+impl Drop for Baileys {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
