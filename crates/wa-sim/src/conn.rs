@@ -395,6 +395,7 @@ impl Connection {
                 for stanza in &stanzas {
                     self.send_node(stanza).await?;
                 }
+                bump(&self.sim.stats.peer_messages, 1);
                 bump(&self.sim.stats.resent_messages, 1);
             }
             Err(e) => refuse(&e),

@@ -266,7 +266,10 @@ fn bundle(account: &mut Phone, device: u32) -> Option<Vec<Node>> {
     if device == 0 {
         let primary = &account.primary;
         return Some(vec![
-            leaf("registration", primary.registration_id.to_be_bytes().to_vec()),
+            leaf(
+                "registration",
+                primary.registration_id.to_be_bytes().to_vec(),
+            ),
             leaf("type", vec![5]),
             leaf(
                 "identity",

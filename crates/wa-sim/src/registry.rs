@@ -171,18 +171,16 @@ impl Registry {
 
     pub(crate) fn phone_mut(&mut self, number: &str) -> &mut Phone {
         let lids = &mut self.lids;
-        self.phones
-            .entry(number.to_owned())
-            .or_insert_with(|| {
-                let identity = KeyPair::generate(&mut rand::rng());
-                let lid = loop {
-                    let lid = fresh_lid();
-                    if !lids.contains_key(&lid) {
-                        lids.insert(lid.clone(), number.to_owned());
-                        break lid;
-                    }
-                };
-                Phone {
+        self.phones.entry(number.to_owned()).or_insert_with(|| {
+            let identity = KeyPair::generate(&mut rand::rng());
+            let lid = loop {
+                let lid = fresh_lid();
+                if !lids.contains_key(&lid) {
+                    lids.insert(lid.clone(), number.to_owned());
+                    break lid;
+                }
+            };
+            Phone {
                 primary: Primary::generate(&identity),
                 identity,
                 adv_raw_id: rand::random::<u32>() | 1,
@@ -191,7 +189,8 @@ impl Registry {
                 next_device: 1,
                 devices: BTreeMap::new(),
                 code_request: None,
-            }})
+            }
+        })
     }
 
     pub(crate) fn phone_by_lid(&self, lid: &str) -> Option<(&str, &Phone)> {

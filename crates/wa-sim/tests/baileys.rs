@@ -35,7 +35,11 @@ fn assert_no_errors(baileys: &Baileys) {
         eprintln!("Baileys warned: {warning}");
     }
     let errors = baileys.errors();
-    assert!(errors.is_empty(), "Baileys logged errors:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "Baileys logged errors:\n{}",
+        errors.join("\n")
+    );
 }
 
 #[tokio::test]

@@ -16,6 +16,27 @@ pub fn harness_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("baileys")
 }
 
+/// Installs the pinned Baileys (`npm ci`) the first time a test needs it, if it is not
+/// there yet (`.ci/run` installs it before the tests).
+fn install(dir: &Path) {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        if dir.join("node_modules/baileys/package.json").exists() {
+            return;
+        }
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir)
+            .status()
+            .expect("npm runs (Node 20 with npm is needed for the Baileys tests)");
+        assert!(
+            status.success(),
+            "`npm ci` in {} failed: {status}",
+            dir.display()
+        );
+    });
+}
+
 pub struct Baileys {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -27,11 +48,7 @@ impl Baileys {
     /// Starts Baileys against `ws_url`, keeping its credentials in `auth`.
     pub fn start(ws_url: &str, auth: &Path) -> Self {
         let dir = harness_dir();
-        assert!(
-            dir.join("node_modules/baileys/package.json").exists(),
-            "Baileys is not installed: run `npm ci --prefix {}` (.ci/run does)",
-            dir.display()
-        );
+        install(&dir);
         let mut child = Command::new("node")
             .arg("harness.mjs")
             .arg("--url")

@@ -1,0 +1,150 @@
+//! The phone and the service as Signal peers of the unmodified whatsapp-rust client:
+//! the account's device list, prekey bundles between devices of one account, and a
+//! message the device could not decrypt, asked for again and sent again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Harness;
+use serde_json::json;
+use wa_sim::Config;
+use whatsapp_rust::store::{AppSyncStore as _, SqliteStore};
+use whatsapp_rust::wacore_binary::Jid;
+
+const PHONE: &str = "5511977770001";
+
+fn jid(s: &str) -> Jid {
+    s.parse().unwrap()
+}
+
+/// Waits until wa-sim holds `n` one-time prekeys for `device_jid`.
+async fn prekeys_reach(h: &Harness, device_jid: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let devices = h.control.devices().await.unwrap();
+        let held = devices
+            .iter()
+            .find(|d| d["jid"] == device_jid)
+            .and_then(|d| d["preKeys"].as_u64());
+        if held == Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{device_jid} holds {held:?} prekeys, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn devices_list_an_account_and_open_sessions_from_fetched_bundles() {
+    const OTHER: &str = "5511977770002";
+    let h = Harness::start().await;
+    let first = h.linked_companion(&h.store("first"), PHONE).await;
+    let second = h.linked_companion(&h.store("second"), PHONE).await;
+    let other = h.linked_companion(&h.store("other"), OTHER).await;
+    let first_jid = format!("{PHONE}:1@s.whatsapp.net");
+    let second_jid = format!("{PHONE}:2@s.whatsapp.net");
+    prekeys_reach(&h, &second_jid, 812).await;
+
+    // usync: another account's devices, which only the service can tell: the phone
+    // (device 0) and its companion.
+    let listed = first
+        .client
+        .signal()
+        .get_user_devices(&[jid(&format!("{OTHER}@s.whatsapp.net"))])
+        .await
+        .expect("usync answers");
+    let mut devices: Vec<u16> = listed.iter().map(|j| j.device).collect();
+    devices.sort_unstable();
+    assert_eq!(devices, vec![0, 1], "{listed:?}");
+
+    // A session with the other companion of the account, from the bundle the service
+    // hands out (its device identity, signed by the phone and the device, verifies):
+    // what it encrypts, that companion decrypts with its own keys.
+    assert!(
+        first
+            .client
+            .signal()
+            .session_info(&jid(&second_jid))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    first
+        .client
+        .signal()
+        .assert_sessions(&[jid(&second_jid)])
+        .await
+        .expect("a session opens from the fetched bundle");
+    // One of its one-time prekeys was handed out, and only once.
+    prekeys_reach(&h, &second_jid, 811).await;
+    let (kind, sealed) = first
+        .client
+        .signal()
+        .encrypt_message(&jid(&second_jid), b"from the first companion")
+        .await
+        .expect("a session exists");
+    let opened = second
+        .client
+        .signal()
+        .decrypt_message(&jid(&first_jid), kind, &sealed)
+        .await
+        .expect("the other companion decrypts it");
+    assert_eq!(opened, b"from the first companion");
+
+    // A device the account does not have: no bundle, no session.
+    let missing = jid(&format!("{PHONE}:9@s.whatsapp.net"));
+    let _ = first
+        .client
+        .signal()
+        .assert_sessions(std::slice::from_ref(&missing))
+        .await;
+    assert!(
+        first
+            .client
+            .signal()
+            .session_info(&missing)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    for companion in [first, second, other] {
+        companion.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_message_the_device_cannot_decrypt_is_asked_for_again_and_sent_again() {
+    let h = Harness::with_config(Config {
+        garble_peer_messages: 1,
+        ..Config::default()
+    })
+    .await;
+    let store = h.store("garbled");
+    let companion = h.linked_companion(&store, PHONE).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let stats = h.control.stats().await.unwrap();
+        if stats["resentMessages"] == json!(1) {
+            break stats;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no resend: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["retryReceipts"], json!(1), "{stats}");
+    // The welcome's two messages, then the key share again.
+    assert_eq!(stats["peerMessages"], json!(3), "{stats}");
+    companion.stop().await;
+    // The key share the device could not read the first time is the one it kept.
+    let kept = SqliteStore::new(store.to_str().unwrap())
+        .await
+        .unwrap()
+        .get_latest_sync_key_id()
+        .await
+        .unwrap();
+    assert_eq!(kept.map(|id| id.len()), Some(6), "the resent key is stored");
+}
