@@ -1,5 +1,7 @@
 //! How much load wa-sim carries: link N devices, log in a burst of stored sessions at
-//! once, then hold N logged-in connections and report wa-sim's memory and CPU.
+//! once, hold N logged-in connections, log them all in again, and report wa-sim's
+//! memory and CPU (per link, per first login with the phone's Signal welcome, per
+//! later login).
 //!
 //! `cargo bench -p wa-sim --bench capacity -- [--devices 2000] [--burst 1000] [--hold-secs 30]`
 //!
@@ -66,16 +68,19 @@ async fn main() -> Result<()> {
 
     // 1. Link every device (registration, QR scan by the phone, pair-device-sign, 515).
     let started = Instant::now();
+    let cpu = sim.cpu_ticks()?;
     let linked = run_all(args.devices, 100, |i| {
         link(sim.ws_url(), control.clone(), i)
     })
     .await?;
     let link_secs = started.elapsed().as_secs_f64();
+    let cpu_link = sim.cpu_ticks()? - cpu;
     let rss_idle = sim.rss_kib()?;
 
     // 2. A burst of stored sessions logging in at once (IK, as real clients resume).
     let linked = Arc::new(linked);
     let started = Instant::now();
+    let cpu = sim.cpu_ticks()?;
     let burst = run_all(args.burst, args.burst, |i| {
         login(sim.ws_url(), linked[i].clone())
     })
@@ -87,7 +92,9 @@ async fn main() -> Result<()> {
         login(sim.ws_url(), linked[args.burst + i].clone())
     })
     .await?;
+    // Each first login ends with the phone's welcome: two Signal messages, read here.
     let stats = control.stats().await?;
+    let cpu_first_logins = sim.cpu_ticks()? - cpu;
     let connections = stats["connections"].as_u64().unwrap_or(0);
     let rss_held = sim.rss_kib()?;
     let cpu_before = sim.cpu_ticks()?;
@@ -104,6 +111,17 @@ async fn main() -> Result<()> {
     let cpu_hold_secs = (sim.cpu_ticks()? - cpu_before) as f64 / 100.0;
     let after = control.stats().await?;
     drop(still_open);
+
+    // 4. Every device logs in again: no welcome this time.
+    control.wait_connections(0).await?;
+    let cpu = sim.cpu_ticks()?;
+    let again = run_all(args.devices, 200, |i| {
+        login(sim.ws_url(), linked[i].clone())
+    })
+    .await?;
+    let cpu_later_logins = sim.cpu_ticks()? - cpu;
+    drop(again);
+    let ms_each = |ticks: u64| ticks as f64 * 10.0 / args.devices.max(1) as f64;
 
     let per_conn = (rss_held.saturating_sub(rss_idle)) as f64 / args.devices.max(1) as f64;
     println!(
@@ -128,7 +146,24 @@ async fn main() -> Result<()> {
         "  connected at the end of the hold:  {}",
         after["connections"]
     );
+    println!(
+        "  wa-sim CPU per link:               {:.2} ms",
+        ms_each(cpu_link)
+    );
+    println!(
+        "  wa-sim CPU per first login:        {:.2} ms (with the phone's Signal welcome, {} messages)",
+        ms_each(cpu_first_logins),
+        after["peerMessages"]
+    );
+    println!(
+        "  wa-sim CPU per later login:        {:.2} ms",
+        ms_each(cpu_later_logins)
+    );
     println!("  wa-sim RSS: start {rss_start} KiB, idle {rss_idle} KiB, holding {rss_held} KiB");
+    println!(
+        "  wa-sim memory per linked device:   {:.1} KiB (idle, after linking)",
+        rss_idle.saturating_sub(rss_start) as f64 / args.devices.max(1) as f64
+    );
     println!("  wa-sim memory per connection:      {per_conn:.1} KiB");
     println!(
         "  wa-sim CPU during the hold:        {cpu_hold_secs:.2} s over {:?}",
@@ -449,6 +484,18 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("wa-sim did not start")
+    }
+
+    /// Waits until wa-sim counts `n` open connections.
+    async fn wait_connections(&self, n: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.stats().await?["connections"].as_u64() != Some(n) {
+            if Instant::now() > deadline {
+                bail!("wa-sim never got to {n} connections");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 
     async fn stats(&self) -> Result<Value> {
