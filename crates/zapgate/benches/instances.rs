@@ -31,6 +31,7 @@ async fn main() {
     let rss_empty = rss_kib(gw.pid());
 
     let started = Instant::now();
+    let cpu = cpu_ticks(gw.pid());
     let mut instances = Vec::new();
     for i in 0..n {
         instances.push(gw.api.create_instance(&format!("bench {i}")).await);
@@ -48,6 +49,7 @@ async fn main() {
     futures_util::future::join_all(links).await;
     wait_all_connected(&gw, n).await;
     let link_secs = started.elapsed().as_secs_f64();
+    let link_cpu = cpu_ticks(gw.pid()) - cpu;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_linked = rss_kib(gw.pid());
 
@@ -56,11 +58,17 @@ async fn main() {
     let gw = world.gateway_with(&[("RUST_LOG", QUIET)]).await;
     wait_all_connected(&gw, n).await;
     let restart_secs = started.elapsed().as_secs_f64();
+    let restart_cpu = cpu_ticks(gw.pid());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_restarted = rss_kib(gw.pid());
 
     println!("zapgate with {n} instances linked to wa-sim");
     println!("  link all {n} (QR, scan, connected):      {link_secs:.1} s");
+    println!(
+        "  gateway CPU while linking:             {:.2} s ({:.1} ms per link)",
+        link_cpu as f64 / 100.0,
+        link_cpu as f64 * 10.0 / n as f64
+    );
     println!("  RSS with no instance:                  {rss_empty} KiB");
     println!("  RSS with {n} connected (after linking):  {rss_linked} KiB");
     println!("  RSS with {n} connected (after restart):  {rss_restarted} KiB");
@@ -70,6 +78,10 @@ async fn main() {
         (rss_restarted.saturating_sub(rss_empty)) as f64 / n as f64
     );
     println!("  restart until all {n} connected:        {restart_secs:.2} s");
+    println!(
+        "  gateway CPU from start to all connected: {:.2} s",
+        restart_cpu as f64 / 100.0
+    );
     gw.stop().await;
 }
 
@@ -109,4 +121,16 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the gateway runs");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
