@@ -6,6 +6,7 @@
 //   {"event":"qr","qr":"2@..."}                 a QR code to scan
 //   {"event":"pairing-code","code":"ABCD1234"}  after a `pair` command
 //   {"event":"open","jid":"...","name":"..."}   logged in
+//   {"event":"history","syncType":0}           a history sync was processed
 //   {"event":"close","status":401}              the connection ended (401: logged out)
 //   {"event":"error","message":"..."}           a command failed
 // Reads commands, one per line, on stdin:
@@ -53,6 +54,7 @@ function connect() {
   sock.ev.on('creds.update', () => {
     saving = saving.then(saveCreds);
   });
+  sock.ev.on('messaging-history.set', ({ syncType }) => emit('history', { syncType }));
   sock.ev.on('connection.update', async (update) => {
     if (update.qr) {
       ready();

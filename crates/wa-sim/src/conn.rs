@@ -227,8 +227,18 @@ impl Connection {
     }
 
     async fn on_node(&mut self, node: Node) -> Result<(), ConnError> {
-        if node.tag == "receipt" && stanza::attr(&node, "type").as_deref() == Some("retry") {
-            return self.answer_retry(&node).await;
+        if node.tag == "receipt" {
+            // One receipt may stand for several messages (`<list><item id/></list>`).
+            let ids = 1 + node
+                .get_optional_child("list")
+                .map_or(0, |l| l.get_children_by_tag("item").count() as u64);
+            match stanza::attr(&node, "type").as_deref() {
+                Some("retry") => return self.answer_retry(&node).await,
+                Some("peer_msg") => bump(&self.sim.stats.peer_receipts, ids),
+                Some("hist_sync") => bump(&self.sim.stats.history_sync_receipts, ids),
+                _ => {}
+            }
+            return Ok(());
         }
         if node.tag != "iq" {
             // acks, other receipts, presence and <ib> need no answer from the service.

@@ -46,6 +46,10 @@ pub(crate) struct Stats {
     pub(crate) peer_messages: AtomicU64,
     pub(crate) retry_receipts: AtomicU64,
     pub(crate) resent_messages: AtomicU64,
+    /// Receipts devices sent for the phone's messages (`peer_msg`), and for a history
+    /// sync they processed (`hist_sync`).
+    pub(crate) peer_receipts: AtomicU64,
+    pub(crate) history_sync_receipts: AtomicU64,
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
@@ -70,6 +74,8 @@ pub(crate) struct StatsView {
     peer_messages: u64,
     retry_receipts: u64,
     resent_messages: u64,
+    peer_receipts: u64,
+    history_sync_receipts: u64,
     frames_in: u64,
     frames_out: u64,
     bytes_in: u64,
@@ -293,6 +299,8 @@ impl Sim {
             peer_messages: load(&s.peer_messages),
             retry_receipts: load(&s.retry_receipts),
             resent_messages: load(&s.resent_messages),
+            peer_receipts: load(&s.peer_receipts),
+            history_sync_receipts: load(&s.history_sync_receipts),
             frames_in: load(&s.frames_in),
             frames_out: load(&s.frames_out),
             bytes_in: load(&s.bytes_in),

@@ -59,6 +59,10 @@ async fn baileys_links_by_qr_logs_in_again_from_its_creds_and_is_logged_out_by_t
     let open = baileys.wait_for("open", WAIT).await;
     let linked_in = scanned.elapsed();
     assert_eq!(open["jid"], json!(jid));
+    // The phone's empty initial history sync (INITIAL_BOOTSTRAP, 0) reached it, so it
+    // did not wait 20 s for one.
+    let history = baileys.wait_for("history", Duration::from_secs(5)).await;
+    assert_eq!(history["syncType"], json!(0), "{history}");
     // What a device does after its first login: it uploads prekeys (after asking how
     // many the service holds) and receives the phone's app-state key share.
     let device = device_until(&h, &jid, |d| {
@@ -79,6 +83,10 @@ async fn baileys_links_by_qr_logs_in_again_from_its_creds_and_is_logged_out_by_t
     assert_eq!(first["jid"], json!(jid));
     eprintln!("Baileys logged in again in {:?}", started.elapsed());
     let stats = h.control.stats().await.unwrap();
+    // It decrypted both messages of the phone's welcome and processed the history sync.
+    assert_eq!(stats["peerMessages"], json!(2), "{stats}");
+    assert_eq!(stats["peerReceipts"], json!(2), "{stats}");
+    assert_eq!(stats["historySyncReceipts"], json!(1), "{stats}");
     assert_eq!(stats["pairings"], json!(1), "{stats}");
     assert_eq!(stats["pairingRefusals"], json!(0), "{stats}");
     assert_eq!(stats["loginFailures"], json!(0), "{stats}");

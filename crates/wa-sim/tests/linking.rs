@@ -69,6 +69,11 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
         "whatsapp-rust uploads 812 in one go"
     );
     assert_eq!(companion.client.push_name(), format!("wa-sim {PHONE}"));
+    // Both messages of the phone's welcome were decrypted and acknowledged.
+    let stats = h.control.stats().await.unwrap();
+    assert_eq!(stats["peerMessages"], json!(2), "{stats}");
+    assert_eq!(stats["peerReceipts"], json!(2), "{stats}");
+    assert_eq!(stats["historySyncReceipts"], json!(1), "{stats}");
 
     companion.stop().await;
     // The phone's key share, over its Signal session, was decrypted and kept.

@@ -187,6 +187,43 @@ async fn a_number_links_by_pairing_code() {
 }
 
 #[tokio::test]
+async fn a_pairing_code_left_to_expire_closes_the_window() {
+    // One QR ref: the QR codes run out after 60 s, the code lives 180 s.
+    let world = World::with_sim(wa_sim::Config {
+        refs_per_pairing: 1,
+        ..Default::default()
+    })
+    .await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("forgotten").await;
+    let (status, first) = gw.api.phone_code(&inst, PHONE).await;
+    assert_eq!(status, 200, "{first}");
+
+    // The QR codes run out (after 60 s); the code still valid keeps the window.
+    gw.log
+        .wait_within(
+            "the pairing code keeps the window open",
+            Duration::from_secs(75),
+        )
+        .await;
+    assert_eq!(gw.api.phone_code(&inst, PHONE).await, (200, first.clone()));
+    assert_eq!(world.stat("connections").await, 1);
+    // Then it expires: the window closes, and the socket with it.
+    gw.log
+        .wait_within("input=WindowEnded", Duration::from_secs(130))
+        .await;
+    gw.log.wait_for("WhatsApp client stopped", 1).await;
+    assert_eq!(world.stat("connections").await, 0);
+    assert_eq!(gw.api.status(&inst).await, not_connected());
+
+    let (status, second) = gw.api.phone_code(&inst, PHONE).await;
+    assert_eq!(status, 200, "{second}");
+    assert_ne!(second, first);
+    assert_eq!(world.stat("codeRequests").await, 2);
+    assert_eq!(world.stat("connections").await, 1);
+}
+
+#[tokio::test]
 async fn a_killed_gateway_comes_back_connected_without_a_qr() {
     let world = World::new().await;
     let gw = world.gateway().await;
