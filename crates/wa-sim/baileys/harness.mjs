@@ -32,13 +32,18 @@ if (!args.url || !args.auth) {
 const started = Date.now();
 const emit = (event, fields = {}) =>
   process.stdout.write(JSON.stringify({ event, ms: Date.now() - started, ...fields }) + '\n');
-const logger = pino({ level: process.env.BAILEYS_LOG_LEVEL ?? 'warn' }, pino.destination(2));
+// Synchronous, so nothing Baileys logged is lost when the process exits.
+const logger = pino(
+  { level: process.env.BAILEYS_LOG_LEVEL ?? 'warn' },
+  pino.destination({ dest: 2, sync: true }),
+);
 
 const { state, saveCreds } = await useMultiFileAuthState(args.auth);
 let sock;
 // Credential writes in order, so quitting can wait for the last one.
 let saving = Promise.resolve();
 let registered; // resolves once the current socket showed a QR (it is registered)
+let open = false;
 let quitting = false;
 
 function connect() {
@@ -52,7 +57,9 @@ function connect() {
     markOnlineOnConnect: false,
   });
   sock.ev.on('creds.update', () => {
-    saving = saving.then(saveCreds);
+    saving = saving
+      .then(saveCreds)
+      .catch((e) => emit('error', { message: `saving credentials: ${e?.message ?? e}` }));
   });
   sock.ev.on('messaging-history.set', ({ syncType }) => emit('history', { syncType }));
   sock.ev.on('connection.update', async (update) => {
@@ -61,11 +68,14 @@ function connect() {
       emit('qr', { qr: update.qr });
     }
     if (update.connection === 'open') {
+      open = true;
       emit('open', { jid: sock.user?.id, name: sock.user?.name ?? null });
     }
     if (update.connection === 'close') {
-      const status = update.lastDisconnect?.error?.output?.statusCode ?? null;
-      emit('close', { status });
+      open = false;
+      const error = update.lastDisconnect?.error;
+      const status = error?.output?.statusCode ?? null;
+      emit('close', { status, message: error?.message ?? null });
       if (status === DisconnectReason.restartRequired && !quitting) {
         connect();
       } else {
@@ -81,6 +91,10 @@ connect();
 for await (const line of createInterface({ input: process.stdin })) {
   const [command, ...rest] = line.trim().split(/\s+/);
   if (command === 'pair') {
+    if (open) {
+      emit('error', { message: 'already linked' });
+      continue;
+    }
     await registered;
     try {
       emit('pairing-code', { code: await sock.requestPairingCode(rest[0]) });

@@ -294,9 +294,27 @@ async fn hold(mut wire: Wire, hold: Duration, dropped: Arc<AtomicUsize>) -> Opti
                     return None;
                 }
             }
-            node = wire.recv() => if !matches!(node, Ok(Some(_))) {
-                dropped.fetch_add(1, Ordering::Relaxed);
-                return None;
+            node = wire.recv() => match node {
+                // The phone's welcome: acknowledged as a client does, so later logins
+                // do without it.
+                Ok(Some(node)) if node.tag == "message" => {
+                    let receipt = NodeBuilder::new("receipt")
+                        .attrs([
+                            ("id", attr(&node, "id")),
+                            ("to", attr(&node, "from")),
+                            ("type", "peer_msg".to_owned()),
+                        ])
+                        .build();
+                    if wire.send(&receipt).await.is_err() {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
             },
         }
     }

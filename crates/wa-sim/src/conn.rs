@@ -229,13 +229,22 @@ impl Connection {
     async fn on_node(&mut self, node: Node) -> Result<(), ConnError> {
         if node.tag == "receipt" {
             // One receipt may stand for several messages (`<list><item id/></list>`).
-            let ids = 1 + node
-                .get_optional_child("list")
-                .map_or(0, |l| l.get_children_by_tag("item").count() as u64);
+            let ids: Vec<String> = stanza::attr(&node, "id")
+                .into_iter()
+                .chain(
+                    node.get_optional_child("list")
+                        .into_iter()
+                        .flat_map(|l| l.get_children_by_tag("item"))
+                        .filter_map(|item| stanza::attr(item, "id")),
+                )
+                .collect();
             match stanza::attr(&node, "type").as_deref() {
                 Some("retry") => return self.answer_retry(&node).await,
-                Some("peer_msg") => bump(&self.sim.stats.peer_receipts, ids),
-                Some("hist_sync") => bump(&self.sim.stats.history_sync_receipts, ids),
+                Some("peer_msg") => {
+                    bump(&self.sim.stats.peer_receipts, ids.len() as u64);
+                    self.note_peer_receipt(&ids);
+                }
+                Some("hist_sync") => bump(&self.sim.stats.history_sync_receipts, ids.len() as u64),
                 _ => {}
             }
             return Ok(());
@@ -270,32 +279,31 @@ impl Connection {
     }
 
     /// After a device's first login the phone sends it its welcome (an app-state key
-    /// share and an empty initial history sync), as WhatsApp's phone does.
+    /// share and an empty initial history sync), as WhatsApp's phone does; again at each
+    /// login until the device acknowledged the key share.
     async fn welcome(&mut self) -> Result<(), ConnError> {
         let Session::Device { phone, device } = &self.session else {
             return Ok(());
         };
         let (phone, device) = (phone.clone(), *device);
-        let messages = crate::phone::welcome(device);
-        // Claimed under the lock, so two logins of one device get one welcome.
         let found = {
-            let mut registry = self.sim.registry();
-            registry.phones.get_mut(&phone).and_then(|account| {
-                let (identity, registration_id) =
-                    (account.identity.clone(), account.primary.registration_id);
-                let record = account.devices.get_mut(&device).filter(|d| !d.key_shared)?;
-                record.key_shared = true;
-                for message in &messages {
-                    record.sent.push(message.clone());
-                }
-                let prekey = record.prekeys.pop_first();
-                let bundle = crate::phone::Bundle::registered(&record.companion, prekey);
-                Some((identity, registration_id, bundle))
+            let registry = self.sim.registry();
+            registry.phones.get(&phone).and_then(|account| {
+                let record = account
+                    .devices
+                    .get(&device)
+                    .filter(|d| !d.key_share_received)?;
+                Some((
+                    account.identity.clone(),
+                    account.primary.registration_id,
+                    crate::phone::Bundle::registered(&record.companion, None),
+                ))
             })
         };
         let Some((account, registration_id, bundle)) = found else {
             return Ok(());
         };
+        let messages = crate::phone::welcome(device);
         let seal = crate::phone::Seal {
             phone: &phone,
             account: &account,
@@ -304,14 +312,8 @@ impl Connection {
             retry: None,
             garble_first: self.sim.take_garbled(),
         };
-        match seal.seal(&bundle, &messages).await {
-            Ok(stanzas) => {
-                for stanza in &stanzas {
-                    self.send_node(stanza).await?;
-                }
-                bump(&self.sim.stats.peer_messages, stanzas.len() as u64);
-                Ok(())
-            }
+        let stanzas = match seal.seal(&bundle, &messages).await {
+            Ok(stanzas) => stanzas,
             Err(e) => {
                 tracing::warn!(
                     conn.id = self.id,
@@ -320,15 +322,48 @@ impl Connection {
                     error = e,
                     "could not seal the phone's welcome; the next login tries again"
                 );
-                let mut registry = self.sim.registry();
-                if let Some(record) = registry
-                    .phones
-                    .get_mut(&phone)
-                    .and_then(|a| a.devices.get_mut(&device))
-                {
-                    record.key_shared = false;
-                }
-                Ok(())
+                return Ok(());
+            }
+        };
+        {
+            let mut registry = self.sim.registry();
+            let Some(record) = registry
+                .phones
+                .get_mut(&phone)
+                .and_then(|a| a.devices.get_mut(&device))
+            else {
+                return Ok(());
+            };
+            record.key_share_id = Some(messages[0].id.clone());
+            for message in messages {
+                record.sent.push(message);
+            }
+        }
+        for stanza in &stanzas {
+            self.send_node(stanza).await?;
+            bump(&self.sim.stats.peer_messages, 1);
+        }
+        Ok(())
+    }
+
+    /// A device's receipt for messages of the phone's: the key share it acknowledges
+    /// counts as delivered.
+    fn note_peer_receipt(&self, ids: &[String]) {
+        let Session::Device { phone, device } = &self.session else {
+            return;
+        };
+        let mut registry = self.sim.registry();
+        if let Some(record) = registry
+            .phones
+            .get_mut(phone)
+            .and_then(|a| a.devices.get_mut(device))
+        {
+            if record
+                .key_share_id
+                .as_ref()
+                .is_some_and(|id| ids.contains(id))
+            {
+                record.key_share_received = true;
             }
         }
     }
@@ -368,7 +403,7 @@ impl Connection {
                 let (identity, registration_id) =
                     (account.identity.clone(), account.primary.registration_id);
                 let record = account.devices.get_mut(&device)?;
-                let message = record.sent.find(&id);
+                let message = record.sent.retried(&id);
                 let bundle = match offered {
                     Some(bundle) => Ok(bundle),
                     None => Err(record.prekeys.pop_first()),
@@ -384,9 +419,16 @@ impl Connection {
             refuse("not a linked device");
             return Ok(());
         };
-        let Some(message) = message else {
-            refuse("the phone sent no such message");
-            return Ok(());
+        let message = match message {
+            Some((_, asked)) if asked > MAX_RETRIES => {
+                refuse("the device asked more than 5 times for this message");
+                return Ok(());
+            }
+            Some((message, _)) => message,
+            None => {
+                refuse("the phone sent no such message");
+                return Ok(());
+            }
         };
         if !same_identity {
             refuse("the receipt's identity key is not the one the device registered");

@@ -194,7 +194,7 @@ async fn devices(State(sim): State<Arc<Sim>>) -> Reply {
                 "connected": online.contains(&(number.as_str(), *id)),
                 "platform": record.companion.platform,
                 "linkedAt": record.linked_at_ms,
-                "appStateKeyShared": record.key_shared,
+                "appStateKeyShared": record.key_share_received,
                 "preKeys": record.prekeys.len(),
             }));
         }

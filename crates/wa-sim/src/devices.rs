@@ -25,11 +25,13 @@ fn entries(account: &Phone) -> impl Iterator<Item = (u32, Option<u32>)> + '_ {
 }
 
 /// `ADVSignedKeyIndexList`: which key indexes are valid, signed by the account key.
-fn key_index_list(account: &Phone) -> Vec<u8> {
+/// The current index is the highest ever given, so a removed device's index is not
+/// mistaken for one newer than the list.
+pub(crate) fn key_index_list(account: &Phone) -> Vec<u8> {
     let details = wa::ADVKeyIndexList {
         raw_id: Some(account.adv_raw_id),
         timestamp: Some(account.devices_changed),
-        current_index: Some(account.devices.keys().max().copied().unwrap_or(0)),
+        current_index: Some(account.highest_index()),
         valid_indexes: account.devices.keys().copied().collect(),
         account_type: Some(ADVEncryptionType::E2EE),
     }
@@ -53,9 +55,12 @@ fn key_index_list(account: &Phone) -> Vec<u8> {
 fn key_index_node(account: &Phone) -> Node {
     NodeBuilder::new("key-index-list")
         .attr("ts", account.devices_changed.to_string())
-        .bytes(key_index_list(account))
+        .bytes(account.signed_key_index.clone())
         .build()
 }
+
+/// At most this many users in one `usync` query.
+const MAX_USYNC_USERS: usize = 1000;
 
 /// `<notification type="account_sync">` from the account itself, listing its devices;
 /// at login it also carries the account's push name (WhatsApp's phone shares the name
@@ -130,6 +135,12 @@ pub(crate) fn usync(conn: &Connection, iq: &Node) -> Node {
             .is_some()
     };
     let (devices, lid) = (asks("devices"), asks("lid"));
+    let asked = query
+        .get_optional_child("list")
+        .map_or(0, |list| list.get_children_by_tag("user").count());
+    if asked > MAX_USYNC_USERS {
+        return iq_error(iq, 400, "bad-request");
+    }
     let registry = conn.sim.registry();
     let users = query
         .get_optional_child("list")

@@ -330,7 +330,8 @@ mod tests {
             },
             signed_identity: Vec::new(),
             linked_at_ms: 0,
-            key_shared: false,
+            key_share_id: None,
+            key_share_received: false,
             prekeys,
             sent: Default::default(),
         };

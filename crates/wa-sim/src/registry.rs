@@ -67,8 +67,10 @@ pub(crate) struct Phone {
     /// The account's ADV id: the same in every device identity the phone signs and in
     /// its signed key-index list, for as long as the account exists.
     pub(crate) adv_raw_id: u32,
-    /// When the device list last changed (unix seconds), as the key-index list says.
+    /// When the device list last changed (unix seconds), and the signed key-index list
+    /// as it stands since then.
     pub(crate) devices_changed: u64,
+    pub(crate) signed_key_index: Vec<u8>,
     pub(crate) lid: String,
     next_device: u32,
     pub(crate) devices: BTreeMap<u32, DeviceRecord>,
@@ -109,8 +111,11 @@ pub(crate) struct DeviceRecord {
     /// what the service hands out with the device's prekey bundle.
     pub(crate) signed_identity: Vec<u8>,
     pub(crate) linked_at_ms: u64,
-    /// The phone shared an app-state key with it (after its first login).
-    pub(crate) key_shared: bool,
+    /// The id of the last app-state key share the phone sent it, and whether the device
+    /// acknowledged it (a `peer_msg` receipt): until then every login sends the phone's
+    /// welcome again, as WhatsApp keeps a message until the device has it.
+    pub(crate) key_share_id: Option<String>,
+    pub(crate) key_share_received: bool,
     /// The one-time prekeys it uploaded.
     pub(crate) prekeys: crate::prekeys::PreKeys,
     /// The phone's last peer messages to it, for a retry receipt to ask again.
@@ -180,16 +185,19 @@ impl Registry {
                     break lid;
                 }
             };
-            Phone {
+            let mut phone = Phone {
                 primary: Primary::generate(&identity),
                 identity,
                 adv_raw_id: rand::random::<u32>() | 1,
-                devices_changed: crate::unix_secs(),
+                devices_changed: 0,
+                signed_key_index: Vec::new(),
                 lid,
                 next_device: 1,
                 devices: BTreeMap::new(),
                 code_request: None,
-            }
+            };
+            phone.devices_changed();
+            phone
         })
     }
 
@@ -232,6 +240,17 @@ impl Phone {
         let id = self.next_device;
         self.next_device += 1;
         id
+    }
+
+    /// The highest key index the phone ever gave a device (0 before the first).
+    pub(crate) fn highest_index(&self) -> u32 {
+        self.next_device - 1
+    }
+
+    /// The device list changed: note when, and sign the new key-index list.
+    pub(crate) fn devices_changed(&mut self) {
+        self.devices_changed = crate::unix_secs();
+        self.signed_key_index = crate::devices::key_index_list(self);
     }
 }
 

@@ -217,7 +217,7 @@ impl Sim {
             registry.phones.get_mut(phone).is_some_and(|p| {
                 let removed = p.devices.remove(&device).is_some();
                 if removed {
-                    p.devices_changed = crate::unix_secs();
+                    p.devices_changed();
                 }
                 removed
             })
@@ -234,8 +234,9 @@ impl Sim {
         let removed = {
             let account = registry.phones.get_mut(phone)?;
             account.code_request = None;
-            account.devices_changed = crate::unix_secs();
-            std::mem::take(&mut account.devices).len()
+            let removed = std::mem::take(&mut account.devices).len();
+            account.devices_changed();
+            removed
         };
         for (_, tx) in registry.device_conns(phone, None) {
             let _ = tx.try_send(Command::StreamError(stanza::stream_conflict(

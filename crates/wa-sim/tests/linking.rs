@@ -52,7 +52,6 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     // Registration (XX), then the login after the 515 restart (XX, which caches our chain).
     assert_eq!(h.control.stats().await.unwrap()["ikHandshakes"], json!(0));
 
-    assert_eq!(devices[0]["appStateKeyShared"], json!(true));
     // The device uploads its one-time prekeys after its first login; the service keeps
     // them and counts them as the device's signed key was checked.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -70,8 +69,20 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     );
     assert_eq!(companion.client.push_name(), format!("wa-sim {PHONE}"));
     // Both messages of the phone's welcome were decrypted and acknowledged.
-    let stats = h.control.stats().await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stats = loop {
+        let stats = h.control.stats().await.unwrap();
+        if stats["peerReceipts"] == json!(2) && stats["historySyncReceipts"] == json!(1) {
+            break stats;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(stats["peerMessages"], json!(2), "{stats}");
+    assert_eq!(
+        h.control.devices().await.unwrap()[0]["appStateKeyShared"],
+        json!(true)
+    );
     assert_eq!(stats["peerReceipts"], json!(2), "{stats}");
     assert_eq!(stats["historySyncReceipts"], json!(1), "{stats}");
 

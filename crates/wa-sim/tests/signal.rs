@@ -9,8 +9,10 @@ use std::time::Duration;
 use common::Harness;
 use serde_json::json;
 use wa_sim::Config;
+use whatsapp_rust::NodeBuilder;
 use whatsapp_rust::store::{AppSyncStore as _, SqliteStore};
-use whatsapp_rust::wacore_binary::Jid;
+use whatsapp_rust::wacore::request::InfoQuery;
+use whatsapp_rust::wacore_binary::{Jid, NodeContent};
 
 const PHONE: &str = "5511977770001";
 
@@ -95,13 +97,38 @@ async fn devices_list_an_account_and_open_sessions_from_fetched_bundles() {
         .expect("the other companion decrypts it");
     assert_eq!(opened, b"from the first companion");
 
-    // A device the account does not have: no bundle, no session.
+    // A device the account does not have: the service answers 406 for it (asked
+    // directly, since the client takes the refusal quietly), and no session opens.
     let missing = jid(&format!("{PHONE}:9@s.whatsapp.net"));
-    let _ = first
+    let ask = NodeBuilder::new("key")
+        .children([NodeBuilder::new("user")
+            .attr("jid", missing.to_string())
+            .build()])
+        .build();
+    let answer = first
+        .client
+        .send_iq(InfoQuery::get(
+            "encrypt",
+            jid("s.whatsapp.net"),
+            Some(NodeContent::Nodes(vec![ask])),
+        ))
+        .await
+        .expect("the service answers")
+        .to_owned_node();
+    let error = answer
+        .get_optional_child_by_tag(&["list", "user", "error"])
+        .expect("an error for the unknown device");
+    assert_eq!(
+        error.attrs.get("code").map(|v| v.as_str().into_owned()),
+        Some("406".to_owned()),
+        "{answer:?}"
+    );
+    first
         .client
         .signal()
         .assert_sessions(std::slice::from_ref(&missing))
-        .await;
+        .await
+        .expect("the client takes a refused device quietly");
     assert!(
         first
             .client

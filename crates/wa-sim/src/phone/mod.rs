@@ -179,12 +179,13 @@ pub(super) async fn complete_pairing(
                 companion,
                 signed_identity: identity.encode_to_vec(),
                 linked_at_ms: crate::unix_millis(),
-                key_shared: false,
+                key_share_id: None,
+                key_share_received: false,
                 prekeys: Default::default(),
                 sent: Default::default(),
             },
         );
-        account.devices_changed = crate::unix_secs();
+        account.devices_changed();
     }
     bump(&sim.stats.pairings, 1);
     crate::devices::announce(sim, phone);

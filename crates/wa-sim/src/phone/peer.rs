@@ -40,9 +40,10 @@ impl PeerMessage {
     }
 }
 
-/// The phone's last few messages to one device (a retry names one by id).
+/// The phone's last few messages to one device (a retry names one by id), each with
+/// how many times the device asked for it again.
 #[derive(Default)]
-pub(crate) struct Sent(VecDeque<PeerMessage>);
+pub(crate) struct Sent(VecDeque<(PeerMessage, u32)>);
 
 const SENT_KEPT: usize = 8;
 
@@ -51,11 +52,14 @@ impl Sent {
         if self.0.len() == SENT_KEPT {
             self.0.pop_front();
         }
-        self.0.push_back(message);
+        self.0.push_back((message, 0));
     }
 
-    pub(crate) fn find(&self, id: &str) -> Option<PeerMessage> {
-        self.0.iter().find(|m| m.id == id).cloned()
+    /// The message `id`, and how many times it was asked for, this time included.
+    pub(crate) fn retried(&mut self, id: &str) -> Option<(PeerMessage, u32)> {
+        let (message, asked) = self.0.iter_mut().find(|(m, _)| m.id == id)?;
+        *asked += 1;
+        Some((message.clone(), *asked))
     }
 }
 

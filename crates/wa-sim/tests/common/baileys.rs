@@ -2,6 +2,7 @@
 //! unmodified in Node (`crates/wa-sim/baileys/harness.mjs`) and driven over its
 //! stdin and stdout. Its own log (pino JSON lines on stderr) is kept for the checks.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -21,7 +22,8 @@ pub fn harness_dir() -> PathBuf {
 fn install(dir: &Path) {
     static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INSTALLED.get_or_init(|| {
-        if dir.join("node_modules/baileys/package.json").exists() {
+        // npm writes this file last: a complete install.
+        if dir.join("node_modules/.package-lock.json").exists() {
             return;
         }
         let status = Command::new("npm")
@@ -41,7 +43,10 @@ pub struct Baileys {
     child: Child,
     stdin: Option<ChildStdin>,
     events: mpsc::UnboundedReceiver<Value>,
+    /// Events read but not yet asked for.
+    backlog: VecDeque<Value>,
     log: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Baileys {
@@ -79,7 +84,7 @@ impl Baileys {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped");
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -88,12 +93,17 @@ impl Baileys {
             stdin: child.stdin.take(),
             child,
             events,
+            backlog: VecDeque::new(),
             log,
+            log_reader: Some(log_reader),
         }
     }
 
     /// The next event of the harness, whatever it is.
     pub async fn next_event(&mut self, within: Duration) -> Value {
+        if let Some(event) = self.backlog.pop_front() {
+            return event;
+        }
         match tokio::time::timeout(within, self.events.recv()).await {
             Ok(Some(event)) => event,
             Ok(None) => panic!("Baileys exited; its log:\n{}", self.log_text()),
@@ -104,8 +114,12 @@ impl Baileys {
         }
     }
 
-    /// Waits for the next `name` event; fails naming the events that came instead.
+    /// Waits for the next `name` event (the ones it passes stay for later); fails naming
+    /// the events that came instead.
     pub async fn wait_for(&mut self, name: &str, within: Duration) -> Value {
+        if let Some(at) = self.backlog.iter().position(|e| e["event"] == name) {
+            return self.backlog.remove(at).expect("found");
+        }
         let deadline = tokio::time::Instant::now() + within;
         let mut seen = Vec::new();
         loop {
@@ -124,7 +138,8 @@ impl Baileys {
             if event["event"] == name {
                 return event;
             }
-            seen.push(event);
+            seen.push(event.clone());
+            self.backlog.push_back(event);
         }
     }
 
@@ -134,9 +149,11 @@ impl Baileys {
         stdin.flush().expect("harness reads commands");
     }
 
-    /// Lines of Baileys' own log at error level or above (pino levels 50, 60), but the
-    /// stream error 515 that WhatsApp sends after every pairing to make the client
-    /// reconnect: Baileys logs every stream error at error level, that one included.
+    /// Lines of Baileys' own log at error level or above (pino levels 50, 60; any line
+    /// that is not pino's, such as a crash, counts too), but for the two stream errors
+    /// WhatsApp sends by design: 515 after every pairing, to make the client reconnect,
+    /// and 401 `device_removed` when the phone unlinks it. Baileys logs every stream
+    /// error at error level, those two included.
     pub fn errors(&self) -> Vec<String> {
         self.log
             .lock()
@@ -146,9 +163,7 @@ impl Baileys {
                 let Ok(entry) = serde_json::from_str::<Value>(line) else {
                     return true;
                 };
-                let restart = entry["fullErrorNode"]["tag"] == "stream:error"
-                    && entry["fullErrorNode"]["attrs"]["code"] == "515";
-                entry["level"].as_u64().unwrap_or(0) >= 50 && !restart
+                entry["level"].as_u64().unwrap_or(0) >= 50 && !by_design(&entry)
             })
             .cloned()
             .collect()
@@ -174,15 +189,31 @@ impl Baileys {
     /// Asks the harness to close its socket and waits for Node to exit.
     pub async fn quit(&mut self) {
         self.command("quit");
+        self.exited().await;
+    }
+
+    /// Waits for Node to exit (successfully) and for the last line of its log.
+    pub async fn exited(&mut self) {
         drop(self.stdin.take());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::time::Instant::now() < deadline {
-            if self.child.try_wait().expect("child status").is_some() {
-                return;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("child status") {
+                break status;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Baileys did not exit within 10 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Some(reader) = self.log_reader.take() {
+            reader.join().expect("log reader");
         }
-        panic!("Baileys did not exit within 10 s of quit");
+        assert!(
+            status.success(),
+            "Baileys exited with {status}; its log:\n{}",
+            self.log_text()
+        );
     }
 }
 
@@ -191,4 +222,17 @@ impl Drop for Baileys {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A stream error WhatsApp sends in the normal course of linking and unlinking.
+fn by_design(entry: &Value) -> bool {
+    let node = &entry["fullErrorNode"];
+    if node["tag"] != "stream:error" {
+        return false;
+    }
+    let restart = node["attrs"]["code"] == "515" && node["content"].is_null();
+    let removed = node["attrs"]["code"] == "401"
+        && node["content"][0]["tag"] == "conflict"
+        && node["content"][0]["attrs"]["type"] == "device_removed";
+    restart || removed
 }
