@@ -160,7 +160,7 @@ impl Connection {
                     "login refused: not a linked device with this noise key"
                 );
                 self.send_node(&stanza::failure(401)).await?;
-                let _ = self.socket.send(Message::Close(None)).await;
+                self.hang_up().await;
                 Ok(false)
             }
         }
@@ -187,7 +187,7 @@ impl Connection {
                     }
                     Some(Command::StreamError(node)) => {
                         self.send_node(&node).await?;
-                        let _ = self.socket.send(Message::Close(None)).await;
+                        self.hang_up().await;
                         return Ok(());
                     }
                     Some(Command::Drop) | None => return Ok(()),
@@ -455,6 +455,22 @@ impl Connection {
         Ok(())
     }
 
+    /// After a last word (a stream error, a login failure) the client hangs up itself
+    /// once it has read it; the service closes the socket only if it does not within
+    /// a moment. Closing at once can reach a client before the last word does (Baileys
+    /// then sees a plain close instead of the 515 that asks it to reconnect).
+    async fn hang_up(&mut self) {
+        let _ = timeout(LAST_WORD, async {
+            while let Some(Ok(message)) = self.socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        let _ = self.socket.send(Message::Close(None)).await;
+    }
+
     async fn next_raw_frame(&mut self) -> Result<Vec<u8>, ConnError> {
         loop {
             if let Some(frame) = self.reader.next_frame()? {
@@ -554,6 +570,9 @@ fn check_registration(
         },
     })
 }
+
+/// How long a client has to hang up after the service's last word.
+const LAST_WORD: Duration = Duration::from_secs(2);
 
 /// A device asks again at most this many times for one message (both clients stop there).
 const MAX_RETRIES: u32 = 5;
