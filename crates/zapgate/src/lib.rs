@@ -61,6 +61,7 @@ pub async fn run(
         store,
         admin_token,
         client_token: config.client_token.clone(),
+        panel: Default::default(),
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -355,3 +355,65 @@ async fn cancelling_a_linked_instance_unlinks_it_and_deletes_its_session() {
         (404, json!({ "error": "Instance not found" }))
     );
 }
+
+#[tokio::test]
+async fn the_event_stream_follows_linking_without_polling() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("followed").await;
+    let mut events = gw.api.events(&inst, None).await;
+    let first = events.next().await;
+    assert_eq!(
+        (first.name.as_str(), &first.data["state"]),
+        ("state", &json!("noSession"))
+    );
+    assert_eq!(first.data["connected"], json!(false));
+
+    // A code asked for through the API shows up on the stream, image and all.
+    let (status, qr) = gw.api.qr_code(&inst).await;
+    assert_eq!(status, 200, "{qr}");
+    let shown = events.until("qr").await;
+    assert_eq!(shown.data["value"], qr["value"]);
+    let image = shown.data["image"].as_str().unwrap();
+    assert_eq!(decode_qr_data_url(image), qr["value"].as_str().unwrap());
+    let left = shown.data["expiresIn"].as_u64().unwrap();
+    assert!((50..=60).contains(&left), "{left}");
+
+    // WhatsApp replaces it: the new one is pushed.
+    let (status, _) = world.wa.post("refresh-refs", json!({})).await.unwrap();
+    assert_eq!(status, 200);
+    let replaced = events.until("qr").await;
+    assert_ne!(replaced.data["value"], shown.data["value"]);
+    assert!(replaced.id.parse::<u64>().unwrap() > shown.id.parse::<u64>().unwrap());
+
+    // The phone scans it: connected, with the phone and the device.
+    let code = replaced.data["value"].as_str().unwrap();
+    let (status, body) = world.wa.scan(code, Some(PHONE)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let connected = loop {
+        let event = events.until("state").await;
+        if event.data["state"] == json!("connected") {
+            break event;
+        }
+    };
+    assert_eq!(connected.data["connected"], json!(true));
+    assert_eq!(connected.data["phone"], json!(PHONE));
+    assert_eq!(connected.data["device"], body["device"]);
+
+    // A client that comes back (with the last id it saw) gets the state at once.
+    let mut again = gw.api.events(&inst, Some(&shown.id)).await;
+    let now = again.next_within(Duration::from_secs(2)).await;
+    assert_eq!(
+        (now.name.as_str(), &now.data["state"]),
+        ("state", &json!("connected"))
+    );
+    assert!(now.id.parse::<u64>().unwrap() >= connected.id.parse::<u64>().unwrap());
+
+    // The stream keeps the instance routes' rules: a wrong token is an unknown instance.
+    let wrong = format!("/instances/{}/token/wrong/events", inst.id);
+    let (status, body) = gw.api.call(reqwest::Method::GET, &wrong, None, None).await;
+    assert_eq!(
+        (status, body),
+        (404, json!({ "error": "Instance not found" }))
+    );
+}

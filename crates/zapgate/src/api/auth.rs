@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 use crate::instance::InstanceHandle;
 
-fn same(given: &[u8], expected: &[u8]) -> bool {
+pub(super) fn same(given: &[u8], expected: &[u8]) -> bool {
     given.ct_eq(expected).into()
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::auth::Instance;
 use super::{ApiError, AppState, partner};
-use crate::instance::{LinkError, State, Unlinked};
+use crate::instance::{LinkError, Problem, State, Unlinked};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -17,6 +17,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/qr-code/image", get(qr_code_image))
         .route("/phone-code/{phone}", get(phone_code))
         .route("/status", get(status))
+        .route("/events", get(super::events::events))
         .route("/disconnect", get(disconnect))
         .route("/restart", get(restart))
         .route("/restore-session", get(restore_session))
@@ -86,18 +87,23 @@ async fn phone_code(
 
 async fn status(Instance(instance): Instance) -> Json<Value> {
     let snapshot = instance.snapshot();
-    let error = match snapshot.state {
+    Json(status_body(snapshot.state, snapshot.problem.as_ref()))
+}
+
+/// `{"connected", "error"?, "smartphoneConnected"}` as Z-API's `/status` answers.
+pub(super) fn status_body(state: State, problem: Option<&Problem>) -> Value {
+    let error = match state {
         State::Connected => {
-            return Json(json!({ "connected": true, "smartphoneConnected": true }));
+            return json!({ "connected": true, "smartphoneConnected": true });
         }
         State::NoSession | State::Linking | State::Unlinking => NOT_CONNECTED,
         State::Reconnecting | State::Stopped | State::SessionMissing => RESTORE,
     };
-    let error = match snapshot.problem {
+    let error = match problem {
         Some(problem) => format!("{error} {problem}"),
         None => error.to_owned(),
     };
-    Json(json!({ "connected": false, "error": error, "smartphoneConnected": false }))
+    json!({ "connected": false, "error": error, "smartphoneConnected": false })
 }
 
 /// `{"value": true}`; when WhatsApp could not be told, the body says so (the session is

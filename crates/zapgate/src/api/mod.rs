@@ -2,8 +2,12 @@
 //! `{"error": ...}` bodies. One file per Z-API docs section.
 
 mod auth;
+mod events;
 mod instance;
+mod panel;
 mod partner;
+
+pub use panel::Sessions;
 
 use std::sync::Arc;
 
@@ -31,6 +35,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub admin_token: Secret,
     pub client_token: Option<Secret>,
+    /// The admin panel's signed-in sessions.
+    pub panel: Arc<Sessions>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
@@ -44,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/readyz", get(readyz))
         .merge(partner::routes())
+        .merge(panel::routes())
         .nest("/instances/{id}/token/{token}", instance::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Route not found") })
         .method_not_allowed_fallback(|| async {
@@ -76,7 +83,15 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(json!({ "status": "ready" })))
 }
 
+/// Every request ends within [`REQUEST_TIMEOUT`], but an event stream, which lasts.
 async fn limit_time(request: Request, next: Next) -> Response {
+    let stream = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str().ends_with("/events"));
+    if stream {
+        return next.run(request).await;
+    }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {

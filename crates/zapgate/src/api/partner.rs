@@ -19,7 +19,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/instances", get(list))
 }
 
-const MAX_NAME: usize = 120;
+pub(super) const MAX_NAME: usize = 120;
 const MAX_PAGE_SIZE: u32 = 100;
 
 #[derive(Deserialize)]

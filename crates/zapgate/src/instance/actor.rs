@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use whatsapp_rust::types::events::Event;
 
+use super::events::{Event as InstanceEvent, Published};
 use super::linking::Window;
 use super::session::{ClientFactory, Running, Signal, SignalKind};
 use super::state::{self, Action, Input, State};
@@ -91,6 +92,8 @@ pub(super) struct Actor {
     work: mpsc::Receiver<Work>,
     commands: mpsc::Receiver<Command>,
     snapshot: watch::Sender<Snapshot>,
+    events: broadcast::Sender<Arc<InstanceEvent>>,
+    published: Published,
 }
 
 /// Starts the task of one instance. A cancelled record's task finishes the cancel.
@@ -110,7 +113,9 @@ pub(crate) fn spawn(
         device: None,
         socket_up: false,
         problem: None,
+        event_id: 0,
     });
+    let (events, _) = broadcast::channel(super::events::BACKLOG);
     let mut actor = Actor {
         link: record.link.clone(),
         state: State::NoSession,
@@ -134,6 +139,8 @@ pub(crate) fn spawn(
         work,
         commands,
         snapshot,
+        events: events.clone(),
+        published: Published::default(),
     };
     if actor.link.is_some() {
         actor.state = actor.stored_session_state();
@@ -145,6 +152,7 @@ pub(crate) fn spawn(
         record,
         commands: commands_tx,
         snapshot: snapshot_rx,
+        events,
     }
 }
 
@@ -597,7 +605,9 @@ impl Actor {
         }
     }
 
-    pub(super) fn publish(&self) {
+    /// The one place the instance's view is published: its snapshot, and an event for
+    /// each thing that changed.
+    pub(super) fn publish(&mut self) {
         let device = match (&self.link, self.state) {
             (Some(link), State::Connected | State::Reconnecting | State::Stopped) => {
                 let client = self.client.as_ref().map(|c| &c.client);
@@ -606,17 +616,30 @@ impl Actor {
                     name: client.map(|c| c.push_name()).unwrap_or_default(),
                     device_id: client.and_then(|c| c.pn()).map(|j| j.device),
                     platform: link.platform.clone(),
+                    linked_at: link.linked_at,
                 })
             }
             _ => None,
         };
         let linking = self.state == State::Linking;
+        let qr = self.window.qr().filter(|_| linking);
+        let pair_code = self.window.pair_code().filter(|_| linking);
+        self.published.publish(
+            &self.events,
+            self.state,
+            device.as_ref(),
+            self.problem.as_ref(),
+            qr.as_ref(),
+            pair_code.as_ref(),
+        );
+        let event_id = self.published.last_id();
         self.snapshot.send_modify(|s| {
             s.state = self.state;
-            s.qr = self.window.qr().filter(|_| linking);
-            s.pair_code = self.window.pair_code().filter(|_| linking);
+            s.qr = qr;
+            s.pair_code = pair_code;
             s.device = device;
             s.problem = self.problem.clone();
+            s.event_id = event_id;
             if self.client.is_none() {
                 s.socket_up = false;
             }

@@ -4,6 +4,7 @@
 //! and session files (`session`). No HTTP types here.
 
 mod actor;
+pub mod events;
 mod linking;
 mod manager;
 mod session;
@@ -13,9 +14,10 @@ mod work;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+pub use events::{Event, EventKind};
 pub use manager::{Manager, ManagerConfig, NewInstance};
 pub use state::State;
 
@@ -70,6 +72,8 @@ pub struct Device {
     pub device_id: Option<u16>,
     /// The phone's platform as reported at linking.
     pub platform: Option<String>,
+    /// When the number was linked (unix milliseconds).
+    pub linked_at: i64,
 }
 
 /// What an instance looks like right now; read without waiting on its task.
@@ -83,6 +87,8 @@ pub struct Snapshot {
     pub socket_up: bool,
     /// Why the instance is not connected, when there is more to say than its state.
     pub problem: Option<Problem>,
+    /// The id of the last event published with this snapshot.
+    pub event_id: u64,
 }
 
 /// Something the user must hear about, beyond the state.
@@ -166,11 +172,19 @@ pub struct InstanceHandle {
     pub record: Arc<InstanceRecord>,
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Snapshot>,
+    events: broadcast::Sender<Arc<Event>>,
 }
 
 impl InstanceHandle {
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.borrow().clone()
+    }
+
+    /// Every event from now on, and the snapshot as it stands: events with an id up to
+    /// the snapshot's `event_id` are already in it.
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, Snapshot) {
+        let events = self.events.subscribe();
+        (events, self.snapshot())
     }
 
     /// A receiver of every new snapshot, for waiting on a change.

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use wa_sim::{Config as SimConfig, Control, WaSim};
 
 pub const ADMIN: &str = "test-admin-token";
 pub const VERSION: &str = "2.3000.1030000000";
-/// Linking waits ~10 s for an app-state key share that never comes; leave room.
+/// Linking takes about a second on loopback; leave room for a loaded machine.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(45);
 
 pub struct World {
@@ -441,4 +443,93 @@ pub fn decode_qr_data_url(data_url: &str) -> String {
     let grids = image.detect_grids();
     assert_eq!(grids.len(), 1, "exactly one QR code in the image");
     grids[0].decode().expect("the QR code decodes").1
+}
+
+/// One server-sent event: its id, name and JSON data.
+#[derive(Debug)]
+pub struct Sse {
+    pub id: String,
+    pub name: String,
+    pub data: Value,
+}
+
+/// An instance's event stream, read as a client reads it.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Api {
+    /// Opens `/events`, with `Last-Event-ID` if given; fails unless it answers 200
+    /// with `text/event-stream`.
+    pub async fn events(&self, inst: &Instance, last_event_id: Option<&str>) -> EventStream {
+        let mut request = self.http.get(format!(
+            "{}/instances/{}/token/{}/events",
+            self.base, inst.id, inst.token
+        ));
+        if let Some(token) = &self.client_token {
+            request = request.header("Client-Token", token);
+        }
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.expect("gateway answers");
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+}
+
+impl EventStream {
+    /// The next event (keep-alive comments skipped), within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Sse {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut name, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if name.is_empty() && data.is_empty() {
+                    continue;
+                }
+                let data = serde_json::from_str(&data).expect("event data is JSON");
+                return Sse { id, name, data };
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no event within {within:?}"))
+                .expect("the stream reads")
+                .expect("the stream stays open");
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    }
+
+    pub async fn next(&mut self) -> Sse {
+        self.next_within(Duration::from_secs(30)).await
+    }
+
+    /// Events up to and including the first named `name`.
+    pub async fn until(&mut self, name: &str) -> Sse {
+        loop {
+            let event = self.next().await;
+            if event.name == name {
+                return event;
+            }
+        }
+    }
 }

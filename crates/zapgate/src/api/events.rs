@@ -1,0 +1,144 @@
+//! The instance's event stream: its state, new QR codes and pairing codes as
+//! server-sent events, so an app (and the panel) follows linking without polling.
+//! Every client first gets the current state (and the code showing now, if any), so a
+//! client that reconnects, with `Last-Event-ID` or not, is up to date at once.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event as Sse, KeepAlive};
+use futures_util::stream::{self, Stream, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+
+use super::auth::Instance;
+use crate::instance::{Device, EventKind, InstanceHandle, Problem, Snapshot, State};
+
+/// A comment every 15 s keeps proxies from closing a quiet stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub(super) async fn events(
+    Instance(instance): Instance,
+) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
+    stream(instance)
+}
+
+/// The instance's events from now on, after its state as it stands.
+pub(super) fn stream(
+    instance: InstanceHandle,
+) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
+    let (receiver, snapshot) = instance.subscribe();
+    let first = current(&snapshot);
+    let rest = stream::unfold(
+        (receiver, snapshot.event_id, instance),
+        |(mut receiver, seen, instance)| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(event) if event.id <= seen => continue,
+                    Ok(event) => {
+                        let sent = vec![sse(event.id, &event.kind)];
+                        return Some((sent, (receiver, event.id, instance)));
+                    }
+                    // Too far behind: start again from the state as it stands.
+                    Err(RecvError::Lagged(_)) => {
+                        let snapshot = instance.snapshot();
+                        let sent = current(&snapshot);
+                        return Some((sent, (receiver, snapshot.event_id, instance)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    let events = stream::iter([first])
+        .chain(rest)
+        .flat_map(stream::iter)
+        .map(Ok);
+    axum::response::Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The state as it stands, and the code showing now.
+fn current(snapshot: &Snapshot) -> Vec<Sse> {
+    let id = snapshot.event_id;
+    let mut sent = vec![sse(
+        id,
+        &EventKind::State {
+            state: snapshot.state,
+            device: snapshot.device.clone(),
+            problem: snapshot.problem.clone(),
+        },
+    )];
+    if let Some(qr) = &snapshot.qr {
+        sent.push(sse(id, &EventKind::Qr(qr.clone())));
+    }
+    if let Some(code) = &snapshot.pair_code {
+        sent.push(sse(id, &EventKind::PairCode(code.clone())));
+    }
+    sent
+}
+
+fn sse(id: u64, kind: &EventKind) -> Sse {
+    let (name, data) = match kind {
+        EventKind::State {
+            state,
+            device,
+            problem,
+        } => (
+            "state",
+            state_body(*state, device.as_ref(), problem.as_ref()),
+        ),
+        EventKind::Qr(qr) => (
+            "qr",
+            json!({
+                "value": qr.value,
+                "image": qr.image_data_url(),
+                "expiresIn": seconds_left(qr.expires),
+            }),
+        ),
+        EventKind::PairCode(code) => (
+            "pairing-code",
+            json!({
+                "phone": code.phone,
+                "code": code.code,
+                "expiresIn": seconds_left(code.expires),
+            }),
+        ),
+    };
+    Sse::default()
+        .id(id.to_string())
+        .event(name)
+        .data(data.to_string())
+}
+
+fn seconds_left(at: Instant) -> u64 {
+    at.saturating_duration_since(Instant::now()).as_secs()
+}
+
+/// `{"state", "connected", "error", "phone", "device", "name"}`: `/status`'s answer, with
+/// the state's name and the linked device.
+pub(super) fn state_body(
+    state: State,
+    device: Option<&Device>,
+    problem: Option<&Problem>,
+) -> Value {
+    let mut body = super::instance::status_body(state, problem);
+    body["state"] = json!(state_name(state));
+    body["phone"] = json!(device.map(|d| &d.phone));
+    body["device"] = json!(device.and_then(|d| d.device_id));
+    body["name"] = json!(device.map(|d| &d.name).filter(|n| !n.is_empty()));
+    body["linkedSince"] = json!(device.map(|d| crate::iso_time(d.linked_at)));
+    body
+}
+
+pub(super) fn state_name(state: State) -> &'static str {
+    match state {
+        State::NoSession => "noSession",
+        State::Linking => "linking",
+        State::Connected => "connected",
+        State::Reconnecting => "reconnecting",
+        State::Stopped => "stopped",
+        State::SessionMissing => "sessionMissing",
+        State::Unlinking => "unlinking",
+    }
+}

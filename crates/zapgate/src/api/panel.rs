@@ -1,0 +1,644 @@
+//! The admin panel, served by the gateway itself: plain HTML pages, one stylesheet and
+//! one script, all embedded in the binary, under a strict Content-Security-Policy.
+//! Signing in with the admin token opens a session (an HttpOnly, SameSite=Strict
+//! cookie); every state-changing request also carries the session's CSRF token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State as AxumState};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::{ApiError, AppState, JsonBody};
+use crate::instance::{InstanceHandle, LinkError, NewInstance, Unlinked};
+
+const COOKIE: &str = "zapgate_panel";
+/// A session lasts this long from sign-in.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// At most this many open sessions; the one closest to expiry makes room.
+const MAX_SESSIONS: usize = 256;
+/// A wrong admin token is answered after this delay.
+const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The panel's open sessions, in memory: a restart signs everyone out.
+#[derive(Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<String, Session>>,
+}
+
+struct Session {
+    expires: Instant,
+    csrf: String,
+}
+
+fn random_token() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Sessions {
+    /// A new session: its id (the cookie) and its CSRF token.
+    fn open(&self) -> (String, String) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        open.retain(|_, s| s.expires > now);
+        if open.len() >= MAX_SESSIONS {
+            if let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(id, _)| id.clone())
+            {
+                open.remove(&oldest);
+            }
+        }
+        let (id, csrf) = (random_token(), random_token());
+        open.insert(
+            id.clone(),
+            Session {
+                expires: now + SESSION_TTL,
+                csrf: csrf.clone(),
+            },
+        );
+        (id, csrf)
+    }
+
+    /// The CSRF token of a live session.
+    fn csrf(&self, id: &str) -> Option<String> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(id)
+            .filter(|s| s.expires > Instant::now())
+            .map(|s| s.csrf.clone())
+    }
+
+    fn close(&self, id: &str) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// A signed-in operator, on a page: without a session, the sign-in page.
+struct Page {
+    csrf: String,
+}
+
+impl FromRequestParts<AppState> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        session_cookie(&parts.headers)
+            .and_then(|id| state.panel.csrf(&id))
+            .map(|csrf| Page { csrf })
+            .ok_or_else(|| Redirect::to("/panel/sign-in").into_response())
+    }
+}
+
+/// A signed-in operator, on the panel's JSON routes: anything but a GET must carry the
+/// session's CSRF token in `X-CSRF-Token`.
+struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let signed_out = || ApiError::new(StatusCode::UNAUTHORIZED, "Signed out: sign in again");
+        let session = session_cookie(&parts.headers).ok_or_else(signed_out)?;
+        let csrf = state.panel.csrf(&session).ok_or_else(signed_out)?;
+        if parts.method != Method::GET {
+            let given = parts
+                .headers
+                .get("x-csrf-token")
+                .map(HeaderValue::as_bytes)
+                .unwrap_or_default();
+            if !super::auth::same(given, csrf.as_bytes()) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "The request did not come from the panel",
+                ));
+            }
+        }
+        Ok(Operator)
+    }
+}
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/panel") }))
+        .route("/panel", get(instances_page))
+        .route("/panel/sign-in", get(sign_in_page).post(sign_in))
+        .route("/panel/sign-out", post(sign_out))
+        .route("/panel/instances/{id}", get(instance_page))
+        .route("/panel/assets/{file}", get(asset))
+        .route("/panel/api/instances", get(list).post(create))
+        .route("/panel/api/instances/{id}/events", get(events))
+        .route("/panel/api/instances/{id}/qr-code", post(qr_code))
+        .route("/panel/api/instances/{id}/phone-code", post(phone_code))
+        .route("/panel/api/instances/{id}/stop-linking", post(stop_linking))
+        .route("/panel/api/instances/{id}/restart", post(restart))
+        .route("/panel/api/instances/{id}/disconnect", post(disconnect))
+        .route("/panel/api/instances/{id}/cancel", post(cancel))
+        .layer(axum::middleware::map_response(secure_headers))
+}
+
+async fn secure_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `&`, `<`, `>`, `"` and `'` as entities: text from users is never markup.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A whole page: `page` names the script's part for it.
+fn html(title: &str, page: &str, csrf: Option<&str>, data: &str, body: &str) -> Html<String> {
+    let (csrf, signed_in) = match csrf {
+        Some(token) => (
+            format!(r#"<meta name="csrf" content="{}">"#, escape(token)),
+            format!(
+                r#"<form method="post" action="/panel/sign-out" class="sign-out"><input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>"#,
+                escape(token)
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
+    Html(format!(
+        r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{csrf}
+<title>{title} · zapgate</title>
+<link rel="stylesheet" href="/panel/assets/panel.css">
+<script src="/panel/assets/panel.js" defer></script>
+</head>
+<body data-page="{page}" {data}>
+<header><a href="/panel" class="brand">zapgate</a>{signed_in}</header>
+<main>
+{body}
+</main>
+</body>
+</html>
+"#,
+        title = escape(title),
+    ))
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, kind) = match file.as_str() {
+        "panel.js" => (
+            include_str!("panel/panel.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "panel.css" => (include_str!("panel/panel.css"), "text/css; charset=utf-8"),
+        _ => return (StatusCode::NOT_FOUND, "no such asset").into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn sign_in_form(message: Option<&str>) -> Html<String> {
+    let message = message.map_or(String::new(), |m| {
+        format!(r#"<p class="error" role="alert">{}</p>"#, escape(m))
+    });
+    html(
+        "Sign in",
+        "sign-in",
+        None,
+        "",
+        &format!(
+            r#"<h1>Sign in</h1>
+{message}
+<form method="post" action="/panel/sign-in" class="card">
+<label for="token">Admin token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<p class="hint">It is in <code>data/admin-token</code>, or what <code>--admin-token</code> was given.</p>
+<button type="submit">Sign in</button>
+</form>"#
+        ),
+    )
+}
+
+async fn sign_in_page(headers: HeaderMap, AxumState(state): AxumState<AppState>) -> Response {
+    if session_cookie(&headers).is_some_and(|id| state.panel.csrf(&id).is_some()) {
+        return Redirect::to("/panel").into_response();
+    }
+    sign_in_form(None).into_response()
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    token: String,
+}
+
+async fn sign_in(AxumState(state): AxumState<AppState>, Form(form): Form<SignInForm>) -> Response {
+    let given = form.token.trim();
+    if !super::auth::same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
+        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+        let page = sign_in_form(Some("That is not the admin token."));
+        return (StatusCode::UNAUTHORIZED, page).into_response();
+    }
+    let (id, _) = state.panel.open();
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/panel")).into_response()
+}
+
+#[derive(Deserialize)]
+struct SignOutForm {
+    csrf: String,
+}
+
+async fn sign_out(
+    headers: HeaderMap,
+    AxumState(state): AxumState<AppState>,
+    Form(form): Form<SignOutForm>,
+) -> Response {
+    if let Some(id) = session_cookie(&headers) {
+        let valid = state
+            .panel
+            .csrf(&id)
+            .is_some_and(|csrf| super::auth::same(form.csrf.as_bytes(), csrf.as_bytes()));
+        if !valid {
+            return (
+                StatusCode::FORBIDDEN,
+                "The request did not come from the panel",
+            )
+                .into_response();
+        }
+        state.panel.close(&id);
+    }
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    (
+        [(header::SET_COOKIE, cookie)],
+        Redirect::to("/panel/sign-in"),
+    )
+        .into_response()
+}
+
+async fn instances_page(page: Page) -> Html<String> {
+    html(
+        "Instances",
+        "instances",
+        Some(&page.csrf),
+        "",
+        r#"<h1>Instances</h1>
+<form id="create" class="card row">
+<label for="new-name">New instance</label>
+<input id="new-name" name="name" maxlength="120" placeholder="Name" required>
+<button type="submit">Create</button>
+</form>
+<p class="error" role="alert" id="list-error" hidden></p>
+<label for="search" class="visually-hidden">Search</label>
+<input id="search" type="search" placeholder="Search by name">
+<table id="instances">
+<thead><tr><th>Name</th><th>Phone</th><th>State</th><th>Created</th><th></th></tr></thead>
+<tbody></tbody>
+</table>"#,
+    )
+}
+
+async fn instance_page(
+    page: Page,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(instance) = state.manager.get(&id) else {
+        let body = r#"<h1>No such instance</h1><p><a href="/panel">Back to the instances</a></p>"#;
+        return (
+            StatusCode::NOT_FOUND,
+            html("Not found", "missing", Some(&page.csrf), "", body),
+        )
+            .into_response();
+    };
+    let r = &instance.record;
+    let data = format!(r#"data-instance="{}""#, escape(&r.id));
+    html(
+        &r.name,
+        "instance",
+        Some(&page.csrf),
+        &data,
+        &format!(
+            r#"<p><a href="/panel">← Instances</a></p>
+<h1>{name}</h1>
+<p>State: <strong id="state" aria-live="polite">…</strong></p>
+<p class="error" role="alert" id="error" hidden></p>
+{linking}
+<section id="linked" hidden>
+<dl class="card">
+<dt>Phone</dt><dd id="phone"></dd>
+<dt>Device</dt><dd id="device"></dd>
+<dt>Name</dt><dd id="push-name"></dd>
+<dt>Linked since</dt><dd id="since"></dd>
+</dl>
+<p><button id="restart" type="button">Restart</button>
+<button id="disconnect" type="button" class="danger">Disconnect</button></p>
+</section>
+<section class="card">
+<h2>API</h2>
+<p>Instance id: <code id="instance-id">{id}</code> <button type="button" data-copy="instance-id">Copy</button></p>
+<p>Token: <code id="instance-token">{token}</code> <button type="button" data-copy="instance-token">Copy</button></p>
+<pre id="curl" data-path="/instances/{id}/token/{token}/status"></pre>
+<button type="button" data-copy="curl">Copy</button>
+</section>"#,
+            name = escape(&r.name),
+            linking = LINKING,
+            id = escape(&r.id),
+            token = escape(&r.token),
+        ),
+    )
+    .into_response()
+}
+
+/// The linking experience: QR code with countdown, or a pairing code.
+const LINKING: &str = r#"<section id="linking" hidden>
+<div id="qr-box" class="card center">
+<img id="qr" alt="QR code to scan with WhatsApp" hidden>
+<p id="countdown" aria-live="polite"></p>
+<p id="qr-help">On the phone: WhatsApp › Settings › Linked devices › Link a device, then scan this code.</p>
+<p id="stopped" hidden>Nobody scanned the last codes, so linking stopped.</p>
+<button id="start" type="button">Show a QR code</button>
+</div>
+<form id="phone-form" class="card">
+<p>Link with a phone number instead</p>
+<label for="phone-input">Phone number with country code</label>
+<input id="phone-input" name="phone" inputmode="tel" autocomplete="tel" placeholder="5511999999999" required>
+<button type="submit">Get a pairing code</button>
+</form>
+<div id="code-box" class="card center" hidden>
+<p>On the phone: WhatsApp › Settings › Linked devices › Link a device › Link with phone number instead, then type:</p>
+<p id="pair-code" class="code"></p>
+</div>
+</section>"#;
+
+fn found(state: &AppState, id: &str) -> Result<InstanceHandle, ApiError> {
+    state
+        .manager
+        .get(id)
+        .ok_or_else(ApiError::instance_not_found)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    query: Option<String>,
+}
+
+async fn list(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let query = q.query.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let found = state.store.page_instances(1, 100, query).await?;
+    let items: Vec<Value> = found
+        .items
+        .iter()
+        .map(|r| {
+            let snapshot = state.manager.get(&r.id).map(|h| h.snapshot());
+            let phone = snapshot
+                .as_ref()
+                .and_then(|s| s.device.as_ref().map(|d| d.phone.clone()))
+                .or_else(|| r.link.as_ref().map(|l| l.phone.clone()));
+            json!({
+                "id": r.id,
+                "name": r.name,
+                "phone": phone,
+                "state": snapshot.map(|s| super::events::state_name(s.state)),
+                "created": crate::iso_time(r.created_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "total": found.total, "items": items })))
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    name: String,
+}
+
+async fn create(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<Json<Value>, ApiError> {
+    let name = body.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > super::partner::MAX_NAME {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "name is required, up to {} characters",
+                super::partner::MAX_NAME
+            ),
+        ));
+    }
+    let handle = state
+        .manager
+        .create(NewInstance {
+            name,
+            session_name: None,
+            connected_callback_url: None,
+            disconnected_callback_url: None,
+        })
+        .await?;
+    Ok(Json(json!({ "id": handle.record.id })))
+}
+
+async fn events(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    Ok(super::events::stream(instance).into_response())
+}
+
+fn linked(result: Result<Value, LinkError>) -> Response {
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => ApiError::link(e),
+    }
+}
+
+async fn qr_code(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    Ok(linked(
+        instance
+            .qr_code()
+            .await
+            .map(|qr| json!({ "value": qr.value })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PhoneBody {
+    phone: String,
+}
+
+async fn phone_code(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PhoneBody>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    let phone = crate::phone::normalize(&body.phone)
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
+    Ok(linked(
+        instance
+            .phone_code(&phone)
+            .await
+            .map(|code| json!({ "code": code })),
+    ))
+}
+
+/// Closes the linking window (nobody scanned): WhatsApp is told nothing more.
+async fn stop_linking(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    if instance.snapshot().state != crate::instance::State::Linking {
+        return Ok(Json(json!({ "value": true })).into_response());
+    }
+    Ok(linked(
+        instance
+            .disconnect()
+            .await
+            .map(|_| json!({ "value": true })),
+    ))
+}
+
+async fn restart(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    Ok(linked(
+        instance.restart().await.map(|()| json!({ "value": true })),
+    ))
+}
+
+async fn disconnect(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let instance = found(&state, &id)?;
+    Ok(linked(instance.disconnect().await.map(
+        |unlinked| match unlinked {
+            Unlinked::Told => json!({ "value": true }),
+            Unlinked::NotTold(why) => {
+                json!({ "value": true, "unlinkedAtWhatsApp": false, "error": why })
+            }
+        },
+    )))
+}
+
+async fn cancel(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    found(&state, &id)?;
+    state.manager.cancel(&id).await?;
+    Ok(Json(json!({ "value": true })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_from_users_is_escaped() {
+        assert_eq!(
+            escape(r#"<b>"Tom" & 'Jerry'</b>"#),
+            "&lt;b&gt;&quot;Tom&quot; &amp; &#39;Jerry&#39;&lt;/b&gt;"
+        );
+    }
+
+    #[test]
+    fn sessions_expire_and_close() {
+        let sessions = Sessions::default();
+        let (id, csrf) = sessions.open();
+        assert_eq!(sessions.csrf(&id), Some(csrf));
+        assert_eq!(sessions.csrf("other"), None);
+        sessions.close(&id);
+        assert_eq!(sessions.csrf(&id), None);
+        for _ in 0..MAX_SESSIONS + 10 {
+            sessions.open();
+        }
+        assert_eq!(sessions.open.lock().unwrap().len(), MAX_SESSIONS);
+    }
+}

@@ -1,0 +1,258 @@
+// The admin panel's one script. Pages name their part in <body data-page>.
+// Everything the panel does goes through /panel/api with the session's CSRF token;
+// an instance page follows its instance over server-sent events (no polling).
+'use strict';
+
+const csrf = document.querySelector('meta[name="csrf"]')?.content ?? '';
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: { 'content-type': 'application/json', 'x-csrf-token': csrf },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    location.assign('/panel/sign-in');
+  }
+  if (!response.ok) {
+    throw new Error(data.error || `${response.status} ${response.statusText}`);
+  }
+  return data;
+}
+
+const $ = (id) => document.getElementById(id);
+
+function show(element, visible) {
+  element.hidden = !visible;
+}
+
+function say(element, message) {
+  element.textContent = message ?? '';
+  show(element, Boolean(message));
+}
+
+const STATES = {
+  noSession: 'Not linked',
+  linking: 'Linking',
+  connected: 'Connected',
+  reconnecting: 'Reconnecting',
+  stopped: 'Stopped',
+  sessionMissing: 'Session missing',
+  unlinking: 'Unlinking',
+};
+
+function instancesPage() {
+  const body = document.querySelector('#instances tbody');
+  const error = $('list-error');
+  let searching;
+
+  async function load() {
+    const query = $('search').value.trim();
+    try {
+      const list = await api('GET', `/panel/api/instances?query=${encodeURIComponent(query)}`);
+      body.replaceChildren(...list.items.map(row));
+      say(error, null);
+    } catch (e) {
+      say(error, e.message);
+    }
+  }
+
+  function row(item) {
+    const tr = document.createElement('tr');
+    const name = document.createElement('a');
+    name.href = `/panel/instances/${encodeURIComponent(item.id)}`;
+    name.textContent = item.name;
+    const cancel = document.createElement('button');
+    cancel.type = 'button';
+    cancel.className = 'danger';
+    cancel.textContent = 'Cancel';
+    cancel.addEventListener('click', async () => {
+      const sure = confirm(
+        `Cancel "${item.name}"? Its number will be unlinked from WhatsApp and the instance deleted.`,
+      );
+      if (!sure) return;
+      try {
+        await api('POST', `/panel/api/instances/${encodeURIComponent(item.id)}/cancel`);
+        await load();
+      } catch (e) {
+        say(error, e.message);
+      }
+    });
+    const cells = [name, item.phone ?? '—', STATES[item.state] ?? item.state ?? '—', item.created, cancel];
+    for (const content of cells) {
+      const td = document.createElement('td');
+      td.append(content);
+      tr.append(td);
+    }
+    tr.dataset.state = item.state ?? '';
+    return tr;
+  }
+
+  $('search').addEventListener('input', () => {
+    clearTimeout(searching);
+    searching = setTimeout(load, 200);
+  });
+  $('create').addEventListener('submit', async (event) => {
+    event.preventDefault();
+    try {
+      const created = await api('POST', '/panel/api/instances', { name: $('new-name').value });
+      location.assign(`/panel/instances/${encodeURIComponent(created.id)}`);
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+  load();
+}
+
+// The linking experience: a QR code with its countdown, each new one as WhatsApp sends
+// it; after 3 codes nobody scanned, linking stops until asked again. Or a pairing code.
+function linking(base, error) {
+  const MAX_CODES = 3;
+  let shown = 0;
+  let ticking;
+
+  function countdown(seconds) {
+    clearInterval(ticking);
+    let left = seconds;
+    const tick = () => {
+      $('countdown').textContent = `WhatsApp replaces this code in ${left} s`;
+      left = Math.max(0, left - 1);
+    };
+    tick();
+    ticking = setInterval(tick, 1000);
+  }
+
+  function stopShowing() {
+    clearInterval(ticking);
+    show($('qr'), false);
+    $('countdown').textContent = '';
+  }
+
+  async function start() {
+    shown = 0;
+    say(error, null);
+    show($('stopped'), false);
+    show($('start'), false);
+    try {
+      await api('POST', `${base}/qr-code`);
+    } catch (e) {
+      say(error, e.message);
+      show($('start'), true);
+    }
+  }
+
+  async function stop() {
+    stopShowing();
+    show($('stopped'), true);
+    show($('start'), true);
+    $('start').textContent = 'Start again';
+    try {
+      await api('POST', `${base}/stop-linking`);
+    } catch (e) {
+      say(error, e.message);
+    }
+  }
+
+  $('start').addEventListener('click', start);
+  $('phone-form').addEventListener('submit', async (event) => {
+    event.preventDefault();
+    say(error, null);
+    try {
+      const answer = await api('POST', `${base}/phone-code`, { phone: $('phone-input').value });
+      showCode(answer.code);
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+
+  function showCode(code) {
+    $('pair-code').textContent = code.length === 8 ? `${code.slice(0, 4)}-${code.slice(4)}` : code;
+    show($('code-box'), true);
+  }
+
+  return {
+    qr(data) {
+      shown += 1;
+      if (shown > MAX_CODES) {
+        stop();
+        return;
+      }
+      $('qr').src = data.image;
+      $('qr').dataset.value = data.value;
+      show($('qr'), true);
+      show($('start'), false);
+      show($('stopped'), false);
+      countdown(data.expiresIn);
+    },
+    pairingCode(data) {
+      showCode(data.code);
+    },
+    state(data) {
+      if (data.state !== 'linking') {
+        stopShowing();
+        show($('code-box'), false);
+        if (!$('stopped').hidden) return;
+        show($('start'), true);
+      }
+    },
+  };
+}
+
+function instancePage() {
+  const id = document.body.dataset.instance;
+  const base = `/panel/api/instances/${encodeURIComponent(id)}`;
+  const error = $('error');
+  const flow = linking(base, error);
+  const curl = $('curl');
+  curl.textContent = `curl ${location.origin}${curl.dataset.path}`;
+
+  for (const button of document.querySelectorAll('[data-copy]')) {
+    button.addEventListener('click', async () => {
+      await navigator.clipboard?.writeText($(button.dataset.copy).textContent);
+      button.textContent = 'Copied';
+      setTimeout(() => (button.textContent = 'Copy'), 1500);
+    });
+  }
+  $('restart').addEventListener('click', async () => {
+    try {
+      await api('POST', `${base}/restart`);
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+  $('disconnect').addEventListener('click', async () => {
+    if (!confirm('Disconnect this number? It is unlinked from WhatsApp and must be linked again.')) return;
+    try {
+      const answer = await api('POST', `${base}/disconnect`);
+      say(error, answer.error ?? null);
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+
+  const events = new EventSource(`${base}/events`);
+  events.addEventListener('state', (event) => {
+    const data = JSON.parse(event.data);
+    document.body.dataset.state = data.state;
+    $('state').textContent = STATES[data.state] ?? data.state;
+    const linked = data.connected || ['reconnecting', 'stopped', 'sessionMissing'].includes(data.state);
+    show($('linked'), linked);
+    show($('linking'), !linked);
+    if (linked) {
+      $('phone').textContent = data.phone ?? '—';
+      $('device').textContent = data.device ?? '—';
+      $('push-name').textContent = data.name ?? '—';
+      $('since').textContent = data.linkedSince ?? '—';
+    }
+    if (!data.connected && data.error && data.state !== 'noSession' && data.state !== 'linking') {
+      say(error, data.error);
+    }
+    flow.state(data);
+  });
+  events.addEventListener('qr', (event) => flow.qr(JSON.parse(event.data)));
+  events.addEventListener('pairing-code', (event) => flow.pairingCode(JSON.parse(event.data)));
+}
+
+const pages = { instances: instancesPage, instance: instancePage };
+pages[document.body.dataset.page]?.();

@@ -1,0 +1,100 @@
+//! What happens to an instance, as events: published by its task, from the one place
+//! it publishes its snapshot, for every reader (the event stream of the API and the
+//! panel, and later the webhooks' outbox and the metrics).
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::{Device, PairCode, Problem, QrCode, State};
+
+/// Events a slow reader may fall behind by before it must start again from the
+/// current snapshot.
+pub(super) const BACKLOG: usize = 64;
+
+/// One event, numbered in the order the instance's task published it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum EventKind {
+    /// The instance's state, with the linked device and any problem.
+    State {
+        state: State,
+        device: Option<Device>,
+        problem: Option<Problem>,
+    },
+    /// WhatsApp issued a new QR code.
+    Qr(Arc<QrCode>),
+    /// WhatsApp issued a pairing code.
+    PairCode(PairCode),
+}
+
+/// What the task last published, to tell what changed.
+#[derive(Default)]
+pub(super) struct Published {
+    id: u64,
+    state: Option<State>,
+    device: Option<(String, Option<u16>, String)>,
+    problem: Option<Problem>,
+    qr: Option<String>,
+    pair_code: Option<PairCode>,
+}
+
+impl Published {
+    /// The id of the last event published (0 before the first).
+    pub(super) fn last_id(&self) -> u64 {
+        self.id
+    }
+
+    /// Publishes an event for each thing that changed since the last call.
+    pub(super) fn publish(
+        &mut self,
+        events: &broadcast::Sender<Arc<Event>>,
+        state: State,
+        device: Option<&Device>,
+        problem: Option<&Problem>,
+        qr: Option<&Arc<QrCode>>,
+        pair_code: Option<&PairCode>,
+    ) {
+        let device_key = device.map(|d| (d.phone.clone(), d.device_id, d.name.clone()));
+        if self.state != Some(state)
+            || self.device != device_key
+            || self.problem.as_ref() != problem
+        {
+            self.state = Some(state);
+            self.device = device_key;
+            self.problem = problem.cloned();
+            self.send(
+                events,
+                EventKind::State {
+                    state,
+                    device: device.cloned(),
+                    problem: problem.cloned(),
+                },
+            );
+        }
+        let qr_value = qr.map(|q| q.value.clone());
+        if qr_value != self.qr {
+            self.qr = qr_value;
+            if let Some(qr) = qr {
+                self.send(events, EventKind::Qr(qr.clone()));
+            }
+        }
+        if pair_code != self.pair_code.as_ref() {
+            self.pair_code = pair_code.cloned();
+            if let Some(code) = pair_code {
+                self.send(events, EventKind::PairCode(code.clone()));
+            }
+        }
+    }
+
+    fn send(&mut self, events: &broadcast::Sender<Arc<Event>>, kind: EventKind) {
+        self.id += 1;
+        // Nobody listening is fine: the snapshot holds the same.
+        let _ = events.send(Arc::new(Event { id: self.id, kind }));
+    }
+}

@@ -1,0 +1,312 @@
+//! The admin panel in a real browser (headless Chromium): signing in, creating an
+//! instance, and linking it by QR code (read off a screenshot of the page) and by
+//! pairing code, with wa-sim's phone on the other side.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::browser::{Browser, qr_codes_in};
+use common::{ADMIN, Gateway, World};
+use serde_json::json;
+
+const PHONE: &str = "5511966660001";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Signs in with the admin token, typed into the form.
+async fn sign_in(browser: &mut Browser, gw: &Gateway) {
+    browser
+        .open(&format!("{}/panel/sign-in", gw.api.base))
+        .await;
+    browser
+        .eval("document.getElementById('token').focus()")
+        .await;
+    browser.type_text(ADMIN).await;
+    browser.press("Enter", 0).await;
+    browser
+        .wait_for("location.pathname === '/panel'", WAIT)
+        .await;
+}
+
+/// Opens the panel page of an instance made through the API.
+async fn open_instance(browser: &mut Browser, gw: &Gateway, name: &str) -> common::Instance {
+    let inst = gw.api.create_instance(name).await;
+    browser
+        .open(&format!("{}/panel/instances/{}", gw.api.base, inst.id))
+        .await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    inst
+}
+
+/// Clicks a button by id.
+async fn click(browser: &mut Browser, id: &str) {
+    browser
+        .eval(&format!("document.getElementById('{id}').click()"))
+        .await;
+}
+
+/// The QR code the page shows, once it shows one other than `not`.
+async fn shown_qr(browser: &mut Browser, not: &str) -> String {
+    browser
+        .wait_for(
+            &format!(
+                "(() => {{ const qr = document.getElementById('qr');
+                   return !qr.hidden && qr.complete && qr.naturalWidth > 0
+                     && qr.dataset.value !== '{not}' && qr.dataset.value; }})()"
+            ),
+            WAIT,
+        )
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_operator_signs_in_creates_an_instance_and_links_it_by_scanning_the_page() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let mut browser = Browser::start().await;
+
+    // Nothing of the panel without signing in: the address leads to the sign-in page.
+    browser.open(&format!("{}/", gw.api.base)).await;
+    browser
+        .wait_for("location.pathname === '/panel/sign-in'", WAIT)
+        .await;
+    browser.keep_screenshot("sign-in.png").await;
+
+    // A wrong token: a clear message, after a pause, and still signed out.
+    browser
+        .eval("document.getElementById('token').focus()")
+        .await;
+    browser.type_text("not-the-token").await;
+    let typed = Instant::now();
+    browser.press("Enter", 0).await;
+    browser
+        .wait_for(
+            "document.body.innerText.includes('That is not the admin token.')",
+            WAIT,
+        )
+        .await;
+    assert!(typed.elapsed() >= Duration::from_millis(900));
+    let listed = browser
+        .eval("fetch('/panel/api/instances').then(r => r.status)")
+        .await;
+    assert_eq!(listed, json!(401));
+
+    // The admin token: the instances page, with a session cookie scripts cannot read.
+    sign_in(&mut browser, &gw).await;
+    assert_eq!(browser.eval("document.cookie").await, json!(""));
+
+    // Create an instance from the panel.
+    browser
+        .eval("document.getElementById('new-name').focus()")
+        .await;
+    browser.type_text("Front desk").await;
+    browser.press("Enter", 0).await;
+    browser
+        .wait_for(
+            "location.pathname.startsWith('/panel/instances/') && document.body.dataset.state === 'noSession'",
+            WAIT,
+        )
+        .await;
+    assert!(browser.text().await.contains("Front desk"));
+
+    // Ask for a QR code: the one on the screen is the one wa-sim's phone accepts.
+    click(&mut browser, "start").await;
+    let value = shown_qr(&mut browser, "").await;
+    let countdown = browser.text().await;
+    assert!(
+        countdown.contains("WhatsApp replaces this code in"),
+        "{countdown}"
+    );
+    browser.keep_screenshot("instance-qr.png").await;
+    let on_screen = qr_codes_in(&browser.screenshot().await);
+    assert_eq!(on_screen, vec![value.clone()]);
+    let (status, body) = world.wa.scan(&on_screen[0], Some(PHONE)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // The page says Connected within 2 s, without a reload, with the phone.
+    let scanned = Instant::now();
+    browser
+        .wait_for(
+            "document.body.dataset.state === 'connected'",
+            Duration::from_secs(2),
+        )
+        .await;
+    eprintln!(
+        "the page showed Connected {:?} after the scan",
+        scanned.elapsed()
+    );
+    browser
+        .wait_for(
+            &format!("document.getElementById('phone').textContent === '{PHONE}'"),
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.getElementById('device').textContent")
+            .await,
+        json!(body["device"].to_string())
+    );
+    let since = browser
+        .eval("document.getElementById('since').textContent")
+        .await;
+    assert!(since.as_str().unwrap().starts_with("20"), "{since}");
+    browser.keep_screenshot("instance-connected.png").await;
+
+    // The list shows it, with its phone and state.
+    browser.open(&format!("{}/panel", gw.api.base)).await;
+    browser
+        .wait_for(
+            "document.querySelector('#instances tbody tr')?.dataset.state === 'connected'",
+            WAIT,
+        )
+        .await;
+    let listed = browser.text().await;
+    assert!(
+        listed.contains("Front desk") && listed.contains(PHONE),
+        "{listed}"
+    );
+    browser.keep_screenshot("instances.png").await;
+}
+
+#[tokio::test]
+async fn new_codes_are_pushed_and_linking_stops_after_three_nobody_scanned() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+    open_instance(&mut browser, &gw, "Unscanned").await;
+
+    click(&mut browser, "start").await;
+    let mut seen = vec![shown_qr(&mut browser, "").await];
+    // WhatsApp replaces the code twice: each new one is on the page at once.
+    for _ in 0..2 {
+        let (status, _) = world.wa.post("refresh-refs", json!({})).await.unwrap();
+        assert_eq!(status, 200);
+        let last = seen.last().unwrap().clone();
+        seen.push(shown_qr(&mut browser, &last).await);
+    }
+    assert_eq!(world.stat("connections").await, 1);
+    // A fourth: three went unscanned, so the page stops and the gateway closes the
+    // window; wa-sim sees no connection from the instance any more.
+    let (status, _) = world.wa.post("refresh-refs", json!({})).await.unwrap();
+    assert_eq!(status, 200);
+    browser
+        .wait_for(
+            "!document.getElementById('stopped').hidden && !document.getElementById('start').hidden
+             && document.getElementById('qr').hidden",
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.getElementById('start').textContent")
+            .await,
+        json!("Start again")
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while world.stat("connections").await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the window stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    browser.keep_screenshot("linking-stopped.png").await;
+
+    // Starting again opens a new window with a new code.
+    click(&mut browser, "start").await;
+    let last = seen.last().unwrap().clone();
+    shown_qr(&mut browser, &last).await;
+}
+
+#[tokio::test]
+async fn a_number_links_by_pairing_code_from_the_panel() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+    open_instance(&mut browser, &gw, "By code").await;
+
+    // The phone field is checked as the API checks it.
+    browser
+        .eval("document.getElementById('phone-input').focus()")
+        .await;
+    browser.type_text("12").await;
+    browser.press("Enter", 0).await;
+    browser
+        .wait_for(
+            "!document.getElementById('error').hidden && document.getElementById('error').textContent",
+            WAIT,
+        )
+        .await;
+    browser
+        .eval("document.getElementById('phone-input').value = ''")
+        .await;
+    browser.type_text(PHONE).await;
+    browser.press("Enter", 0).await;
+    let shown = browser
+        .wait_for(
+            "!document.getElementById('code-box').hidden && document.getElementById('pair-code').textContent",
+            WAIT,
+        )
+        .await;
+    let shown = shown.as_str().unwrap();
+    assert_eq!(shown.len(), 9, "{shown}");
+    assert!(
+        browser
+            .text()
+            .await
+            .contains("Link with phone number instead")
+    );
+    browser.keep_screenshot("instance-pairing-code.png").await;
+
+    let (status, body) = world.wa.link_code(PHONE, shown).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+}
+
+#[tokio::test]
+async fn changes_need_the_panels_token_and_signing_out_ends_the_session() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+
+    // A request without the session's CSRF token changes nothing.
+    let forged = browser
+        .eval(
+            "fetch('/panel/api/instances', { method: 'POST', headers: { 'content-type': 'application/json' },
+               body: JSON.stringify({ name: 'forged' }) }).then(r => r.status)",
+        )
+        .await;
+    assert_eq!(forged, json!(403));
+    let (_, list) = gw
+        .api
+        .call(reqwest::Method::GET, "/instances", None, Some(ADMIN))
+        .await;
+    assert_eq!(list["total"], json!(0), "{list}");
+
+    // Signing out: back to the sign-in page, and the session no longer works.
+    browser
+        .eval("document.querySelector('.sign-out button').click()")
+        .await;
+    browser
+        .wait_for("location.pathname === '/panel/sign-in'", WAIT)
+        .await;
+    let listed = browser
+        .eval("fetch('/panel/api/instances').then(r => r.status)")
+        .await;
+    assert_eq!(listed, json!(401));
+    browser.open(&format!("{}/panel", gw.api.base)).await;
+    browser
+        .wait_for("location.pathname === '/panel/sign-in'", WAIT)
+        .await;
+}
