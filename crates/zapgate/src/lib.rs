@@ -62,6 +62,7 @@ pub async fn run(
         admin_token,
         client_token: config.client_token.clone(),
         panel: Default::default(),
+        shutdown: shutdown.clone(),
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -416,4 +416,25 @@ async fn the_event_stream_follows_linking_without_polling() {
         (status, body),
         (404, json!({ "error": "Instance not found" }))
     );
+
+    // A cancelled instance's stream ends; so do all of them when the gateway stops,
+    // which an open stream does not hold up.
+    let other = gw.api.create_instance("cancelled").await;
+    let mut cancelled = gw.api.events(&other, None).await;
+    cancelled.next().await;
+    let cancel = format!(
+        "/instances/{}/token/{}/integrator/on-demand/cancel",
+        other.id, other.token
+    );
+    let (status, _) = gw
+        .api
+        .call(reqwest::Method::POST, &cancel, None, Some(common::ADMIN))
+        .await;
+    assert_eq!(status, 201);
+    cancelled.ends_within(Duration::from_secs(10)).await;
+    tokio::time::timeout(Duration::from_secs(10), gw.stop())
+        .await
+        .expect("an open event stream does not hold up shutdown");
+    again.ends_within(Duration::from_secs(1)).await;
+    events.ends_within(Duration::from_secs(1)).await;
 }

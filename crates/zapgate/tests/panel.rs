@@ -310,3 +310,150 @@ async fn changes_need_the_panels_token_and_signing_out_ends_the_session() {
         .wait_for("location.pathname === '/panel/sign-in'", WAIT)
         .await;
 }
+
+/// Makes a link page through the partner route.
+async fn link_page(
+    gw: &Gateway,
+    inst: &common::Instance,
+    body: Option<serde_json::Value>,
+) -> String {
+    let path = format!("/instances/{}/token/{}/link-page", inst.id, inst.token);
+    let (status, made) = gw
+        .api
+        .call(reqwest::Method::POST, &path, body, Some(ADMIN))
+        .await;
+    assert_eq!(status, 200, "{made}");
+    let url = made["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with(&format!("{}/link/", gw.api.base)), "{url}");
+    url
+}
+
+#[tokio::test]
+async fn the_number_s_owner_links_it_on_the_link_page_with_the_keyboard_alone() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("Acme Dental").await;
+    // Making one is a partner route: the admin token is needed.
+    let path = format!("/instances/{}/token/{}/link-page", inst.id, inst.token);
+    let (status, _) = gw.api.call(reqwest::Method::POST, &path, None, None).await;
+    assert_eq!(status, 401);
+    let url = link_page(&gw, &inst, None).await;
+
+    // A browser that never signed in: the page shows the business's name, and neither
+    // the instance's id nor its token.
+    let mut browser = Browser::start().await;
+    browser.open(&url).await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    let page = browser.eval("document.documentElement.outerHTML").await;
+    let page = page.as_str().unwrap();
+    assert!(page.contains("Acme Dental"));
+    assert!(!page.contains(&inst.id) && !page.contains(&inst.token));
+
+    // Keyboard only: Tab reaches the button, Enter shows the code.
+    browser.press("Tab", 0).await;
+    assert_eq!(
+        browser.eval("document.activeElement.id").await,
+        json!("start")
+    );
+    browser.press("Enter", 0).await;
+    let value = shown_qr(&mut browser, "").await;
+    browser.keep_screenshot("link-page.png").await;
+    assert_eq!(
+        qr_codes_in(&browser.screenshot().await),
+        vec![value.clone()]
+    );
+
+    // Or the phone-number path, still by keyboard: Tab to the field, type, Enter.
+    browser.press("Tab", 0).await;
+    assert_eq!(
+        browser.eval("document.activeElement.id").await,
+        json!("phone-input")
+    );
+    browser.type_text(PHONE).await;
+    browser.press("Enter", 0).await;
+    let code = browser
+        .wait_for(
+            "!document.getElementById('code-box').hidden && document.getElementById('pair-code').textContent",
+            WAIT,
+        )
+        .await;
+    let (status, body) = world
+        .wa
+        .link_code(PHONE, code.as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+    let text = browser.text().await;
+    assert!(
+        text.contains(PHONE) && text.contains("You can close this page"),
+        "{text}"
+    );
+    assert_eq!(gw.api.status(&inst).await["connected"], json!(true));
+}
+
+#[tokio::test]
+async fn expired_revoked_and_unknown_link_pages_say_so() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("Short-lived").await;
+    let mut browser = Browser::start().await;
+
+    let expiring = link_page(&gw, &inst, Some(json!({ "expiresIn": 1 }))).await;
+    let revoked = link_page(&gw, &inst, None).await;
+    let path = format!("/instances/{}/token/{}/link-page", inst.id, inst.token);
+    let (status, body) = gw
+        .api
+        .call(reqwest::Method::DELETE, &path, None, Some(ADMIN))
+        .await;
+    assert_eq!((status, &body["revoked"]), (200, &json!(2)), "{body}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let unknown = format!("{}/link/not-a-link-token", gw.api.base);
+    for (url, status, says) in [
+        (&revoked, 410, "This link was withdrawn"),
+        (&unknown, 404, "This link is not valid"),
+    ] {
+        let answer = gw.api.http.get(url.as_str()).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), status);
+        browser.open(url).await;
+        let text = browser.text().await;
+        assert!(text.contains(says), "{url}: {text}");
+        // Nothing on it can start linking either.
+        let asked = browser
+            .eval(&format!(
+                "fetch('{}/qr-code', {{ method: 'POST' }}).then(r => r.status)",
+                url
+            ))
+            .await;
+        assert_eq!(asked, json!(status));
+    }
+    assert_eq!(world.stat("connections").await, 0);
+
+    // A page that expired (before it was revoked) is answered as revoked; a fresh one
+    // that runs out says it expired.
+    let short = link_page(&gw, &inst, Some(json!({ "expiresIn": 1 }))).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    browser.open(&short).await;
+    let text = browser.text().await;
+    assert!(text.contains("This link has expired"), "{text}");
+    browser.keep_screenshot("link-page-expired.png").await;
+    let _ = expiring;
+
+    // Bad lifetimes change nothing.
+    for body in [
+        json!({ "expiresIn": 0 }),
+        json!({ "expiresIn": "soon" }),
+        json!({ "other": 1 }),
+    ] {
+        let (status, answer) = gw
+            .api
+            .call(reqwest::Method::POST, &path, Some(body), Some(ADMIN))
+            .await;
+        assert_eq!(status, 400, "{answer}");
+    }
+}

@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
+use axum::extract::State as AxumState;
+
+use super::AppState;
 use super::auth::Instance;
 use crate::instance::{Device, EventKind, InstanceHandle, Problem, Snapshot, State};
 
@@ -19,32 +22,36 @@ use crate::instance::{Device, EventKind, InstanceHandle, Problem, Snapshot, Stat
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 pub(super) async fn events(
+    AxumState(state): AxumState<AppState>,
     Instance(instance): Instance,
 ) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
-    stream(instance)
+    stream(instance, state.shutdown.clone())
 }
 
-/// The instance's events from now on, after its state as it stands.
+/// The instance's events from now on, after its state as it stands. The stream ends
+/// when the instance's task does (a cancel) and when the gateway shuts down.
 pub(super) fn stream(
     instance: InstanceHandle,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
     let (receiver, snapshot) = instance.subscribe();
     let first = current(&snapshot);
     let rest = stream::unfold(
         (receiver, snapshot.event_id, instance),
-        |(mut receiver, seen, instance)| async move {
+        |(receiver, seen, instance)| async move {
+            let mut receiver = receiver?;
             loop {
                 match receiver.recv().await {
                     Ok(event) if event.id <= seen => continue,
                     Ok(event) => {
                         let sent = vec![sse(event.id, &event.kind)];
-                        return Some((sent, (receiver, event.id, instance)));
+                        return Some((sent, (Some(receiver), event.id, instance)));
                     }
                     // Too far behind: start again from the state as it stands.
                     Err(RecvError::Lagged(_)) => {
                         let snapshot = instance.snapshot();
                         let sent = current(&snapshot);
-                        return Some((sent, (receiver, snapshot.event_id, instance)));
+                        return Some((sent, (Some(receiver), snapshot.event_id, instance)));
                     }
                     Err(RecvError::Closed) => return None,
                 }
@@ -54,7 +61,8 @@ pub(super) fn stream(
     let events = stream::iter([first])
         .chain(rest)
         .flat_map(stream::iter)
-        .map(Ok);
+        .map(Ok)
+        .take_until(shutdown.cancelled_owned());
     axum::response::Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
 
@@ -115,8 +123,8 @@ fn seconds_left(at: Instant) -> u64 {
     at.saturating_duration_since(Instant::now()).as_secs()
 }
 
-/// `{"state", "connected", "error", "phone", "device", "name"}`: `/status`'s answer, with
-/// the state's name and the linked device.
+/// `{"state", "connected", "error", "phone", "device", "name", "linkedSince", "problem"}`:
+/// `/status`'s answer, with the state's name, the linked device and what is wrong.
 pub(super) fn state_body(
     state: State,
     device: Option<&Device>,
@@ -128,6 +136,7 @@ pub(super) fn state_body(
     body["device"] = json!(device.and_then(|d| d.device_id));
     body["name"] = json!(device.map(|d| &d.name).filter(|n| !n.is_empty()));
     body["linkedSince"] = json!(device.map(|d| crate::iso_time(d.linked_at)));
+    body["problem"] = json!(problem.map(ToString::to_string));
     body
 }
 

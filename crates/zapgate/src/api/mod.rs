@@ -4,6 +4,7 @@
 mod auth;
 mod events;
 mod instance;
+mod link_page;
 mod panel;
 mod partner;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub client_token: Option<Secret>,
     /// The admin panel's signed-in sessions.
     pub panel: Arc<Sessions>,
+    /// Cancelled when the gateway shuts down: event streams end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
@@ -50,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/readyz", get(readyz))
         .merge(partner::routes())
+        .merge(link_page::partner_routes())
         .merge(panel::routes())
         .nest("/instances/{id}/token/{token}", instance::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Route not found") })
@@ -83,12 +87,19 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(json!({ "status": "ready" })))
 }
 
-/// Every request ends within [`REQUEST_TIMEOUT`], but an event stream, which lasts.
+/// The routes that stream server-sent events: they last, and end at shutdown.
+const STREAMS: [&str; 3] = [
+    "/instances/{id}/token/{token}/events",
+    "/panel/api/instances/{id}/events",
+    "/link/{token}/events",
+];
+
+/// Every request ends within [`REQUEST_TIMEOUT`], but an event stream.
 async fn limit_time(request: Request, next: Next) -> Response {
     let stream = request
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|p| p.as_str().ends_with("/events"));
+        .is_some_and(|p| STREAMS.contains(&p.as_str()));
     if stream {
         return next.run(request).await;
     }

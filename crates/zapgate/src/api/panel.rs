@@ -42,7 +42,7 @@ struct Session {
     csrf: String,
 }
 
-fn random_token() -> String {
+pub(super) fn random_token() -> String {
     use base64::Engine as _;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -167,10 +167,19 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/panel/api/instances/{id}/restart", post(restart))
         .route("/panel/api/instances/{id}/disconnect", post(disconnect))
         .route("/panel/api/instances/{id}/cancel", post(cancel))
+        .route(
+            "/panel/api/instances/{id}/link-page",
+            post(create_link_page),
+        )
+        .route(
+            "/panel/api/instances/{id}/link-page/revoke",
+            post(revoke_link_pages),
+        )
+        .merge(super::link_page::public_routes())
         .layer(axum::middleware::map_response(secure_headers))
 }
 
-async fn secure_headers(mut response: Response) -> Response {
+pub(super) async fn secure_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -192,7 +201,7 @@ async fn secure_headers(mut response: Response) -> Response {
 }
 
 /// `&`, `<`, `>`, `"` and `'` as entities: text from users is never markup.
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -208,7 +217,13 @@ fn escape(text: &str) -> String {
 }
 
 /// A whole page: `page` names the script's part for it.
-fn html(title: &str, page: &str, csrf: Option<&str>, data: &str, body: &str) -> Html<String> {
+pub(super) fn html(
+    title: &str,
+    page: &str,
+    csrf: Option<&str>,
+    data: &str,
+    body: &str,
+) -> Html<String> {
     let (csrf, signed_in) = match csrf {
         Some(token) => (
             format!(r#"<meta name="csrf" content="{}">"#, escape(token)),
@@ -218,6 +233,12 @@ fn html(title: &str, page: &str, csrf: Option<&str>, data: &str, body: &str) -> 
             ),
         ),
         None => (String::new(), String::new()),
+    };
+    // Only an operator's pages lead to the panel.
+    let brand = if signed_in.is_empty() {
+        r#"<span class="brand">zapgate</span>"#
+    } else {
+        r#"<a href="/panel" class="brand">zapgate</a>"#
     };
     Html(format!(
         r#"<!doctype html>
@@ -231,7 +252,7 @@ fn html(title: &str, page: &str, csrf: Option<&str>, data: &str, body: &str) -> 
 <script src="/panel/assets/panel.js" defer></script>
 </head>
 <body data-page="{page}" {data}>
-<header><a href="/panel" class="brand">zapgate</a>{signed_in}</header>
+<header>{brand}{signed_in}</header>
 <main>
 {body}
 </main>
@@ -320,12 +341,11 @@ async fn sign_out(
     AxumState(state): AxumState<AppState>,
     Form(form): Form<SignOutForm>,
 ) -> Response {
-    if let Some(id) = session_cookie(&headers) {
-        let valid = state
-            .panel
-            .csrf(&id)
-            .is_some_and(|csrf| super::auth::same(form.csrf.as_bytes(), csrf.as_bytes()));
-        if !valid {
+    // A session that is gone (expired, or a restart) is signed out already.
+    if let Some((id, csrf)) =
+        session_cookie(&headers).and_then(|id| state.panel.csrf(&id).map(|csrf| (id, csrf)))
+    {
+        if !super::auth::same(form.csrf.as_bytes(), csrf.as_bytes()) {
             return (
                 StatusCode::FORBIDDEN,
                 "The request did not come from the panel",
@@ -385,7 +405,7 @@ async fn instance_page(
         Some(&page.csrf),
         &data,
         &format!(
-            r#"<p><a href="/panel">← Instances</a></p>
+            r##"<p><a href="/panel">← Instances</a></p>
 <h1>{name}</h1>
 <p>State: <strong id="state" aria-live="polite">…</strong></p>
 <p class="error" role="alert" id="error" hidden></p>
@@ -400,13 +420,20 @@ async fn instance_page(
 <p><button id="restart" type="button">Restart</button>
 <button id="disconnect" type="button" class="danger">Disconnect</button></p>
 </section>
+<section class="card" id="link-page-card">
+<h2>Link page</h2>
+<p>A page for the number's owner to link it themselves: it shows only this linking, with the instance's name.</p>
+<p><button id="make-link" type="button">Create a link page (24 h)</button>
+<button id="revoke-links" type="button" class="danger">Revoke link pages</button></p>
+<p id="link-made" hidden><a id="link-url" href="#"></a> <button type="button" data-copy="link-url">Copy</button><br><span id="link-expiry" class="hint"></span></p>
+</section>
 <section class="card">
 <h2>API</h2>
 <p>Instance id: <code id="instance-id">{id}</code> <button type="button" data-copy="instance-id">Copy</button></p>
 <p>Token: <code id="instance-token">{token}</code> <button type="button" data-copy="instance-token">Copy</button></p>
 <pre id="curl" data-path="/instances/{id}/token/{token}/status"></pre>
 <button type="button" data-copy="curl">Copy</button>
-</section>"#,
+</section>"##,
             name = escape(&r.name),
             linking = LINKING,
             id = escape(&r.id),
@@ -417,7 +444,7 @@ async fn instance_page(
 }
 
 /// The linking experience: QR code with countdown, or a pairing code.
-const LINKING: &str = r#"<section id="linking" hidden>
+pub(super) const LINKING: &str = r#"<section id="linking" hidden>
 <div id="qr-box" class="card center">
 <img id="qr" alt="QR code to scan with WhatsApp" hidden>
 <p id="countdown" aria-live="polite"></p>
@@ -515,43 +542,37 @@ async fn events(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let instance = found(&state, &id)?;
-    Ok(super::events::stream(instance).into_response())
+    Ok(super::events::stream(instance, state.shutdown.clone()).into_response())
 }
 
-fn linked(result: Result<Value, LinkError>) -> Response {
+pub(super) fn linked(result: Result<Value, LinkError>) -> Response {
     match result {
         Ok(body) => Json(body).into_response(),
         Err(e) => ApiError::link(e),
     }
 }
 
-async fn qr_code(
-    _: Operator,
-    AxumState(state): AxumState<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let instance = found(&state, &id)?;
-    Ok(linked(
+/// Opens a linking window (or joins the open one): the QR code comes as an event.
+pub(super) async fn ask_qr(instance: &InstanceHandle) -> Response {
+    linked(
         instance
             .qr_code()
             .await
             .map(|qr| json!({ "value": qr.value })),
-    ))
+    )
 }
 
 #[derive(Deserialize)]
-struct PhoneBody {
-    phone: String,
+pub(super) struct PhoneBody {
+    pub(super) phone: String,
 }
 
-async fn phone_code(
-    _: Operator,
-    AxumState(state): AxumState<AppState>,
-    Path(id): Path<String>,
-    JsonBody(body): JsonBody<PhoneBody>,
+/// A pairing code for `phone`, checked as the API checks it.
+pub(super) async fn ask_phone_code(
+    instance: &InstanceHandle,
+    phone: &str,
 ) -> Result<Response, ApiError> {
-    let instance = found(&state, &id)?;
-    let phone = crate::phone::normalize(&body.phone)
+    let phone = crate::phone::normalize(phone)
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
     Ok(linked(
         instance
@@ -562,21 +583,65 @@ async fn phone_code(
 }
 
 /// Closes the linking window (nobody scanned): WhatsApp is told nothing more.
+pub(super) async fn stop(instance: &InstanceHandle) -> Response {
+    linked(
+        instance
+            .stop_linking()
+            .await
+            .map(|()| json!({ "value": true })),
+    )
+}
+
+async fn qr_code(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(ask_qr(&found(&state, &id)?).await)
+}
+
+async fn phone_code(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PhoneBody>,
+) -> Result<Response, ApiError> {
+    ask_phone_code(&found(&state, &id)?, &body.phone).await
+}
+
 async fn stop_linking(
     _: Operator,
     AxumState(state): AxumState<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    Ok(stop(&found(&state, &id)?).await)
+}
+
+async fn create_link_page(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
     let instance = found(&state, &id)?;
-    if instance.snapshot().state != crate::instance::State::Linking {
-        return Ok(Json(json!({ "value": true })).into_response());
-    }
-    Ok(linked(
-        instance
-            .disconnect()
-            .await
-            .map(|_| json!({ "value": true })),
+    let life = super::link_page::life_from(&body)?;
+    Ok(Json(
+        super::link_page::create(&state, &instance, life, &headers).await?,
     ))
+}
+
+async fn revoke_link_pages(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let instance = found(&state, &id)?;
+    let revoked = state
+        .store
+        .revoke_link_pages(&instance.record.id, crate::unix_millis())
+        .await?;
+    Ok(Json(json!({ "revoked": revoked })))
 }
 
 async fn restart(

@@ -45,6 +45,11 @@ pub(crate) enum Command {
     Cancel {
         reply: Reply<Unlinked>,
     },
+    /// Close the linking window, if one is open and nothing is linked yet: WhatsApp
+    /// hears nothing more. Never unlinks a number that just linked.
+    StopLinking {
+        reply: Reply<()>,
+    },
 }
 
 /// What every instance task shares.
@@ -152,7 +157,7 @@ pub(crate) fn spawn(
         record,
         commands: commands_tx,
         snapshot: snapshot_rx,
-        events,
+        events: events.downgrade(),
     }
 }
 
@@ -268,6 +273,12 @@ impl Actor {
             Command::Restart { reply } => self.restart(Input::Restart, reply).await,
             Command::Restore { reply } => self.restart(Input::Restore, reply).await,
             Command::Disconnect { reply } => self.disconnect(reply).await,
+            Command::StopLinking { reply } => {
+                if self.state == State::Linking && self.link.is_none() {
+                    self.apply(Input::Disconnect).await;
+                }
+                let _ = reply.send(Ok(()));
+            }
             Command::Cancel { reply } => {
                 self.cancelling = true;
                 self.disconnect(reply).await;
@@ -624,8 +635,7 @@ impl Actor {
         let linking = self.state == State::Linking;
         let qr = self.window.qr().filter(|_| linking);
         let pair_code = self.window.pair_code().filter(|_| linking);
-        self.published.publish(
-            &self.events,
+        let events = self.published.changes(
             self.state,
             device.as_ref(),
             self.problem.as_ref(),
@@ -633,6 +643,8 @@ impl Actor {
             pair_code.as_ref(),
         );
         let event_id = self.published.last_id();
+        // The snapshot first: a reader that subscribes in between finds the change in
+        // the snapshot, and skips the event by its id.
         self.snapshot.send_modify(|s| {
             s.state = self.state;
             s.qr = qr;
@@ -644,6 +656,10 @@ impl Actor {
                 s.socket_up = false;
             }
         });
+        for event in events {
+            // Nobody listening is fine: the snapshot holds the same.
+            let _ = self.events.send(event);
+        }
     }
 }
 
@@ -652,7 +668,9 @@ impl Command {
         match self {
             Command::QrCode { reply } => drop(reply.send(Err(error))),
             Command::PairCode { reply, .. } => drop(reply.send(Err(error))),
-            Command::Restart { reply } | Command::Restore { reply } => drop(reply.send(Err(error))),
+            Command::Restart { reply }
+            | Command::Restore { reply }
+            | Command::StopLinking { reply } => drop(reply.send(Err(error))),
             Command::Disconnect { reply } | Command::Cancel { reply } => {
                 drop(reply.send(Err(error)))
             }

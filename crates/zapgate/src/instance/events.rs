@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
-
 use super::{Device, PairCode, Problem, QrCode, State};
 
 /// Events a slow reader may fall behind by before it must start again from the
@@ -50,16 +48,16 @@ impl Published {
         self.id
     }
 
-    /// Publishes an event for each thing that changed since the last call.
-    pub(super) fn publish(
+    /// An event for each thing that changed since the last call, numbered.
+    pub(super) fn changes(
         &mut self,
-        events: &broadcast::Sender<Arc<Event>>,
         state: State,
         device: Option<&Device>,
         problem: Option<&Problem>,
         qr: Option<&Arc<QrCode>>,
         pair_code: Option<&PairCode>,
-    ) {
+    ) -> Vec<Arc<Event>> {
+        let mut changes = Vec::new();
         let device_key = device.map(|d| (d.phone.clone(), d.device_id, d.name.clone()));
         if self.state != Some(state)
             || self.device != device_key
@@ -68,33 +66,31 @@ impl Published {
             self.state = Some(state);
             self.device = device_key;
             self.problem = problem.cloned();
-            self.send(
-                events,
-                EventKind::State {
-                    state,
-                    device: device.cloned(),
-                    problem: problem.cloned(),
-                },
-            );
+            changes.push(EventKind::State {
+                state,
+                device: device.cloned(),
+                problem: problem.cloned(),
+            });
         }
         let qr_value = qr.map(|q| q.value.clone());
         if qr_value != self.qr {
             self.qr = qr_value;
             if let Some(qr) = qr {
-                self.send(events, EventKind::Qr(qr.clone()));
+                changes.push(EventKind::Qr(qr.clone()));
             }
         }
         if pair_code != self.pair_code.as_ref() {
             self.pair_code = pair_code.cloned();
             if let Some(code) = pair_code {
-                self.send(events, EventKind::PairCode(code.clone()));
+                changes.push(EventKind::PairCode(code.clone()));
             }
         }
-    }
-
-    fn send(&mut self, events: &broadcast::Sender<Arc<Event>>, kind: EventKind) {
-        self.id += 1;
-        // Nobody listening is fine: the snapshot holds the same.
-        let _ = events.send(Arc::new(Event { id: self.id, kind }));
+        changes
+            .into_iter()
+            .map(|kind| {
+                self.id += 1;
+                Arc::new(Event { id: self.id, kind })
+            })
+            .collect()
     }
 }

@@ -172,7 +172,8 @@ pub struct InstanceHandle {
     pub record: Arc<InstanceRecord>,
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Snapshot>,
-    events: broadcast::Sender<Arc<Event>>,
+    /// Weak: the stream of an instance whose task ended ends too.
+    events: broadcast::WeakSender<Arc<Event>>,
 }
 
 impl InstanceHandle {
@@ -182,9 +183,15 @@ impl InstanceHandle {
 
     /// Every event from now on, and the snapshot as it stands: events with an id up to
     /// the snapshot's `event_id` are already in it.
-    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, Snapshot) {
-        let events = self.events.subscribe();
+    /// `None` for the events once the instance's task has ended.
+    pub fn subscribe(&self) -> (Option<broadcast::Receiver<Arc<Event>>>, Snapshot) {
+        let events = self.events.upgrade().map(|sender| sender.subscribe());
         (events, self.snapshot())
+    }
+
+    /// Closes the linking window if one is open and nothing is linked yet.
+    pub async fn stop_linking(&self) -> Result<(), LinkError> {
+        self.ask(|reply| Command::StopLinking { reply }).await
     }
 
     /// A receiver of every new snapshot, for waiting on a change.

@@ -43,6 +43,16 @@ pub struct Link {
     pub platform: Option<String>,
 }
 
+/// A link page: its token's SHA-256 (hex), the instance it links, and its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkPage {
+    pub token_hash: String,
+    pub instance_id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
 #[derive(Debug)]
 pub struct Page {
     pub items: Vec<InstanceRecord>,
@@ -67,6 +77,18 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError>;
     /// The last step of a cancel, once the session is unlinked and deleted.
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError>;
+    /// Records a link page unless the instance already has `max_live` live ones (then
+    /// returns false), and forgets its pages that expired or were revoked before
+    /// `forget_before`.
+    async fn insert_link_page(
+        &self,
+        page: &LinkPage,
+        forget_before: i64,
+        max_live: u64,
+    ) -> Result<bool, StoreError>;
+    async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError>;
+    /// Revokes every live link page of the instance; returns how many.
+    async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -8,7 +8,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{InstanceRecord, Link, Page, Store, StoreError};
+use super::{InstanceRecord, Link, LinkPage, Page, Store, StoreError};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -164,6 +164,72 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn insert_link_page(
+        &self,
+        page: &LinkPage,
+        forget_before: i64,
+        max_live: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM link_pages WHERE instance_id = ? \
+             AND (expires_at < ? OR revoked_at < ?)",
+        )
+        .bind(&page.instance_id)
+        .bind(forget_before)
+        .bind(forget_before)
+        .execute(&mut *tx)
+        .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO link_pages (token_hash, instance_id, created_at, expires_at, revoked_at) \
+             SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM link_pages WHERE instance_id = ? \
+             AND revoked_at IS NULL AND expires_at > ?) < ?",
+        )
+        .bind(&page.token_hash)
+        .bind(&page.instance_id)
+        .bind(page.created_at)
+        .bind(page.expires_at)
+        .bind(page.revoked_at)
+        .bind(&page.instance_id)
+        .bind(page.created_at)
+        .bind(max_live as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError> {
+        let row = sqlx::query(
+            "SELECT token_hash, instance_id, created_at, expires_at, revoked_at \
+             FROM link_pages WHERE token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(LinkPage {
+                token_hash: row.try_get("token_hash")?,
+                instance_id: row.try_get("instance_id")?,
+                created_at: row.try_get("created_at")?,
+                expires_at: row.try_get("expires_at")?,
+                revoked_at: row.try_get("revoked_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE link_pages SET revoked_at = ? WHERE instance_id = ? AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(instance_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -253,5 +319,61 @@ mod tests {
 
         store.delete_instance("ID0").await.unwrap();
         assert_eq!(store.all_instances().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn link_pages_live_until_they_expire_or_are_revoked_and_go_with_their_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("z.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.insert_instance(&instance("A", "a", 0)).await.unwrap();
+        let page = |hash: &str, created_at: i64, expires_at: i64| LinkPage {
+            token_hash: hash.into(),
+            instance_id: "A".into(),
+            created_at,
+            expires_at,
+            revoked_at: None,
+        };
+        assert!(
+            store
+                .insert_link_page(&page("h1", 100, 200), 0, 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .insert_link_page(&page("h2", 150, 300), 0, 2)
+                .await
+                .unwrap()
+        );
+        // Two live already: a third is refused.
+        assert!(
+            !store
+                .insert_link_page(&page("hx", 160, 300), 0, 2)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.link_page("hx").await.unwrap(), None);
+        assert_eq!(
+            store.link_page("h1").await.unwrap(),
+            Some(page("h1", 100, 200))
+        );
+        assert_eq!(store.link_page("nope").await.unwrap(), None);
+        // Expired pages are forgotten once they are old enough; live ones stay.
+        assert!(
+            store
+                .insert_link_page(&page("h3", 250, 400), 201, 2)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.link_page("h1").await.unwrap(), None);
+        assert_eq!(store.revoke_link_pages("A", 260).await.unwrap(), 2);
+        assert_eq!(
+            store.link_page("h2").await.unwrap().unwrap().revoked_at,
+            Some(260)
+        );
+        assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
+        store.delete_instance("A").await.unwrap();
+        assert_eq!(store.link_page("h3").await.unwrap(), None);
     }
 }

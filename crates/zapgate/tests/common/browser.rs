@@ -14,8 +14,21 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
+/// Chromium's process group, killed whole when dropped (its renderers included), even
+/// when a test fails before the browser is ready.
+struct Chromium(Child);
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Browser {
-    child: Child,
+    _chromium: Chromium,
     _profile: tempfile::TempDir,
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     session: String,
@@ -30,6 +43,7 @@ impl Browser {
             "the panel's browser tests need Debian's chromium (apt-get install chromium; .ci/run does)"
         );
         let profile = tempfile::tempdir().unwrap();
+        use std::os::unix::process::CommandExt as _;
         let mut child = Command::new(CHROMIUM)
             .args([
                 "--headless",
@@ -47,9 +61,11 @@ impl Browser {
             .arg("about:blank")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .expect("chromium starts");
         let stderr = child.stderr.take().unwrap();
+        let chromium = Chromium(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
@@ -69,7 +85,7 @@ impl Browser {
             .await
             .expect("DevTools websocket");
         let mut browser = Self {
-            child,
+            _chromium: chromium,
             _profile: profile,
             socket,
             session: String::new(),
@@ -144,11 +160,15 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
-    /// Waits until `condition` (a script) is truthy in the page; returns its value.
+    /// Waits until `condition` (a script) is truthy in the page; returns its value. A
+    /// condition that throws (the page is still loading) counts as not yet.
     pub async fn wait_for(&mut self, condition: &str, within: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + within;
+        let guarded = format!(
+            "(() => {{ try {{ return ({condition}); }} catch (e) {{ return false; }} }})()"
+        );
         loop {
-            let value = self.eval(condition).await;
+            let value = self.eval(&guarded).await;
             let truthy = !matches!(&value, Value::Null | Value::Bool(false))
                 && value != json!("")
                 && value != json!(0);
@@ -223,13 +243,6 @@ impl Browser {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), png).unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

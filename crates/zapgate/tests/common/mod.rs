@@ -519,6 +519,18 @@ impl EventStream {
         }
     }
 
+    /// Waits for the server to end the stream (events before the end are skipped).
+    pub async fn ends_within(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Err(_) => panic!("the stream stayed open for {within:?}"),
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None) | Err(_)) => return,
+            }
+        }
+    }
+
     pub async fn next(&mut self) -> Sse {
         self.next_within(Duration::from_secs(30)).await
     }

@@ -109,7 +109,10 @@ function instancesPage() {
 // it; after 3 codes nobody scanned, linking stops until asked again. Or a pairing code.
 function linking(base, error) {
   const MAX_CODES = 3;
-  let shown = 0;
+  // The distinct codes shown in this window (a reconnecting stream shows one again).
+  let codes = new Set();
+  let pairing = false;
+  let stopped = false;
   let ticking;
 
   function countdown(seconds) {
@@ -130,7 +133,9 @@ function linking(base, error) {
   }
 
   async function start() {
-    shown = 0;
+    codes = new Set();
+    pairing = false;
+    stopped = false;
     say(error, null);
     show($('stopped'), false);
     show($('start'), false);
@@ -143,6 +148,8 @@ function linking(base, error) {
   }
 
   async function stop() {
+    if (stopped) return;
+    stopped = true;
     stopShowing();
     show($('stopped'), true);
     show($('start'), true);
@@ -166,15 +173,20 @@ function linking(base, error) {
     }
   });
 
+  // A pairing code takes over: its window stays open while it is valid, and the QR
+  // codes that WhatsApp keeps sending meanwhile are neither shown nor counted.
   function showCode(code) {
+    pairing = true;
+    stopShowing();
     $('pair-code').textContent = code.length === 8 ? `${code.slice(0, 4)}-${code.slice(4)}` : code;
     show($('code-box'), true);
   }
 
   return {
     qr(data) {
-      shown += 1;
-      if (shown > MAX_CODES) {
+      if (pairing || stopped) return;
+      codes.add(data.value);
+      if (codes.size > MAX_CODES) {
         stop();
         return;
       }
@@ -191,8 +203,9 @@ function linking(base, error) {
     state(data) {
       if (data.state !== 'linking') {
         stopShowing();
+        pairing = false;
         show($('code-box'), false);
-        if (!$('stopped').hidden) return;
+        if (stopped) return;
         show($('start'), true);
       }
     },
@@ -231,6 +244,41 @@ function instancePage() {
     }
   });
 
+  $('make-link').addEventListener('click', async () => {
+    try {
+      const made = await api('POST', `${base}/link-page`);
+      $('link-url').href = made.url;
+      $('link-url').textContent = made.url;
+      $('link-expiry').textContent = `Expires ${made.expiresAt}`;
+      show($('link-made'), true);
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+  $('revoke-links').addEventListener('click', async () => {
+    if (!confirm('Revoke every link page of this instance? Their links stop working.')) return;
+    try {
+      const answer = await api('POST', `${base}/link-page/revoke`);
+      show($('link-made'), false);
+      say(error, null);
+      $('link-expiry').textContent = `${answer.revoked} revoked`;
+    } catch (e) {
+      say(error, e.message);
+    }
+  });
+
+  follow(base, flow, error, (data, linked) => {
+    if (linked) {
+      $('phone').textContent = data.phone ?? '—';
+      $('device').textContent = data.device ?? '—';
+      $('push-name').textContent = data.name ?? '—';
+      $('since').textContent = data.linkedSince ?? '—';
+    }
+  });
+}
+
+// Follows an instance's events: its state, and the linking flow's codes.
+function follow(base, flow, error, onState) {
   const events = new EventSource(`${base}/events`);
   events.addEventListener('state', (event) => {
     const data = JSON.parse(event.data);
@@ -239,20 +287,31 @@ function instancePage() {
     const linked = data.connected || ['reconnecting', 'stopped', 'sessionMissing'].includes(data.state);
     show($('linked'), linked);
     show($('linking'), !linked);
-    if (linked) {
-      $('phone').textContent = data.phone ?? '—';
-      $('device').textContent = data.device ?? '—';
-      $('push-name').textContent = data.name ?? '—';
-      $('since').textContent = data.linkedSince ?? '—';
-    }
-    if (!data.connected && data.error && data.state !== 'noSession' && data.state !== 'linking') {
-      say(error, data.error);
-    }
+    // What is wrong now, and nothing once it is not.
+    const stale = ['reconnecting', 'stopped', 'sessionMissing'].includes(data.state);
+    say(error, data.problem ?? (stale ? data.error : null));
+    onState(data, linked);
     flow.state(data);
   });
   events.addEventListener('qr', (event) => flow.qr(JSON.parse(event.data)));
   events.addEventListener('pairing-code', (event) => flow.pairingCode(JSON.parse(event.data)));
+  // The browser reconnects by itself; once it gives up (signed out, gone), say so.
+  events.addEventListener('error', () => {
+    if (events.readyState === EventSource.CLOSED) {
+      say(error, 'Lost the connection to the gateway: reload the page.');
+    }
+  });
 }
 
-const pages = { instances: instancesPage, instance: instancePage };
+// The link page a business sends the number's owner: only the linking experience.
+function linkPage() {
+  const base = document.body.dataset.base;
+  const error = $('error');
+  const flow = linking(base, error);
+  follow(base, flow, error, (data, linked) => {
+    if (linked) $('phone').textContent = data.phone ?? '';
+  });
+}
+
+const pages = { instances: instancesPage, instance: instancePage, link: linkPage };
 pages[document.body.dataset.page]?.();

@@ -1,0 +1,260 @@
+//! Link pages: a URL a business sends the number's owner instead of building the linking
+//! flow. It carries its own single-purpose, expiring, revocable token (only its SHA-256
+//! is stored) and shows one instance's linking experience, with the instance's name and
+//! neither its id nor its token. The partner routes make and revoke them; `/link/{token}`
+//! is public.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State as AxumState};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{Admin, Instance};
+use super::panel::{LINKING, html};
+use super::{ApiError, AppState};
+use crate::instance::InstanceHandle;
+use crate::store::LinkPage;
+
+/// A link page lives a day unless asked otherwise, and 30 days at most.
+const DEFAULT_LIFE_SECS: u64 = 24 * 3600;
+const MAX_LIFE_SECS: u64 = 30 * 24 * 3600;
+/// Live link pages one instance may have at once.
+const MAX_LIVE: u64 = 20;
+/// Expired and revoked pages are forgotten this long after (they answer "expired" or
+/// "revoked" until then, and "not valid" after).
+const KEEP_DEAD_MS: i64 = 7 * 24 * 3600 * 1000;
+
+pub(super) fn partner_routes() -> Router<AppState> {
+    Router::new().route(
+        "/instances/{id}/token/{token}/link-page",
+        post(create_route).delete(revoke_route),
+    )
+}
+
+pub(super) fn public_routes() -> Router<AppState> {
+    Router::new()
+        .route("/link/{token}", get(page))
+        .route("/link/{token}/events", get(events))
+        .route("/link/{token}/qr-code", post(qr_code))
+        .route("/link/{token}/phone-code", post(phone_code))
+        .route("/link/{token}/stop-linking", post(stop_linking))
+}
+
+fn hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The address the caller reached the gateway at, for the URL it is given.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    format!("{}://{host}", if https { "https" } else { "http" })
+}
+
+/// Makes a link page for `instance` living `life_secs`: `{"url", "expiresAt"}`.
+pub(super) async fn create(
+    state: &AppState,
+    instance: &InstanceHandle,
+    life_secs: u64,
+    headers: &HeaderMap,
+) -> Result<Value, ApiError> {
+    if !(1..=MAX_LIFE_SECS).contains(&life_secs) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expiresIn is in seconds, 1 to {MAX_LIFE_SECS} (30 days)"),
+        ));
+    }
+    let token = super::panel::random_token();
+    let now = crate::unix_millis();
+    let page = LinkPage {
+        token_hash: hash(&token),
+        instance_id: instance.record.id.clone(),
+        created_at: now,
+        expires_at: now + (life_secs * 1000) as i64,
+        revoked_at: None,
+    };
+    if !state
+        .store
+        .insert_link_page(&page, now - KEEP_DEAD_MS, MAX_LIVE)
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("this instance already has {MAX_LIVE} live link pages: revoke them first"),
+        ));
+    }
+    Ok(json!({
+        "url": format!("{}/link/{token}", base_url(headers)),
+        "expiresAt": crate::iso_time(page.expires_at),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateBody {
+    expires_in: Option<u64>,
+}
+
+/// The body is optional: `{"expiresIn": seconds}`.
+pub(super) fn life_from(body: &Bytes) -> Result<u64, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DEFAULT_LIFE_SECS);
+    }
+    let body: CreateBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
+    Ok(body.expires_in.unwrap_or(DEFAULT_LIFE_SECS))
+}
+
+async fn create_route(
+    _: Admin,
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let life = life_from(&body)?;
+    Ok(Json(create(&state, &instance, life, &headers).await?))
+}
+
+async fn revoke_route(
+    _: Admin,
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+) -> Result<Json<Value>, ApiError> {
+    let revoked = state
+        .store
+        .revoke_link_pages(&instance.record.id, crate::unix_millis())
+        .await?;
+    Ok(Json(json!({ "revoked": revoked })))
+}
+
+/// Why a link page cannot be used.
+enum Dead {
+    Unknown,
+    Expired,
+    Revoked,
+}
+
+impl Dead {
+    fn message(&self) -> &'static str {
+        match self {
+            Dead::Unknown => {
+                "This link is not valid. Check that it was copied whole, or ask whoever sent it for a new one."
+            }
+            Dead::Expired => "This link has expired. Ask whoever sent it for a new one.",
+            Dead::Revoked => "This link was withdrawn by whoever sent it. Ask them for a new one.",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Dead::Unknown => StatusCode::NOT_FOUND,
+            Dead::Expired | Dead::Revoked => StatusCode::GONE,
+        }
+    }
+}
+
+/// The instance a live link page links.
+async fn live(state: &AppState, token: &str) -> Result<Result<InstanceHandle, Dead>, ApiError> {
+    let Some(page) = state.store.link_page(&hash(token)).await? else {
+        return Ok(Err(Dead::Unknown));
+    };
+    if page.revoked_at.is_some() {
+        return Ok(Err(Dead::Revoked));
+    }
+    if page.expires_at <= crate::unix_millis() {
+        return Ok(Err(Dead::Expired));
+    }
+    Ok(state.manager.get(&page.instance_id).ok_or(Dead::Unknown))
+}
+
+/// The instance of the link page in the path, for its JSON and event routes.
+struct Linkable(InstanceHandle);
+
+impl FromRequestParts<AppState> for Linkable {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(token) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, Dead::Unknown.message()))?;
+        match live(state, &token).await? {
+            Ok(instance) => Ok(Linkable(instance)),
+            Err(dead) => Err(ApiError::new(dead.status(), dead.message())),
+        }
+    }
+}
+
+async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) -> Response {
+    let instance = match live(&state, &token).await {
+        Ok(Ok(instance)) => instance,
+        Ok(Err(dead)) => {
+            let body = format!(
+                r#"<h1>Link WhatsApp</h1><p class="error" role="alert">{}</p>"#,
+                dead.message()
+            );
+            return (
+                dead.status(),
+                html("Link WhatsApp", "link-dead", None, "", &body),
+            )
+                .into_response();
+        }
+        Err(e) => return e.into_response(),
+    };
+    let name = super::panel::escape(&instance.record.name);
+    let data = format!(r#"data-base="/link/{}""#, super::panel::escape(&token));
+    let body = format!(
+        r#"<h1>Link your WhatsApp to {name}</h1>
+<p>State: <strong id="state" aria-live="polite">…</strong></p>
+<p class="error" role="alert" id="error" hidden></p>
+{LINKING}
+<section id="linked" hidden class="card center">
+<p class="done">Linked: <strong id="phone"></strong>. You can close this page.</p>
+</section>"#
+    );
+    html(
+        &format!("Link WhatsApp to {}", instance.record.name),
+        "link",
+        None,
+        &data,
+        &body,
+    )
+    .into_response()
+}
+
+async fn events(AxumState(state): AxumState<AppState>, Linkable(instance): Linkable) -> Response {
+    super::events::stream(instance, state.shutdown.clone()).into_response()
+}
+
+async fn qr_code(Linkable(instance): Linkable) -> Response {
+    super::panel::ask_qr(&instance).await
+}
+
+async fn phone_code(
+    Linkable(instance): Linkable,
+    super::JsonBody(body): super::JsonBody<super::panel::PhoneBody>,
+) -> Result<Response, ApiError> {
+    super::panel::ask_phone_code(&instance, &body.phone).await
+}
+
+async fn stop_linking(Linkable(instance): Linkable) -> Response {
+    super::panel::stop(&instance).await
+}
