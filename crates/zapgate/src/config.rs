@@ -25,6 +25,22 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API and keep every linked number connected.
     Serve(Config),
+    /// Try zapgate with no phone and no internet: a simulated WhatsApp (wa-sim) runs in
+    /// this process, the gateway against it, and the panel offers its simulated phone.
+    /// Sandbox builds only.
+    #[cfg(feature = "sandbox")]
+    Demo(Demo),
+}
+
+#[cfg(feature = "sandbox")]
+#[derive(Args, Debug, Clone)]
+pub struct Demo {
+    /// Address the gateway (API and panel) listens on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the demo's database, sessions and admin token.
+    #[arg(long, default_value = "./demo-data")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,6 +94,11 @@ pub struct Config {
     /// Write logs as JSON lines.
     #[arg(long, env = "ZAPGATE_LOG_JSON")]
     pub log_json: bool,
+
+    /// The control API of a simulated WhatsApp (wa-sim) whose phone the panel may use:
+    /// set by `zapgate demo` only.
+    #[arg(skip)]
+    pub simulator: Option<String>,
 }
 
 /// Longest an HTTP request may take; every wait inside one is shorter.
@@ -186,11 +207,14 @@ mod tests {
     }
 
     fn config(args: &[&str]) -> Config {
-        let Command::Serve(config) =
-            Cli::try_parse_from(["zapgate", "serve"].iter().chain(args).copied())
-                .unwrap()
-                .command;
-        config
+        match Cli::try_parse_from(["zapgate", "serve"].iter().chain(args).copied())
+            .unwrap()
+            .command
+        {
+            Command::Serve(config) => config,
+            #[cfg(feature = "sandbox")]
+            Command::Demo(_) => unreachable!("parsed `serve`"),
+        }
     }
 
     #[test]

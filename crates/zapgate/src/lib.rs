@@ -63,6 +63,7 @@ pub async fn run(
         client_token: config.client_token.clone(),
         panel: Default::default(),
         shutdown: shutdown.clone(),
+        simulator: config.simulator.clone(),
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -106,7 +107,7 @@ fn check_whatsapp_url(url: &str) -> anyhow::Result<()> {
 
 /// The admin token kept in `<data-dir>/admin-token`, generated (0600) on first start.
 /// A file that others may read is refused: the token would not be secret.
-fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
+pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
     use rand::RngExt as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let path = data_dir.join("admin-token");

@@ -1,30 +1,50 @@
 //! `zapgate serve`: parse the configuration, set up logging, bind, run.
+//! `zapgate demo` (sandbox builds): the same, against a simulated WhatsApp in-process.
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
-use zapgate::config::{Cli, Command};
+use zapgate::config::{Cli, Command, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Serve(config) = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            logs(config.log_json);
+            serve(config).await
+        }
+        #[cfg(feature = "sandbox")]
+        Command::Demo(demo) => {
+            logs(false);
+            demo::run(demo).await
+        }
+    }
+}
+
+fn logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into());
+        .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn,wa_sim=warn".into());
     // Colours only on a terminal: a log file or collector gets plain lines.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    if config.log_json {
+    if json {
         logs.json().init();
     } else {
         logs.init();
     }
+}
 
+async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!("zapgate listening on http://{}", listener.local_addr()?);
+    zapgate::run(config, listener, stop_on_signal()).await
+}
 
+/// Cancelled on Ctrl-C or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -37,5 +57,54 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    zapgate::run(config, listener, shutdown).await
+    shutdown
+}
+
+#[cfg(feature = "sandbox")]
+mod demo {
+    use anyhow::Context as _;
+    use zapgate::config::{Config, Demo};
+
+    /// The web version announced to the simulated WhatsApp (there is no internet to
+    /// learn it from).
+    const VERSION: (u32, u32, u32) = (2, 3000, 1_030_000_000);
+
+    pub(super) async fn run(demo: Demo) -> anyhow::Result<()> {
+        let sim = wa_sim::WaSim::start(wa_sim::Config::default())
+            .await
+            .context("starting the simulated WhatsApp")?;
+        std::fs::create_dir_all(&demo.data_dir)
+            .with_context(|| format!("creating the data directory {}", demo.data_dir.display()))?;
+        let admin_token = zapgate::stored_admin_token(&demo.data_dir)?;
+        let listener = tokio::net::TcpListener::bind(demo.listen)
+            .await
+            .with_context(|| format!("binding {}", demo.listen))?;
+        let address = listener.local_addr()?;
+        let config = Config {
+            listen: address,
+            data_dir: demo.data_dir,
+            database_url: None,
+            admin_token: Some(admin_token.clone()),
+            client_token: None,
+            whatsapp_url: sim.ws_url(),
+            whatsapp_version: Some(VERSION),
+            link_wait_secs: 20,
+            link_rate_per_minute: 30,
+            restore_concurrency: 16,
+            log_json: false,
+            simulator: Some(sim.control_url()),
+        };
+        println!(
+            "zapgate demo: WhatsApp is simulated (wa-sim, {})",
+            sim.ws_url()
+        );
+        println!("  panel:       http://{address}/");
+        println!("  admin token: {}", admin_token.expose());
+        println!(
+            "Create an instance, show its QR code, and press \"Scan with the simulated phone\"."
+        );
+        let result = zapgate::run(config, listener, super::stop_on_signal()).await;
+        let _ = sim.shutdown().await;
+        result
+    }
 }

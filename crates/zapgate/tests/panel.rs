@@ -457,3 +457,115 @@ async fn expired_revoked_and_unknown_link_pages_say_so() {
         assert_eq!(status, 400, "{answer}");
     }
 }
+
+#[tokio::test]
+async fn the_list_follows_every_instance_live() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+    browser.eval("window.notReloaded = true").await;
+
+    // An instance made elsewhere shows up, then its states as they change.
+    let inst = gw.api.create_instance("Live").await;
+    let row = format!(
+        "[...document.querySelectorAll('#instances tbody tr')].find(r => r.dataset.id === '{}')",
+        inst.id
+    );
+    browser
+        .wait_for(&format!("{row}?.dataset.state === 'noSession'"), WAIT)
+        .await;
+    let (status, qr) = gw.api.qr_code(&inst).await;
+    assert_eq!(status, 200, "{qr}");
+    browser
+        .wait_for(&format!("{row}?.dataset.state === 'linking'"), WAIT)
+        .await;
+    let (status, body) = world
+        .wa
+        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for(
+            &format!(
+                "{row}?.dataset.state === 'connected' && {row}.cells[1].textContent === '{PHONE}'"
+            ),
+            WAIT,
+        )
+        .await;
+    assert_eq!(browser.eval("window.notReloaded").await, json!(true));
+}
+
+#[tokio::test]
+async fn the_demo_links_numbers_with_its_simulated_phone() {
+    use tokio::io::AsyncBufReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_zapgate"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("zapgate demo starts");
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (mut panel, mut token) = (None, None);
+    while panel.is_none() || token.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the demo prints its address and token")
+            .unwrap()
+            .expect("the demo keeps running");
+        if let Some(url) = line.trim().strip_prefix("panel:") {
+            panel = Some(url.trim().trim_end_matches('/').to_owned());
+        } else if let Some(t) = line.trim().strip_prefix("admin token:") {
+            token = Some(t.trim().to_owned());
+        }
+    }
+    let (panel, token) = (panel.unwrap(), token.unwrap());
+
+    let mut browser = Browser::start().await;
+    browser.open(&format!("{panel}/")).await;
+    browser
+        .eval("document.getElementById('token').focus()")
+        .await;
+    browser.type_text(&token).await;
+    browser.press("Enter", 0).await;
+    browser
+        .wait_for("location.pathname === '/panel'", WAIT)
+        .await;
+    for (name, by_code) in [("Demo by QR", false), ("Demo by code", true)] {
+        browser.open(&format!("{panel}/panel")).await;
+        browser
+            .eval("document.getElementById('new-name').focus()")
+            .await;
+        browser.type_text(name).await;
+        browser.press("Enter", 0).await;
+        browser
+            .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+            .await;
+        if by_code {
+            browser
+                .eval("document.getElementById('phone-input').focus()")
+                .await;
+            browser.type_text(PHONE).await;
+            browser.press("Enter", 0).await;
+            browser
+                .wait_for("!document.getElementById('code-box').hidden", WAIT)
+                .await;
+            click(&mut browser, "sim-code").await;
+        } else {
+            click(&mut browser, "start").await;
+            shown_qr(&mut browser, "").await;
+            browser
+                .wait_for("!document.getElementById('sim-scan').hidden", WAIT)
+                .await;
+            click(&mut browser, "sim-scan").await;
+        }
+        browser
+            .wait_for("document.body.dataset.state === 'connected'", WAIT)
+            .await;
+    }
+    demo.kill().await.unwrap();
+}

@@ -151,3 +151,36 @@ pub(super) fn state_name(state: State) -> &'static str {
         State::Unlinking => "unlinking",
     }
 }
+
+/// Every instance's state changes, for the panel's list: `instance` events
+/// (`{"id", "state", "phone"}`), and `resync` when the reader fell behind and should
+/// load the list again. Ends at shutdown.
+pub(super) fn every_instance(
+    receiver: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::instance::Event>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
+    let events = stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(event) => {
+                    if let EventKind::State { state, device, .. } = &event.kind {
+                        let data = json!({
+                            "id": &*event.instance,
+                            "state": state_name(*state),
+                            "phone": device.as_ref().map(|d| &d.phone),
+                        });
+                        let sent = Sse::default().event("instance").data(data.to_string());
+                        return Some((sent, receiver));
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    return Some((Sse::default().event("resync").data("{}"), receiver));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+    .map(Ok)
+    .take_until(shutdown.cancelled_owned());
+    axum::response::Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}

@@ -40,6 +40,8 @@ pub struct AppState {
     pub panel: Arc<Sessions>,
     /// Cancelled when the gateway shuts down: event streams end then.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The control API of the demo's simulated WhatsApp, whose phone the panel offers.
+    pub simulator: Option<String>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
@@ -88,8 +90,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 /// The routes that stream server-sent events: they last, and end at shutdown.
-const STREAMS: [&str; 3] = [
+const STREAMS: [&str; 4] = [
     "/instances/{id}/token/{token}/events",
+    "/panel/api/events",
     "/panel/api/instances/{id}/events",
     "/link/{token}/events",
 ];

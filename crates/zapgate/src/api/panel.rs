@@ -160,6 +160,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/panel/instances/{id}", get(instance_page))
         .route("/panel/assets/{file}", get(asset))
         .route("/panel/api/instances", get(list).post(create))
+        .route("/panel/api/events", get(every_instance))
         .route("/panel/api/instances/{id}/events", get(events))
         .route("/panel/api/instances/{id}/qr-code", post(qr_code))
         .route("/panel/api/instances/{id}/phone-code", post(phone_code))
@@ -176,6 +177,7 @@ pub(super) fn routes() -> Router<AppState> {
             post(revoke_link_pages),
         )
         .merge(super::link_page::public_routes())
+        .merge(simulated::routes())
         .layer(axum::middleware::map_response(secure_headers))
 }
 
@@ -435,7 +437,13 @@ async fn instance_page(
 <button type="button" data-copy="curl">Copy</button>
 </section>"##,
             name = escape(&r.name),
-            linking = LINKING,
+            linking = if state.simulator.is_some() {
+                LINKING
+                    .replace("<!--qr-extra-->", SIMULATED_SCAN)
+                    .replace("<!--code-extra-->", SIMULATED_CODE)
+            } else {
+                LINKING.to_owned()
+            },
             id = escape(&r.id),
             token = escape(&r.token),
         ),
@@ -451,6 +459,7 @@ pub(super) const LINKING: &str = r#"<section id="linking" hidden>
 <p id="qr-help">On the phone: WhatsApp › Settings › Linked devices › Link a device, then scan this code.</p>
 <p id="stopped" hidden>Nobody scanned the last codes, so linking stopped.</p>
 <button id="start" type="button">Show a QR code</button>
+<!--qr-extra-->
 </div>
 <form id="phone-form" class="card">
 <p>Link with a phone number instead</p>
@@ -461,8 +470,89 @@ pub(super) const LINKING: &str = r#"<section id="linking" hidden>
 <div id="code-box" class="card center" hidden>
 <p>On the phone: WhatsApp › Settings › Linked devices › Link a device › Link with phone number instead, then type:</p>
 <p id="pair-code" class="code"></p>
+<!--code-extra-->
 </div>
 </section>"#;
+
+/// The demo's simulated phone, next to the codes (sandbox builds running `demo` only).
+const SIMULATED_SCAN: &str =
+    r#"<button id="sim-scan" type="button" hidden>Scan with the simulated phone</button>"#;
+const SIMULATED_CODE: &str =
+    r#"<button id="sim-code" type="button">Type it on the simulated phone</button>"#;
+
+/// The demo's simulated phone acting on the codes the instance shows now.
+#[cfg(feature = "sandbox")]
+mod simulated {
+    use super::*;
+
+    pub(super) fn routes() -> Router<AppState> {
+        Router::new()
+            .route("/panel/api/instances/{id}/simulated-scan", post(scan))
+            .route("/panel/api/instances/{id}/simulated-code", post(type_code))
+    }
+
+    fn phone(state: &AppState) -> Result<wa_sim::Control, ApiError> {
+        state
+            .simulator
+            .as_ref()
+            .map(|url| wa_sim::Control::new(url.clone()))
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "No simulated phone here"))
+    }
+
+    /// What the simulated phone answered.
+    fn answered<E: std::fmt::Display>(
+        result: Result<(u16, Value), E>,
+    ) -> Result<Json<Value>, ApiError> {
+        match result {
+            Ok((200, body)) => Ok(Json(body)),
+            Ok((_, body)) => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the simulated phone refused: {}", body["error"]),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the simulated phone did not answer: {e}"),
+            )),
+        }
+    }
+
+    async fn scan(
+        _: Operator,
+        AxumState(state): AxumState<AppState>,
+        Path(id): Path<String>,
+    ) -> Result<Json<Value>, ApiError> {
+        let qr = found(&state, &id)?.snapshot().qr.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "No QR code is showing: show one first",
+            )
+        })?;
+        answered(phone(&state)?.scan(&qr.value, None).await)
+    }
+
+    async fn type_code(
+        _: Operator,
+        AxumState(state): AxumState<AppState>,
+        Path(id): Path<String>,
+    ) -> Result<Json<Value>, ApiError> {
+        let code = found(&state, &id)?.snapshot().pair_code.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "No pairing code is showing: ask for one first",
+            )
+        })?;
+        answered(phone(&state)?.link_code(&code.phone, &code.code).await)
+    }
+}
+
+#[cfg(not(feature = "sandbox"))]
+mod simulated {
+    use super::*;
+
+    pub(super) fn routes() -> Router<AppState> {
+        Router::new()
+    }
+}
 
 fn found(state: &AppState, id: &str) -> Result<InstanceHandle, ApiError> {
     state
@@ -534,6 +624,10 @@ async fn create(
         })
         .await?;
     Ok(Json(json!({ "id": handle.record.id })))
+}
+
+async fn every_instance(_: Operator, AxumState(state): AxumState<AppState>) -> Response {
+    super::events::every_instance(state.manager.events(), state.shutdown.clone()).into_response()
 }
 
 async fn events(

@@ -61,6 +61,8 @@ pub(crate) struct Context {
     pub(crate) tracker: TaskTracker,
     /// Cancelled when the gateway stops: child tasks start no new client after it.
     pub(crate) shutdown: CancellationToken,
+    /// Every instance's events, for readers of them all (the panel's list).
+    pub(crate) bus: broadcast::Sender<Arc<InstanceEvent>>,
 }
 
 /// Queued commands, client events and child reports; each side waits when full.
@@ -145,7 +147,7 @@ pub(crate) fn spawn(
         commands,
         snapshot,
         events: events.clone(),
-        published: Published::default(),
+        published: Published::new(&record.id),
     };
     if actor.link.is_some() {
         actor.state = actor.stored_session_state();
@@ -658,6 +660,7 @@ impl Actor {
         });
         for event in events {
             // Nobody listening is fine: the snapshot holds the same.
+            let _ = self.ctx.bus.send(event.clone());
             let _ = self.events.send(event);
         }
     }

@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use super::{Device, PairCode, Problem, QrCode, State};
 
-/// Events a slow reader may fall behind by before it must start again from the
-/// current snapshot.
-pub(super) const BACKLOG: usize = 64;
+/// Events a slow reader of one instance may fall behind by before it must start again
+/// from the current snapshot.
+pub(super) const BACKLOG: usize = 16;
+/// The same for a reader of every instance's events.
+pub(super) const BUS_BACKLOG: usize = 1024;
 
-/// One event, numbered in the order the instance's task published it.
+/// One event of one instance, numbered in the order its task published it.
 #[derive(Clone, Debug)]
 pub struct Event {
+    pub instance: Arc<str>,
     pub id: u64,
     pub kind: EventKind,
 }
@@ -32,8 +35,8 @@ pub enum EventKind {
 }
 
 /// What the task last published, to tell what changed.
-#[derive(Default)]
 pub(super) struct Published {
+    instance: Arc<str>,
     id: u64,
     state: Option<State>,
     device: Option<(String, Option<u16>, String)>,
@@ -43,6 +46,18 @@ pub(super) struct Published {
 }
 
 impl Published {
+    pub(super) fn new(instance: &str) -> Self {
+        Self {
+            instance: instance.into(),
+            id: 0,
+            state: None,
+            device: None,
+            problem: None,
+            qr: None,
+            pair_code: None,
+        }
+    }
+
     /// The id of the last event published (0 before the first).
     pub(super) fn last_id(&self) -> u64 {
         self.id
@@ -89,7 +104,11 @@ impl Published {
             .into_iter()
             .map(|kind| {
                 self.id += 1;
-                Arc::new(Event { id: self.id, kind })
+                Arc::new(Event {
+                    instance: self.instance.clone(),
+                    id: self.id,
+                    kind,
+                })
             })
             .collect()
     }

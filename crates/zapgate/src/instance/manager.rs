@@ -66,6 +66,7 @@ impl Manager {
             link_rate_per_minute: config.link_rate_per_minute,
             tracker,
             shutdown: shutdown.clone(),
+            bus: tokio::sync::broadcast::channel(super::events::BUS_BACKLOG).0,
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),
@@ -111,6 +112,11 @@ impl Manager {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, InstanceHandle>> {
         self.instances.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every instance's events from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Arc<super::Event>> {
+        self.ctx.bus.subscribe()
     }
 
     pub fn get(&self, id: &str) -> Option<InstanceHandle> {

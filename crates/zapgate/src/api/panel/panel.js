@@ -86,8 +86,26 @@ function instancesPage() {
       tr.append(td);
     }
     tr.dataset.state = item.state ?? '';
+    tr.dataset.id = item.id;
     return tr;
   }
+
+  // States change live: one stream for every instance.
+  let reloading;
+  const events = new EventSource('/panel/api/events');
+  events.addEventListener('instance', (event) => {
+    const data = JSON.parse(event.data);
+    const tr = [...body.rows].find((row) => row.dataset.id === data.id);
+    if (!tr) {
+      clearTimeout(reloading);
+      reloading = setTimeout(load, 300);
+      return;
+    }
+    tr.dataset.state = data.state;
+    tr.cells[2].textContent = STATES[data.state] ?? data.state;
+    if (data.phone) tr.cells[1].textContent = data.phone;
+  });
+  events.addEventListener('resync', () => load());
 
   $('search').addEventListener('input', () => {
     clearTimeout(searching);
@@ -128,6 +146,7 @@ function linking(base, error) {
 
   function stopShowing() {
     clearInterval(ticking);
+    if ($('sim-scan')) show($('sim-scan'), false);
     show($('qr'), false);
     $('countdown').textContent = '';
   }
@@ -162,6 +181,16 @@ function linking(base, error) {
   }
 
   $('start').addEventListener('click', start);
+  // The demo's simulated phone (sandbox builds running `zapgate demo`).
+  for (const [button, action] of [['sim-scan', 'simulated-scan'], ['sim-code', 'simulated-code']]) {
+    $(button)?.addEventListener('click', async () => {
+      try {
+        await api('POST', `${base}/${action}`);
+      } catch (e) {
+        say(error, e.message);
+      }
+    });
+  }
   $('phone-form').addEventListener('submit', async (event) => {
     event.preventDefault();
     say(error, null);
@@ -190,6 +219,7 @@ function linking(base, error) {
         stop();
         return;
       }
+      if ($('sim-scan')) show($('sim-scan'), true);
       $('qr').src = data.image;
       $('qr').dataset.value = data.value;
       show($('qr'), true);
