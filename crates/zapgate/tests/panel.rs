@@ -569,3 +569,104 @@ async fn the_demo_links_numbers_with_its_simulated_phone() {
     }
     demo.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = world.linked_instance(&gw, "Managed", PHONE).await;
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+    browser
+        .open(&format!("{}/panel/instances/{}", gw.api.base, inst.id))
+        .await;
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+    // Confirmations are answered yes, and what they said is kept.
+    let confirm = "window.said = []; window.confirm = (m) => { window.said.push(m); return true; }";
+    browser.eval(confirm).await;
+
+    // Restart: the number reconnects.
+    let logins = world.stat("logins").await;
+    click(&mut browser, "restart").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while world.stat("logins").await == logins {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new login after Restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+
+    // A link page from the panel, opened on a phone-sized screen.
+    click(&mut browser, "make-link").await;
+    let url = browser
+        .wait_for(
+            "!document.getElementById('link-made').hidden && document.getElementById('link-url').href",
+            WAIT,
+        )
+        .await;
+    let url = url.as_str().unwrap().to_owned();
+    assert!(url.starts_with(&format!("{}/link/", gw.api.base)), "{url}");
+    let mut phone = Browser::start().await;
+    phone
+        .call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true }),
+        )
+        .await;
+    phone.open(&url).await;
+    phone
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+    assert_eq!(
+        phone
+            .eval("document.documentElement.scrollWidth <= window.innerWidth")
+            .await,
+        json!(true),
+        "nothing overflows a phone's screen"
+    );
+    assert!(phone.text().await.contains(PHONE));
+
+    // Disconnect, after a confirmation: the phone no longer lists the device.
+    click(&mut browser, "disconnect").await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    let said = browser.eval("window.said[0]").await;
+    assert!(said.as_str().unwrap().contains("unlinked"), "{said}");
+    assert!(world.wa.devices().await.unwrap().is_empty());
+
+    // Cancel from the list: the confirmation says the number will be unlinked, then the
+    // instance is gone.
+    browser.open(&format!("{}/panel", gw.api.base)).await;
+    browser.eval(confirm).await;
+    browser
+        .wait_for(
+            "document.querySelector('#instances tbody tr button.danger')",
+            WAIT,
+        )
+        .await;
+    browser
+        .eval("document.querySelector('#instances tbody tr button.danger').click()")
+        .await;
+    browser
+        .wait_for(
+            "document.querySelectorAll('#instances tbody tr').length === 0",
+            WAIT,
+        )
+        .await;
+    let said = browser.eval("window.said[0]").await;
+    let said = said.as_str().unwrap();
+    assert!(
+        said.contains("Managed") && said.contains("will be unlinked"),
+        "{said}"
+    );
+    let status = format!("/instances/{}/token/{}/status", inst.id, inst.token);
+    let (code, _) = gw.api.call(reqwest::Method::GET, &status, None, None).await;
+    assert_eq!(code, 404);
+}
