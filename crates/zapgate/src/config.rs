@@ -38,9 +38,10 @@ pub struct Demo {
     /// Address the gateway (API and panel) listens on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Directory for the demo's database, sessions and admin token.
-    #[arg(long, default_value = "./demo-data")]
-    pub data_dir: PathBuf,
+    /// Directory for the demo's database, sessions and admin token; by default a new
+    /// one, deleted at exit (the simulated WhatsApp forgets its accounts at exit too).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -91,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_RESTORE_CONCURRENCY", default_value_t = 16)]
     pub restore_concurrency: usize,
 
+    /// The address users reach the gateway at, like https://wa.example.com: the base of
+    /// the link pages' URLs. When unset, the address of the request that makes one.
+    #[arg(long, env = "ZAPGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
     /// Write logs as JSON lines.
     #[arg(long, env = "ZAPGATE_LOG_JSON")]
     pub log_json: bool,
@@ -125,12 +131,32 @@ impl Config {
                 "--link-rate-per-minute (ZAPGATE_LINK_RATE_PER_MINUTE) must be at least 1".into(),
             );
         }
+        if let Some(url) = &self.public_url {
+            let uri = url.parse::<axum::http::Uri>().ok();
+            let ok = uri.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some()
+                    && u.query().is_none()
+            });
+            if !ok {
+                return Err(format!(
+                    "--public-url (ZAPGATE_PUBLIC_URL) must be an http:// or https:// address with a host, like https://wa.example.com, got {url:?}"
+                ));
+            }
+        }
         if self.restore_concurrency == 0 {
             return Err(
                 "--restore-concurrency (ZAPGATE_RESTORE_CONCURRENCY) must be at least 1".into(),
             );
         }
         Ok(())
+    }
+
+    /// `--public-url` without its trailing slashes.
+    pub fn public_url(&self) -> Option<String> {
+        self.public_url
+            .as_deref()
+            .map(|url| url.trim_end_matches('/').to_owned())
     }
 
     pub fn sessions_dir(&self) -> PathBuf {

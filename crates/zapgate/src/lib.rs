@@ -64,6 +64,7 @@ pub async fn run(
         panel: Default::default(),
         shutdown: shutdown.clone(),
         simulator: config.simulator.clone(),
+        public_url: config.public_url(),
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -73,16 +73,27 @@ mod demo {
         let sim = wa_sim::WaSim::start(wa_sim::Config::default())
             .await
             .context("starting the simulated WhatsApp")?;
-        std::fs::create_dir_all(&demo.data_dir)
-            .with_context(|| format!("creating the data directory {}", demo.data_dir.display()))?;
-        let admin_token = zapgate::stored_admin_token(&demo.data_dir)?;
+        let (data_dir, temporary) = match demo.data_dir {
+            Some(dir) => (dir, false),
+            None => {
+                let name = format!(
+                    "zapgate-demo-{}-{:08x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                );
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let admin_token = zapgate::stored_admin_token(&data_dir)?;
         let listener = tokio::net::TcpListener::bind(demo.listen)
             .await
             .with_context(|| format!("binding {}", demo.listen))?;
         let address = listener.local_addr()?;
         let config = Config {
             listen: address,
-            data_dir: demo.data_dir,
+            data_dir: data_dir.clone(),
             database_url: None,
             admin_token: Some(admin_token.clone()),
             client_token: None,
@@ -91,6 +102,7 @@ mod demo {
             link_wait_secs: 20,
             link_rate_per_minute: 30,
             restore_concurrency: 16,
+            public_url: None,
             log_json: false,
             simulator: Some(sim.control_url()),
         };
@@ -103,8 +115,13 @@ mod demo {
         println!(
             "Create an instance, show its QR code, and press \"Scan with the simulated phone\"."
         );
+        let kept = if temporary { " (deleted at exit)" } else { "" };
+        println!("  data:        {}{kept}", data_dir.display());
         let result = zapgate::run(config, listener, super::stop_on_signal()).await;
         let _ = sim.shutdown().await;
+        if temporary {
+            let _ = std::fs::remove_dir_all(&data_dir);
+        }
         result
     }
 }

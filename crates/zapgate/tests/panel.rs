@@ -351,6 +351,18 @@ async fn the_number_s_owner_links_it_on_the_link_page_with_the_keyboard_alone() 
     assert!(page.contains("Acme Dental"));
     assert!(!page.contains(&inst.id) && !page.contains(&inst.token));
 
+    // Its event stream tells what linking needs, and nothing about the instance.
+    let first = browser
+        .eval(
+            "new Promise(done => { const s = new EventSource(document.body.dataset.base + '/events');
+               s.addEventListener('state', e => { s.close(); done(JSON.parse(e.data)); }); })",
+        )
+        .await;
+    assert_eq!(
+        first,
+        json!({ "state": "noSession", "connected": false, "phone": null })
+    );
+
     // Keyboard only: Tab reaches the button, Enter shows the code.
     browser.press("Tab", 0).await;
     assert_eq!(
@@ -394,6 +406,17 @@ async fn the_number_s_owner_links_it_on_the_link_page_with_the_keyboard_alone() 
         "{text}"
     );
     assert_eq!(gw.api.status(&inst).await["connected"], json!(true));
+
+    // The page did its job: opened again, it only says so, and links nothing more.
+    browser.open(&url).await;
+    let text = browser.text().await;
+    assert!(text.contains("This link was used"), "{text}");
+    let asked = browser
+        .eval(&format!(
+            "fetch('{url}/qr-code', {{ method: 'POST' }}).then(r => r.status)"
+        ))
+        .await;
+    assert_eq!(asked, json!(410));
 }
 
 #[tokio::test]
@@ -403,15 +426,13 @@ async fn expired_revoked_and_unknown_link_pages_say_so() {
     let inst = gw.api.create_instance("Short-lived").await;
     let mut browser = Browser::start().await;
 
-    let expiring = link_page(&gw, &inst, Some(json!({ "expiresIn": 1 }))).await;
     let revoked = link_page(&gw, &inst, None).await;
     let path = format!("/instances/{}/token/{}/link-page", inst.id, inst.token);
     let (status, body) = gw
         .api
         .call(reqwest::Method::DELETE, &path, None, Some(ADMIN))
         .await;
-    assert_eq!((status, &body["revoked"]), (200, &json!(2)), "{body}");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!((status, &body["revoked"]), (200, &json!(1)), "{body}");
 
     let unknown = format!("{}/link/not-a-link-token", gw.api.base);
     for (url, status, says) in [
@@ -434,15 +455,26 @@ async fn expired_revoked_and_unknown_link_pages_say_so() {
     }
     assert_eq!(world.stat("connections").await, 0);
 
-    // A page that expired (before it was revoked) is answered as revoked; a fresh one
-    // that runs out says it expired.
-    let short = link_page(&gw, &inst, Some(json!({ "expiresIn": 1 }))).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // One that runs out says it expired, and so does its open stream: it ends.
+    let short = link_page(&gw, &inst, Some(json!({ "expiresIn": 2 }))).await;
+    let token = short.rsplit('/').next().unwrap();
+    let mut stream = gw
+        .api
+        .http
+        .get(format!("{}/link/{token}/events", gw.api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await
+    .expect("the stream of an expired link page ends");
     browser.open(&short).await;
     let text = browser.text().await;
     assert!(text.contains("This link has expired"), "{text}");
     browser.keep_screenshot("link-page-expired.png").await;
-    let _ = expiring;
 
     // Bad lifetimes change nothing.
     for body in [
@@ -464,6 +496,9 @@ async fn the_list_follows_every_instance_live() {
     let gw = world.gateway().await;
     let mut browser = Browser::start().await;
     sign_in(&mut browser, &gw).await;
+    browser
+        .wait_for("document.body.dataset.live === 'yes'", WAIT)
+        .await;
     browser.eval("window.notReloaded = true").await;
 
     // An instance made elsewhere shows up, then its states as they change.

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse as _, Response};
 use futures_util::stream::{self, Stream, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -24,8 +25,16 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(super) async fn events(
     AxumState(state): AxumState<AppState>,
     Instance(instance): Instance,
-) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
+) -> Response {
     stream(instance, state.shutdown.clone())
+}
+
+/// Who reads a stream: the instance's own API client or operator, or the holder of a
+/// link page, who learns only what linking needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum View {
+    Full,
+    Public,
 }
 
 /// The instance's events from now on, after its state as it stands. The stream ends
@@ -33,24 +42,42 @@ pub(super) async fn events(
 pub(super) fn stream(
     instance: InstanceHandle,
     shutdown: tokio_util::sync::CancellationToken,
-) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
+) -> Response {
+    respond(body(instance, shutdown, View::Full))
+}
+
+/// Events as a `text/event-stream` response, with keep-alive comments.
+pub(super) fn respond<S: Stream<Item = Result<Sse, Infallible>> + Send + 'static>(
+    events: S,
+) -> Response {
+    axum::response::Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// The events of [`stream`], for a caller that adds its own end.
+pub(super) fn body(
+    instance: InstanceHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+    view: View,
+) -> impl Stream<Item = Result<Sse, Infallible>> + Send + 'static {
     let (receiver, snapshot) = instance.subscribe();
-    let first = current(&snapshot);
+    let first = current(&snapshot, view);
     let rest = stream::unfold(
         (receiver, snapshot.event_id, instance),
-        |(receiver, seen, instance)| async move {
+        move |(receiver, seen, instance)| async move {
             let mut receiver = receiver?;
             loop {
                 match receiver.recv().await {
                     Ok(event) if event.id <= seen => continue,
                     Ok(event) => {
-                        let sent = vec![sse(event.id, &event.kind)];
+                        let sent = vec![sse(event.id, &event.kind, view)];
                         return Some((sent, (Some(receiver), event.id, instance)));
                     }
                     // Too far behind: start again from the state as it stands.
                     Err(RecvError::Lagged(_)) => {
                         let snapshot = instance.snapshot();
-                        let sent = current(&snapshot);
+                        let sent = current(&snapshot, view);
                         return Some((sent, (Some(receiver), snapshot.event_id, instance)));
                     }
                     Err(RecvError::Closed) => return None,
@@ -58,16 +85,15 @@ pub(super) fn stream(
             }
         },
     );
-    let events = stream::iter([first])
+    stream::iter([first])
         .chain(rest)
         .flat_map(stream::iter)
         .map(Ok)
-        .take_until(shutdown.cancelled_owned());
-    axum::response::Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .take_until(shutdown.cancelled_owned())
 }
 
 /// The state as it stands, and the code showing now.
-fn current(snapshot: &Snapshot) -> Vec<Sse> {
+fn current(snapshot: &Snapshot, view: View) -> Vec<Sse> {
     let id = snapshot.event_id;
     let mut sent = vec![sse(
         id,
@@ -76,18 +102,30 @@ fn current(snapshot: &Snapshot) -> Vec<Sse> {
             device: snapshot.device.clone(),
             problem: snapshot.problem.clone(),
         },
+        view,
     )];
     if let Some(qr) = &snapshot.qr {
-        sent.push(sse(id, &EventKind::Qr(qr.clone())));
+        sent.push(sse(id, &EventKind::Qr(qr.clone()), view));
     }
     if let Some(code) = &snapshot.pair_code {
-        sent.push(sse(id, &EventKind::PairCode(code.clone())));
+        sent.push(sse(id, &EventKind::PairCode(code.clone()), view));
     }
     sent
 }
 
-fn sse(id: u64, kind: &EventKind) -> Sse {
+fn sse(id: u64, kind: &EventKind, view: View) -> Sse {
     let (name, data) = match kind {
+        EventKind::State { state, device, .. } if view == View::Public => {
+            let connected = *state == State::Connected;
+            (
+                "state",
+                json!({
+                    "state": state_name(*state),
+                    "connected": connected,
+                    "phone": device.as_ref().filter(|_| connected).map(|d| &d.phone),
+                }),
+            )
+        }
         EventKind::State {
             state,
             device,
@@ -107,7 +145,8 @@ fn sse(id: u64, kind: &EventKind) -> Sse {
         EventKind::PairCode(code) => (
             "pairing-code",
             json!({
-                "phone": code.phone,
+                // Whoever asked typed this number; a link page's holder is not told it.
+                "phone": Some(&code.phone).filter(|_| view == View::Full),
                 "code": code.code,
                 "expiresIn": seconds_left(code.expires),
             }),

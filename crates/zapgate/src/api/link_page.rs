@@ -11,10 +11,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Admin, Instance};
+use super::events::View;
 use super::panel::{LINKING, html};
 use super::{ApiError, AppState};
 use crate::instance::InstanceHandle;
@@ -53,17 +55,17 @@ fn hash(token: &str) -> String {
         .collect()
 }
 
-/// The address the caller reached the gateway at, for the URL it is given.
-fn base_url(headers: &HeaderMap) -> String {
+/// Where link pages are reached: `--public-url` when set, else the address the caller
+/// reached the gateway at.
+fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.public_url {
+        return url.clone();
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("localhost");
-    let https = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
-    format!("{}://{host}", if https { "https" } else { "http" })
+    format!("http://{host}")
 }
 
 /// Makes a link page for `instance` living `life_secs`: `{"url", "expiresAt"}`.
@@ -87,6 +89,7 @@ pub(super) async fn create(
         created_at: now,
         expires_at: now + (life_secs * 1000) as i64,
         revoked_at: None,
+        used_at: None,
     };
     if !state
         .store
@@ -99,7 +102,7 @@ pub(super) async fn create(
         ));
     }
     Ok(json!({
-        "url": format!("{}/link/{token}", base_url(headers)),
+        "url": format!("{}/link/{token}", base_url(state, headers)),
         "expiresAt": crate::iso_time(page.expires_at),
     }))
 }
@@ -148,6 +151,7 @@ enum Dead {
     Unknown,
     Expired,
     Revoked,
+    Used,
 }
 
 impl Dead {
@@ -158,13 +162,16 @@ impl Dead {
             }
             Dead::Expired => "This link has expired. Ask whoever sent it for a new one.",
             Dead::Revoked => "This link was withdrawn by whoever sent it. Ask them for a new one.",
+            Dead::Used => {
+                "This link was used: the number is linked. If it must be linked again, ask whoever sent the link for a new one."
+            }
         }
     }
 
     fn status(&self) -> StatusCode {
         match self {
             Dead::Unknown => StatusCode::NOT_FOUND,
-            Dead::Expired | Dead::Revoked => StatusCode::GONE,
+            Dead::Expired | Dead::Revoked | Dead::Used => StatusCode::GONE,
         }
     }
 }
@@ -177,6 +184,9 @@ async fn live(state: &AppState, token: &str) -> Result<Result<InstanceHandle, De
     if page.revoked_at.is_some() {
         return Ok(Err(Dead::Revoked));
     }
+    if page.used_at.is_some() {
+        return Ok(Err(Dead::Used));
+    }
     if page.expires_at <= crate::unix_millis() {
         return Ok(Err(Dead::Expired));
     }
@@ -184,7 +194,7 @@ async fn live(state: &AppState, token: &str) -> Result<Result<InstanceHandle, De
 }
 
 /// The instance of the link page in the path, for its JSON and event routes.
-struct Linkable(InstanceHandle);
+struct Linkable(InstanceHandle, String);
 
 impl FromRequestParts<AppState> for Linkable {
     type Rejection = ApiError;
@@ -197,7 +207,7 @@ impl FromRequestParts<AppState> for Linkable {
             .await
             .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, Dead::Unknown.message()))?;
         match live(state, &token).await? {
-            Ok(instance) => Ok(Linkable(instance)),
+            Ok(instance) => Ok(Linkable(instance, token)),
             Err(dead) => Err(ApiError::new(dead.status(), dead.message())),
         }
     }
@@ -240,21 +250,81 @@ async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) 
     .into_response()
 }
 
-async fn events(AxumState(state): AxumState<AppState>, Linkable(instance): Linkable) -> Response {
-    super::events::stream(instance, state.shutdown.clone()).into_response()
+/// The link page's events, in the public view; the stream ends when the page dies
+/// (expired, revoked, used), checked at least every 10 s.
+async fn events(
+    AxumState(state): AxumState<AppState>,
+    Linkable(instance, token): Linkable,
+) -> Response {
+    let body = super::events::body(instance, state.shutdown.clone(), View::Public);
+    let dies = async move {
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            if !matches!(live(&state, &token).await, Ok(Ok(_))) {
+                return;
+            }
+        }
+    };
+    super::events::respond(body.take_until(Box::pin(dies)))
 }
 
-async fn qr_code(Linkable(instance): Linkable) -> Response {
-    super::panel::ask_qr(&instance).await
+/// How often an open link page's stream checks that its page still lives.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What a link page's holder hears when linking cannot go on: the status the API
+/// gives, in words meant for them (no operator's detail, nobody else's number).
+fn public_reply(result: Result<Value, crate::instance::LinkError>) -> Response {
+    use crate::instance::LinkError as E;
+    let error = match result {
+        Ok(body) => return Json(body).into_response(),
+        Err(error) => error,
+    };
+    let message = match &error {
+        E::AlreadyConnected => return Json(json!({ "connected": true })).into_response(),
+        E::Unavailable(_) | E::Gone => {
+            "WhatsApp cannot be reached right now: try again in a moment."
+        }
+        E::Replaced(_) => "Another linking request replaced this one: try again.",
+        E::Refused(_) => "WhatsApp refused to give a pairing code: check the number and try again.",
+        E::SessionStored | E::Problem(_) | E::Unlinking => {
+            "This number cannot be linked from here right now: ask whoever sent the link."
+        }
+        E::RateLimited(_) | E::WindowClosed | E::QrCodesRanOut => {
+            return super::ApiError::link(error);
+        }
+    };
+    let status = super::ApiError::from(error).status();
+    super::ApiError::new(status, message).into_response()
+}
+
+async fn qr_code(Linkable(instance, _): Linkable) -> Response {
+    public_reply(
+        instance
+            .qr_code()
+            .await
+            .map(|qr| json!({ "value": qr.value })),
+    )
 }
 
 async fn phone_code(
-    Linkable(instance): Linkable,
+    Linkable(instance, _): Linkable,
     super::JsonBody(body): super::JsonBody<super::panel::PhoneBody>,
 ) -> Result<Response, ApiError> {
-    super::panel::ask_phone_code(&instance, &body.phone).await
+    let phone = crate::phone::normalize(&body.phone)
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
+    Ok(public_reply(
+        instance
+            .phone_code(&phone)
+            .await
+            .map(|code| json!({ "code": code })),
+    ))
 }
 
-async fn stop_linking(Linkable(instance): Linkable) -> Response {
-    super::panel::stop(&instance).await
+async fn stop_linking(Linkable(instance, _): Linkable) -> Response {
+    public_reply(
+        instance
+            .stop_linking()
+            .await
+            .map(|()| json!({ "value": true })),
+    )
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The control API of the demo's simulated WhatsApp, whose phone the panel offers.
     pub simulator: Option<String>,
+    /// Where users reach the gateway (`--public-url`), for the link pages' URLs.
+    pub public_url: Option<String>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).

@@ -636,7 +636,7 @@ async fn events(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let instance = found(&state, &id)?;
-    Ok(super::events::stream(instance, state.shutdown.clone()).into_response())
+    Ok(super::events::stream(instance, state.shutdown.clone()))
 }
 
 pub(super) fn linked(result: Result<Value, LinkError>) -> Response {

@@ -51,6 +51,8 @@ pub struct LinkPage {
     pub created_at: i64,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+    /// When the number linked while the page lived: the page is spent.
+    pub used_at: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -87,7 +89,8 @@ pub trait Store: Send + Sync + 'static {
         max_live: u64,
     ) -> Result<bool, StoreError>;
     async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError>;
-    /// Revokes every live link page of the instance; returns how many.
+    /// Revokes every live link page of the instance (not expired, revoked or used);
+    /// returns how many.
     async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -137,13 +137,25 @@ impl Store for SqliteStore {
     }
 
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE instances SET phone = ?, linked_at = ?, platform = ? WHERE id = ?")
             .bind(link.map(|l| &l.phone))
             .bind(link.map(|l| l.linked_at))
             .bind(link.and_then(|l| l.platform.as_deref()))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        if let Some(link) = link {
+            // The instance's link pages did their job.
+            sqlx::query(
+                "UPDATE link_pages SET used_at = ? WHERE instance_id = ? AND used_at IS NULL",
+            )
+            .bind(link.linked_at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -171,19 +183,16 @@ impl Store for SqliteStore {
         max_live: u64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "DELETE FROM link_pages WHERE instance_id = ? \
-             AND (expires_at < ? OR revoked_at < ?)",
-        )
-        .bind(&page.instance_id)
-        .bind(forget_before)
-        .bind(forget_before)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("DELETE FROM link_pages WHERE expires_at < ? OR revoked_at < ? OR used_at < ?")
+            .bind(forget_before)
+            .bind(forget_before)
+            .bind(forget_before)
+            .execute(&mut *tx)
+            .await?;
         let inserted = sqlx::query(
             "INSERT INTO link_pages (token_hash, instance_id, created_at, expires_at, revoked_at) \
              SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM link_pages WHERE instance_id = ? \
-             AND revoked_at IS NULL AND expires_at > ?) < ?",
+             AND revoked_at IS NULL AND used_at IS NULL AND expires_at > ?) < ?",
         )
         .bind(&page.token_hash)
         .bind(&page.instance_id)
@@ -201,7 +210,7 @@ impl Store for SqliteStore {
 
     async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError> {
         let row = sqlx::query(
-            "SELECT token_hash, instance_id, created_at, expires_at, revoked_at \
+            "SELECT token_hash, instance_id, created_at, expires_at, revoked_at, used_at \
              FROM link_pages WHERE token_hash = ?",
         )
         .bind(token_hash)
@@ -214,6 +223,7 @@ impl Store for SqliteStore {
                 created_at: row.try_get("created_at")?,
                 expires_at: row.try_get("expires_at")?,
                 revoked_at: row.try_get("revoked_at")?,
+                used_at: row.try_get("used_at")?,
             })
         })
         .transpose()
@@ -221,10 +231,12 @@ impl Store for SqliteStore {
 
     async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE link_pages SET revoked_at = ? WHERE instance_id = ? AND revoked_at IS NULL",
+            "UPDATE link_pages SET revoked_at = ? WHERE instance_id = ? AND revoked_at IS NULL \
+             AND used_at IS NULL AND expires_at > ?",
         )
         .bind(at)
         .bind(instance_id)
+        .bind(at)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -333,6 +345,7 @@ mod tests {
             created_at,
             expires_at,
             revoked_at: None,
+            used_at: None,
         };
         assert!(
             store
@@ -367,10 +380,31 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(store.link_page("h1").await.unwrap(), None);
-        assert_eq!(store.revoke_link_pages("A", 260).await.unwrap(), 2);
+        // Linking the number spends its pages; revoking counts only live ones.
+        let link = Link {
+            phone: "5511".into(),
+            linked_at: 255,
+            platform: None,
+        };
+        store.set_link("A", Some(&link)).await.unwrap();
+        assert_eq!(
+            store.link_page("h3").await.unwrap().unwrap().used_at,
+            Some(255)
+        );
+        assert!(
+            store
+                .insert_link_page(&page("h4", 256, 500), 0, 2)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.revoke_link_pages("A", 260).await.unwrap(), 1);
+        assert_eq!(
+            store.link_page("h4").await.unwrap().unwrap().revoked_at,
+            Some(260)
+        );
         assert_eq!(
             store.link_page("h2").await.unwrap().unwrap().revoked_at,
-            Some(260)
+            None
         );
         assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
         store.delete_instance("A").await.unwrap();

@@ -90,20 +90,28 @@ function instancesPage() {
     return tr;
   }
 
-  // States change live: one stream for every instance.
+  // States change live: one stream for every instance. The list is loaded once the
+  // stream is open (and again at each reconnect), so no change falls in between.
   let reloading;
   const events = new EventSource('/panel/api/events');
+  events.addEventListener('open', () => {
+    document.body.dataset.live = 'yes';
+    load();
+  });
   events.addEventListener('instance', (event) => {
     const data = JSON.parse(event.data);
     const tr = [...body.rows].find((row) => row.dataset.id === data.id);
     if (!tr) {
-      clearTimeout(reloading);
-      reloading = setTimeout(load, 300);
+      // A new instance: shown if the list shows everything (no search, not full).
+      if (!$('search').value.trim() && body.rows.length < 100) {
+        clearTimeout(reloading);
+        reloading = setTimeout(load, 300);
+      }
       return;
     }
     tr.dataset.state = data.state;
     tr.cells[2].textContent = STATES[data.state] ?? data.state;
-    if (data.phone) tr.cells[1].textContent = data.phone;
+    tr.cells[1].textContent = data.phone ?? tr.cells[1].textContent;
   });
   events.addEventListener('resync', () => load());
 
@@ -120,7 +128,6 @@ function instancesPage() {
       say(error, e.message);
     }
   });
-  load();
 }
 
 // The linking experience: a QR code with its countdown, each new one as WhatsApp sends
