@@ -97,6 +97,12 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
 
+    /// Allow webhooks to plain http:// URLs and to loopback, private and link-local
+    /// addresses (test receivers, internal networks). Off: https:// to public addresses
+    /// only, as Z-API.
+    #[arg(long, env = "ZAPGATE_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+
     /// Write logs as JSON lines.
     #[arg(long, env = "ZAPGATE_LOG_JSON")]
     pub log_json: bool,

@@ -65,6 +65,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
         simulator: config.simulator.clone(),
         public_url: config.public_url(),
+        webhook_policy: api::WebhookPolicy {
+            allow_private: config.webhook_allow_private,
+        },
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -103,6 +103,7 @@ mod demo {
             link_rate_per_minute: 30,
             restore_concurrency: 16,
             public_url: None,
+            webhook_allow_private: false,
             log_json: false,
             simulator: Some(sim.control_url()),
         };

@@ -111,11 +111,14 @@ async fn partner_routes_need_the_admin_token_and_valid_input() {
         (json!({ "name": "   " }), error(400, name_required)),
         (
             json!({ "name": "x", "connectedCallbackUrl": "http://plain" }),
-            error(400, "connectedCallbackUrl must be an https:// URL"),
+            error(
+                400,
+                "connectedCallbackUrl: must be an https:// URL (http:// needs --webhook-allow-private)",
+            ),
         ),
         (
             json!({ "name": "x", "disconnectedCallbackUrl": "ftp://x" }),
-            error(400, "disconnectedCallbackUrl must be an https:// URL"),
+            error(400, "disconnectedCallbackUrl: must be an https:// URL"),
         ),
     ] {
         let answer = api
@@ -430,4 +433,117 @@ async fn the_bearer_scheme_is_case_insensitive() {
             .unwrap();
         assert_eq!(response.status(), 200, "{scheme}");
     }
+}
+
+#[tokio::test]
+async fn every_webhook_is_stored_shown_and_checked() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("hooks").await;
+    let route = |name: &str| format!("/instances/{}/token/{}/{name}", inst.id, inst.token);
+    let set = |name: &'static str, method: reqwest::Method, value: serde_json::Value| {
+        let path = route(name);
+        let api = &gw.api;
+        async move { api.call(method, &path, Some(value), None).await }
+    };
+    let fields = [
+        ("update-webhook-connected", "connectedCallbackUrl"),
+        ("update-webhook-disconnected", "disconnectedCallbackUrl"),
+        ("update-webhook-received", "receivedCallbackUrl"),
+        (
+            "update-webhook-received-delivery",
+            "receivedAndDeliveryCallbackUrl",
+        ),
+        ("update-webhook-delivery", "deliveryCallbackUrl"),
+        ("update-webhook-message-status", "messageStatusCallbackUrl"),
+        ("update-webhook-chat-presence", "presenceChatCallbackUrl"),
+    ];
+    for (i, (name, field)) in fields.iter().enumerate() {
+        // PUT as Z-API documents it, POST as some of its examples do.
+        let method = if i % 2 == 0 {
+            reqwest::Method::PUT
+        } else {
+            reqwest::Method::POST
+        };
+        let url = format!("https://hooks.example.com/{field}");
+        assert_eq!(
+            set(name, method, json!({ "value": url })).await,
+            (200, json!({ "value": true }))
+        );
+        let (_, me) = gw.api.me(&inst).await;
+        assert_eq!(me[*field], json!(url), "{me}");
+    }
+    let (_, me) = gw.api.me(&inst).await;
+    assert_eq!(me["receiveCallbackSentByMe"], json!(true), "{me}");
+    let (_, list) = gw
+        .api
+        .call(reqwest::Method::GET, "/instances", None, Some(ADMIN))
+        .await;
+    assert_eq!(
+        list["content"][0]["deliveryCallbackUrl"],
+        json!("https://hooks.example.com/deliveryCallbackUrl")
+    );
+
+    // Bad URLs: a 400 that says why, and nothing changes.
+    let long = format!("https://hooks.example.com/{}", "a".repeat(2100));
+    for (bad, says) in [
+        ("http://hooks.example.com/x", "https://"),
+        ("https://user:secret@hooks.example.com/x", "credentials"),
+        ("https:///x", "not a URL"),
+        ("ftp://hooks.example.com", "https://"),
+        (long.as_str(), "longer than"),
+    ] {
+        let (status, body) = set(
+            "update-webhook-connected",
+            reqwest::Method::PUT,
+            json!({ "value": bad }),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{bad}: {body}"
+        );
+    }
+    let (_, me) = gw.api.me(&inst).await;
+    assert_eq!(
+        me["connectedCallbackUrl"],
+        json!("https://hooks.example.com/connectedCallbackUrl")
+    );
+
+    // An empty value clears it; one URL for every webhook; "sent by me" needs a received.
+    assert_eq!(
+        set(
+            "update-webhook-connected",
+            reqwest::Method::PUT,
+            json!({ "value": "" })
+        )
+        .await,
+        (200, json!({ "value": true }))
+    );
+    let (_, me) = gw.api.me(&inst).await;
+    assert_eq!(me["connectedCallbackUrl"], json!(null));
+    let every = json!({ "value": "https://all.example.com/", "notifySentByMe": false });
+    assert_eq!(
+        set("update-every-webhooks", reqwest::Method::PUT, every).await,
+        (200, json!({ "value": true }))
+    );
+    let (_, me) = gw.api.me(&inst).await;
+    for (_, field) in fields {
+        assert_eq!(me[field], json!("https://all.example.com/"), "{field}");
+    }
+    assert_eq!(me["receiveCallbackSentByMe"], json!(false));
+    set(
+        "update-webhook-received",
+        reqwest::Method::PUT,
+        json!({ "value": "" }),
+    )
+    .await;
+    let (status, body) = set(
+        "update-notify-sent-by-me",
+        reqwest::Method::PUT,
+        json!({ "notifySentByMe": true }),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
 }

@@ -24,6 +24,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/me", get(me))
         .route("/device", get(device))
         .route("/integrator/on-demand/cancel", post(partner::cancel))
+        .merge(super::webhooks::routes())
 }
 
 const NOT_CONNECTED: &str = "You are not connected.";
@@ -136,9 +137,17 @@ fn value_true(result: Result<(), LinkError>) -> Response {
     }
 }
 
-async fn me(Instance(instance): Instance) -> Json<Value> {
-    let r = &instance.record;
-    Json(json!({
+async fn me(
+    axum::extract::State(state): axum::extract::State<super::AppState>,
+    Instance(instance): Instance,
+) -> Result<Json<Value>, ApiError> {
+    // As stored now: webhooks change after creation.
+    let r = state
+        .store
+        .instance(&instance.record.id)
+        .await?
+        .ok_or_else(ApiError::instance_not_found)?;
+    let mut body = json!({
         "id": r.id,
         "token": r.token,
         "name": r.name,
@@ -146,14 +155,11 @@ async fn me(Instance(instance): Instance) -> Json<Value> {
         "created": crate::iso_time(r.created_at),
         "connected": instance.snapshot().state == State::Connected,
         "paymentStatus": "PAID",
-        "connectedCallbackUrl": r.connected_callback_url,
-        "disconnectedCallbackUrl": r.disconnected_callback_url,
-        "deliveryCallbackUrl": null,
-        "receivedCallbackUrl": null,
-        "receivedAndDeliveryCallbackUrl": null,
-        "messageStatusCallbackUrl": null,
-        "presenceChatCallbackUrl": null,
-    }))
+    });
+    body.as_object_mut()
+        .expect("an object")
+        .extend(super::webhooks::fields(&r.webhooks));
+    Ok(Json(body))
 }
 
 async fn device(Instance(instance): Instance) -> Json<Value> {

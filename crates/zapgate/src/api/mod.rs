@@ -7,6 +7,9 @@ mod instance;
 mod link_page;
 mod panel;
 mod partner;
+mod webhooks;
+
+pub use webhooks::WebhookPolicy;
 
 pub use panel::Sessions;
 
@@ -44,6 +47,8 @@ pub struct AppState {
     pub simulator: Option<String>,
     /// Where users reach the gateway (`--public-url`), for the link pages' URLs.
     pub public_url: Option<String>,
+    /// Which webhook URLs are accepted.
+    pub webhook_policy: WebhookPolicy,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).

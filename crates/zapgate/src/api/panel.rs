@@ -619,8 +619,7 @@ async fn create(
         .create(NewInstance {
             name,
             session_name: None,
-            connected_callback_url: None,
-            disconnected_callback_url: None,
+            webhooks: Default::default(),
         })
         .await?;
     Ok(Json(json!({ "id": handle.record.id })))

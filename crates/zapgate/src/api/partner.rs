@@ -29,23 +29,15 @@ struct CreateBody {
     session_name: Option<String>,
     connected_callback_url: Option<String>,
     disconnected_callback_url: Option<String>,
+    received_callback_url: Option<String>,
+    received_and_delivery_callback_url: Option<String>,
+    delivery_callback_url: Option<String>,
+    message_status_callback_url: Option<String>,
+    presence_chat_callback_url: Option<String>,
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, message)
-}
-
-/// Z-API only calls back over HTTPS; an empty value means none.
-fn callback_url(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(url)
-            if url.starts_with("https://") && url.len() > "https://".len() && url.len() <= 2048 =>
-        {
-            Ok(Some(url))
-        }
-        Some(_) => Err(bad(format!("{field} must be an https:// URL"))),
-    }
 }
 
 async fn create(
@@ -65,11 +57,27 @@ async fn create(
             .session_name
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty()),
-        connected_callback_url: callback_url("connectedCallbackUrl", body.connected_callback_url)?,
-        disconnected_callback_url: callback_url(
-            "disconnectedCallbackUrl",
-            body.disconnected_callback_url,
-        )?,
+        webhooks: {
+            let url = |field: &str, value: &Option<String>| {
+                super::webhooks::checked_url(state.webhook_policy, field, value.as_deref())
+            };
+            crate::store::Webhooks {
+                connected: url("connectedCallbackUrl", &body.connected_callback_url)?,
+                disconnected: url("disconnectedCallbackUrl", &body.disconnected_callback_url)?,
+                received: url("receivedCallbackUrl", &body.received_callback_url)?,
+                received_delivery: url(
+                    "receivedAndDeliveryCallbackUrl",
+                    &body.received_and_delivery_callback_url,
+                )?,
+                delivery: url("deliveryCallbackUrl", &body.delivery_callback_url)?,
+                message_status: url(
+                    "messageStatusCallbackUrl",
+                    &body.message_status_callback_url,
+                )?,
+                chat_presence: url("presenceChatCallbackUrl", &body.presence_chat_callback_url)?,
+                notify_sent_by_me: body.received_and_delivery_callback_url.is_some(),
+            }
+        },
     };
     let handle = state.manager.create(new).await?;
     let r = &handle.record;
@@ -115,18 +123,20 @@ fn summary(state: &AppState, r: &InstanceRecord) -> Value {
         .manager
         .get(&r.id)
         .is_some_and(|h| h.snapshot().state == State::Connected);
-    json!({
+    let mut item = json!({
         "id": r.id,
         "token": r.token,
         "name": r.name,
         "created": crate::iso_time(r.created_at),
         "due": r.due_at,
-        "connectedCallbackUrl": r.connected_callback_url,
-        "disconnectedCallbackUrl": r.disconnected_callback_url,
         "phoneConnected": connected,
         "whatsappConnected": connected,
         "middleware": "web",
-    })
+    });
+    item.as_object_mut()
+        .expect("an object")
+        .extend(super::webhooks::fields(&r.webhooks));
+    item
 }
 
 /// Unlinks the number and deletes the instance with its session.

@@ -30,8 +30,7 @@ pub struct Manager {
 pub struct NewInstance {
     pub name: String,
     pub session_name: Option<String>,
-    pub connected_callback_url: Option<String>,
-    pub disconnected_callback_url: Option<String>,
+    pub webhooks: crate::store::Webhooks,
 }
 
 pub struct ManagerConfig {
@@ -130,8 +129,7 @@ impl Manager {
             token: random_hex(12),
             name: new.name,
             session_name: new.session_name,
-            connected_callback_url: new.connected_callback_url,
-            disconnected_callback_url: new.disconnected_callback_url,
+            webhooks: new.webhooks,
             created_at: now,
             due_at: now + DUE_AFTER_MS,
             link: None,

@@ -26,13 +26,37 @@ pub struct InstanceRecord {
     pub token: String,
     pub name: String,
     pub session_name: Option<String>,
-    pub connected_callback_url: Option<String>,
-    pub disconnected_callback_url: Option<String>,
+    pub webhooks: Webhooks,
     pub created_at: i64,
     pub due_at: i64,
     pub link: Option<Link>,
     /// Set when a cancel began; the instance is gone for its users from then on.
     pub cancelled_at: Option<i64>,
+}
+
+/// An instance's webhook URLs, by Z-API's names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Webhooks {
+    pub connected: Option<String>,
+    pub disconnected: Option<String>,
+    pub received: Option<String>,
+    pub received_delivery: Option<String>,
+    pub delivery: Option<String>,
+    pub message_status: Option<String>,
+    pub chat_presence: Option<String>,
+    pub notify_sent_by_me: bool,
+}
+
+/// One of an instance's webhooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookKind {
+    Connected,
+    Disconnected,
+    Received,
+    ReceivedDelivery,
+    Delivery,
+    MessageStatus,
+    ChatPresence,
 }
 
 /// The number an instance is linked to while its session is stored.
@@ -75,6 +99,23 @@ pub trait Store: Send + Sync + 'static {
         query: Option<&str>,
     ) -> Result<Page, StoreError>;
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError>;
+    /// One instance as stored now (cancelled ones included).
+    async fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, StoreError>;
+    /// Sets (or with `None` clears) one webhook; false if there is no such instance.
+    async fn set_webhook(
+        &self,
+        id: &str,
+        kind: WebhookKind,
+        url: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    /// Sets every webhook to one URL, and "notify sent by me" when given.
+    async fn set_every_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        notify_sent_by_me: Option<bool>,
+    ) -> Result<bool, StoreError>;
+    async fn set_notify_sent_by_me(&self, id: &str, notify: bool) -> Result<bool, StoreError>;
     /// The first step of a cancel: from now on the instance is not listed.
     async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError>;
     /// The last step of a cancel, once the session is unlinked and deleted.

@@ -8,7 +8,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{InstanceRecord, Link, LinkPage, Page, Store, StoreError};
+use super::{InstanceRecord, Link, LinkPage, Page, Store, StoreError, WebhookKind, Webhooks};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -34,7 +34,9 @@ macro_rules! columns {
     () => {
         "id, token, name, session_name, connected_callback_url, \
          disconnected_callback_url, created_at, due_at, phone, linked_at, platform, \
-         cancelled_at"
+         cancelled_at, received_callback_url, received_delivery_callback_url, \
+         delivery_callback_url, message_status_callback_url, presence_chat_callback_url, \
+         notify_sent_by_me"
     };
 }
 
@@ -47,8 +49,16 @@ fn record(row: &SqliteRow) -> Result<InstanceRecord, sqlx::Error> {
         token: row.try_get("token")?,
         name: row.try_get("name")?,
         session_name: row.try_get("session_name")?,
-        connected_callback_url: row.try_get("connected_callback_url")?,
-        disconnected_callback_url: row.try_get("disconnected_callback_url")?,
+        webhooks: Webhooks {
+            connected: row.try_get("connected_callback_url")?,
+            disconnected: row.try_get("disconnected_callback_url")?,
+            received: row.try_get("received_callback_url")?,
+            received_delivery: row.try_get("received_delivery_callback_url")?,
+            delivery: row.try_get("delivery_callback_url")?,
+            message_status: row.try_get("message_status_callback_url")?,
+            chat_presence: row.try_get("presence_chat_callback_url")?,
+            notify_sent_by_me: row.try_get("notify_sent_by_me")?,
+        },
         created_at: row.try_get("created_at")?,
         due_at: row.try_get("due_at")?,
         link: phone.map(|phone| Link {
@@ -66,20 +76,26 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO instances (",
             columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(&i.id)
         .bind(&i.token)
         .bind(&i.name)
         .bind(&i.session_name)
-        .bind(&i.connected_callback_url)
-        .bind(&i.disconnected_callback_url)
+        .bind(&i.webhooks.connected)
+        .bind(&i.webhooks.disconnected)
         .bind(i.created_at)
         .bind(i.due_at)
         .bind(i.link.as_ref().map(|l| &l.phone))
         .bind(i.link.as_ref().map(|l| l.linked_at))
         .bind(i.link.as_ref().and_then(|l| l.platform.as_deref()))
         .bind(i.cancelled_at)
+        .bind(&i.webhooks.received)
+        .bind(&i.webhooks.received_delivery)
+        .bind(&i.webhooks.delivery)
+        .bind(&i.webhooks.message_status)
+        .bind(&i.webhooks.chat_presence)
+        .bind(i.webhooks.notify_sent_by_me)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -157,6 +173,80 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM instances WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    async fn set_webhook(
+        &self,
+        id: &str,
+        kind: WebhookKind,
+        url: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let statement = match kind {
+            WebhookKind::Connected => {
+                "UPDATE instances SET connected_callback_url = ? WHERE id = ?"
+            }
+            WebhookKind::Disconnected => {
+                "UPDATE instances SET disconnected_callback_url = ? WHERE id = ?"
+            }
+            WebhookKind::Received => "UPDATE instances SET received_callback_url = ? WHERE id = ?",
+            WebhookKind::ReceivedDelivery => {
+                "UPDATE instances SET received_delivery_callback_url = ? WHERE id = ?"
+            }
+            WebhookKind::Delivery => "UPDATE instances SET delivery_callback_url = ? WHERE id = ?",
+            WebhookKind::MessageStatus => {
+                "UPDATE instances SET message_status_callback_url = ? WHERE id = ?"
+            }
+            WebhookKind::ChatPresence => {
+                "UPDATE instances SET presence_chat_callback_url = ? WHERE id = ?"
+            }
+        };
+        let done = sqlx::query(statement)
+            .bind(url)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_every_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        notify_sent_by_me: Option<bool>,
+    ) -> Result<bool, StoreError> {
+        let statement = "UPDATE instances SET connected_callback_url = ?1, \
+             disconnected_callback_url = ?1, received_callback_url = ?1, \
+             received_delivery_callback_url = ?1, delivery_callback_url = ?1, \
+             message_status_callback_url = ?1, presence_chat_callback_url = ?1, \
+             notify_sent_by_me = COALESCE(?2, notify_sent_by_me) WHERE id = ?3";
+        let done = sqlx::query(statement)
+            .bind(url)
+            .bind(notify_sent_by_me)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_notify_sent_by_me(&self, id: &str, notify: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE instances SET notify_sent_by_me = ? WHERE id = ?")
+            .bind(notify)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError> {
@@ -258,8 +348,7 @@ mod tests {
             token: format!("T{id}"),
             name: name.into(),
             session_name: None,
-            connected_callback_url: None,
-            disconnected_callback_url: None,
+            webhooks: Webhooks::default(),
             created_at,
             due_at: created_at + 1,
             link: None,

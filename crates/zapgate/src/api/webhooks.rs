@@ -1,0 +1,222 @@
+//! Z-API's webhook routes: each of an instance's callback URLs, set (`PUT`, or `POST`)
+//! with `{"value": "https://..."}` and cleared with an empty value. A URL that cannot be
+//! delivered to is refused with the reason, and nothing changes.
+
+use axum::extract::State as AxumState;
+use axum::http::StatusCode;
+use axum::routing::put;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::Instance;
+use super::{ApiError, AppState, JsonBody};
+use crate::store::{WebhookKind, Webhooks};
+
+/// Longest URL stored.
+const MAX_URL: usize = 2048;
+
+pub(super) fn routes() -> Router<AppState> {
+    let mut router = Router::new();
+    for (path, kind) in [
+        ("/update-webhook-connected", WebhookKind::Connected),
+        ("/update-webhook-disconnected", WebhookKind::Disconnected),
+        ("/update-webhook-received", WebhookKind::Received),
+        // The older spelling some of Z-API's pages use.
+        ("/update-webhook-receive", WebhookKind::Received),
+        (
+            "/update-webhook-received-delivery",
+            WebhookKind::ReceivedDelivery,
+        ),
+        ("/update-webhook-delivery", WebhookKind::Delivery),
+        ("/update-webhook-message-status", WebhookKind::MessageStatus),
+        ("/update-webhook-status", WebhookKind::MessageStatus),
+        ("/update-webhook-chat-presence", WebhookKind::ChatPresence),
+    ] {
+        let set = move |state, instance, body| set_one(kind, state, instance, body);
+        router = router.route(path, put(set).post(set));
+    }
+    router
+        .route("/update-every-webhooks", put(set_every).post(set_every))
+        .route(
+            "/update-notify-sent-by-me",
+            put(set_notify).post(set_notify),
+        )
+}
+
+/// How far the gateway may call out: by default only `https://` to public addresses,
+/// as Z-API does; `--webhook-allow-private` also allows `http://` and private networks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WebhookPolicy {
+    pub allow_private: bool,
+}
+
+/// A URL as given, checked: `Ok(None)` clears the webhook.
+pub(super) fn checked_url(
+    policy: WebhookPolicy,
+    field: &str,
+    value: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let Some(url) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let refuse = |why: String| {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{field}: {why}"),
+        ))
+    };
+    if url.len() > MAX_URL {
+        return refuse(format!("the URL is longer than {MAX_URL} bytes"));
+    }
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return refuse(format!("{url:?} is not a URL"));
+    };
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if policy.allow_private => {}
+        Some("http") => {
+            return refuse(
+                "must be an https:// URL (http:// needs --webhook-allow-private)".into(),
+            );
+        }
+        _ => return refuse("must be an https:// URL".into()),
+    }
+    let Some(authority) = uri.authority() else {
+        return refuse("the URL has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return refuse("the URL must not carry credentials (user:password@)".into());
+    }
+    if authority.host().is_empty() {
+        return refuse("the URL has no host".into());
+    }
+    Ok(Some(url.to_owned()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ValueBody {
+    value: Option<String>,
+    notify_sent_by_me: Option<bool>,
+}
+
+fn gone() -> ApiError {
+    ApiError::instance_not_found()
+}
+
+async fn set_one(
+    kind: WebhookKind,
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+    JsonBody(body): JsonBody<ValueBody>,
+) -> Result<Json<Value>, ApiError> {
+    let url = checked_url(state.webhook_policy, "value", body.value.as_deref())?;
+    if !state
+        .store
+        .set_webhook(&instance.record.id, kind, url.as_deref())
+        .await?
+    {
+        return Err(gone());
+    }
+    if kind == WebhookKind::ReceivedDelivery && url.is_some() {
+        state
+            .store
+            .set_notify_sent_by_me(&instance.record.id, true)
+            .await?;
+    }
+    Ok(Json(json!({ "value": true })))
+}
+
+async fn set_every(
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+    JsonBody(body): JsonBody<ValueBody>,
+) -> Result<Json<Value>, ApiError> {
+    let url = checked_url(state.webhook_policy, "value", body.value.as_deref())?;
+    if !state
+        .store
+        .set_every_webhook(&instance.record.id, url.as_deref(), body.notify_sent_by_me)
+        .await?
+    {
+        return Err(gone());
+    }
+    Ok(Json(json!({ "value": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NotifyBody {
+    notify_sent_by_me: bool,
+}
+
+async fn set_notify(
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+    JsonBody(body): JsonBody<NotifyBody>,
+) -> Result<Json<Value>, ApiError> {
+    let current = state
+        .store
+        .instance(&instance.record.id)
+        .await?
+        .ok_or_else(gone)?;
+    if body.notify_sent_by_me && current.webhooks.received.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "set a received webhook (update-webhook-received) first",
+        ));
+    }
+    state
+        .store
+        .set_notify_sent_by_me(&instance.record.id, body.notify_sent_by_me)
+        .await?;
+    Ok(Json(json!({ "value": true })))
+}
+
+/// The webhook fields of `/me` and the partner list, by Z-API's names.
+pub(super) fn fields(w: &Webhooks) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    for (name, value) in [
+        ("connectedCallbackUrl", &w.connected),
+        ("disconnectedCallbackUrl", &w.disconnected),
+        ("receivedCallbackUrl", &w.received),
+        ("receivedAndDeliveryCallbackUrl", &w.received_delivery),
+        ("deliveryCallbackUrl", &w.delivery),
+        ("messageStatusCallbackUrl", &w.message_status),
+        ("presenceChatCallbackUrl", &w.chat_presence),
+    ] {
+        map.insert(name.to_owned(), json!(value));
+    }
+    map.insert(
+        "receiveCallbackSentByMe".to_owned(),
+        json!(w.notify_sent_by_me),
+    );
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_are_refused_with_the_reason() {
+        let public = WebhookPolicy::default();
+        let open = WebhookPolicy {
+            allow_private: true,
+        };
+        let check = |p, v: &str| checked_url(p, "value", Some(v)).map_err(|e| e.status());
+        assert_eq!(
+            check(public, "https://hooks.example.com/x"),
+            Ok(Some("https://hooks.example.com/x".into()))
+        );
+        assert_eq!(check(public, "  "), Ok(None));
+        assert!(check(public, "http://hooks.example.com").is_err());
+        assert!(check(open, "http://127.0.0.1:9/x").is_ok());
+        assert!(check(public, "ftp://hooks.example.com").is_err());
+        assert!(check(public, "https://user:pw@hooks.example.com").is_err());
+        assert!(check(public, "https:///path").is_err());
+        assert!(check(public, "not a url").is_err());
+        let long = format!("https://hooks.example.com/{}", "a".repeat(MAX_URL));
+        assert!(check(public, &long).is_err());
+    }
+}
