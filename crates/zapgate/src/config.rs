@@ -22,6 +22,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once, at start: the size of the serve variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the HTTP API and keep every linked number connected.
     Serve(Config),
@@ -103,6 +105,15 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
 
+    /// Signs every webhook: `X-Zapgate-Signature: sha256=<hex HMAC-SHA256 of
+    /// "timestamp.body">`, with the timestamp sent in `X-Zapgate-Timestamp`.
+    #[arg(long, env = "ZAPGATE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
+
+    /// How long an undelivered webhook event is retried, in hours.
+    #[arg(long, env = "ZAPGATE_WEBHOOK_RETRY_HOURS", default_value_t = 24)]
+    pub webhook_retry_hours: u64,
+
     /// Write logs as JSON lines.
     #[arg(long, env = "ZAPGATE_LOG_JSON")]
     pub log_json: bool,
@@ -150,6 +161,12 @@ impl Config {
                 ));
             }
         }
+        if !(1..=24 * 30).contains(&self.webhook_retry_hours) {
+            return Err(
+                "--webhook-retry-hours (ZAPGATE_WEBHOOK_RETRY_HOURS) must be 1 to 720 (30 days)"
+                    .into(),
+            );
+        }
         if self.restore_concurrency == 0 {
             return Err(
                 "--restore-concurrency (ZAPGATE_RESTORE_CONCURRENCY) must be at least 1".into(),
@@ -163,6 +180,10 @@ impl Config {
         self.public_url
             .as_deref()
             .map(|url| url.trim_end_matches('/').to_owned())
+    }
+
+    pub fn webhook_retry_for(&self) -> Duration {
+        Duration::from_secs(self.webhook_retry_hours * 3600)
     }
 
     pub fn sessions_dir(&self) -> PathBuf {

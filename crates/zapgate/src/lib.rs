@@ -14,6 +14,7 @@ pub mod instance;
 pub mod phone;
 pub mod qr;
 pub mod store;
+pub mod webhooks;
 
 use std::io::Write as _;
 use std::path::Path;
@@ -42,6 +43,7 @@ pub async fn run(
     let store = store::connect(config.database_url().expose())
         .await
         .context("opening the database")?;
+    let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
     let manager = Manager::start(
         store.clone(),
         ManagerConfig {
@@ -51,11 +53,24 @@ pub async fn run(
             link_wait: config.link_wait(),
             link_rate_per_minute: config.link_rate_per_minute,
             restore_concurrency: config.restore_concurrency,
+            webhooks_due: webhooks_due.clone(),
         },
         shutdown.child_token(),
     )
     .await
     .context("loading instances")?;
+    let deliveries = tokio_util::task::TaskTracker::new();
+    webhooks::start(
+        store.clone(),
+        webhooks::DelivererConfig {
+            allow_private: config.webhook_allow_private,
+            secret: config.webhook_secret.clone(),
+            retry_for: config.webhook_retry_for(),
+        },
+        webhooks_due.clone(),
+        &deliveries,
+        shutdown.clone(),
+    );
     let app = api::router(api::AppState {
         manager: manager.clone(),
         store,
@@ -68,12 +83,16 @@ pub async fn run(
         webhook_policy: api::WebhookPolicy {
             allow_private: config.webhook_allow_private,
         },
+        webhooks_due,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .context("serving HTTP")?;
     manager.shutdown().await;
+    // Deliveries in flight get a moment; an event not settled stays in the outbox.
+    deliveries.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.wait()).await;
     Ok(())
 }
 

@@ -104,6 +104,8 @@ mod demo {
             restore_concurrency: 16,
             public_url: None,
             webhook_allow_private: false,
+            webhook_secret: None,
+            webhook_retry_hours: 24,
             log_json: false,
             simulator: Some(sim.control_url()),
         };

@@ -49,6 +49,8 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// Which webhook URLs are accepted.
     pub webhook_policy: WebhookPolicy,
+    /// Wakes the webhook delivery worker.
+    pub webhooks_due: Arc<tokio::sync::Notify>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).

@@ -42,6 +42,58 @@ pub(super) fn routes() -> Router<AppState> {
             "/update-notify-sent-by-me",
             put(set_notify).post(set_notify),
         )
+        .route("/webhook-deliveries", axum::routing::get(deliveries))
+        .route(
+            "/webhook-deliveries/{event}/retry",
+            axum::routing::post(retry_now),
+        )
+}
+
+/// The instance's last 50 webhook events: what was sent where, and how it went.
+async fn deliveries(
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+) -> Result<Json<Value>, ApiError> {
+    let entries = state.store.recent_webhooks(&instance.record.id, 50).await?;
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "eventId": e.event_id,
+                "type": e.kind,
+                "url": e.url,
+                "status": e.outcome.as_deref().unwrap_or("pending"),
+                "attempts": e.attempts,
+                "lastStatus": e.last_status,
+                "lastError": e.last_error,
+                "createdAt": crate::iso_time(e.created_at),
+                "nextAttemptAt": e.done_at.is_none().then(|| crate::iso_time(e.next_attempt_at)),
+                "doneAt": e.done_at.map(crate::iso_time),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "deliveries": list })))
+}
+
+/// Tries a pending event again now (it still waits for the instance's earlier ones).
+async fn retry_now(
+    AxumState(state): AxumState<AppState>,
+    Instance(instance): Instance,
+    axum::extract::Path(params): axum::extract::Path<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let event = params.get("event").map(String::as_str).unwrap_or_default();
+    if !state
+        .store
+        .retry_webhook_now(&instance.record.id, event, crate::unix_millis())
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "No pending delivery with that event id",
+        ));
+    }
+    state.webhooks_due.notify_one();
+    Ok(Json(json!({ "value": true })))
 }
 
 /// How far the gateway may call out: by default only `https://` to public addresses,

@@ -63,7 +63,15 @@ pub(crate) struct Context {
     pub(crate) shutdown: CancellationToken,
     /// Every instance's events, for readers of them all (the panel's list).
     pub(crate) bus: broadcast::Sender<Arc<InstanceEvent>>,
+    /// Woken when a webhook event is written, for the delivery worker.
+    pub(crate) webhooks_due: Arc<tokio::sync::Notify>,
 }
+
+/// A connection down for longer than this is a disconnect for the webhooks; one back
+/// within it is neither a disconnect nor a new connect.
+pub(crate) const DISCONNECT_GRACE: Duration = Duration::from_secs(10);
+/// Pending webhook events kept per instance; past it the oldest are dropped.
+const OUTBOX_CAP: u64 = 1000;
 
 /// Queued commands, client events and child reports; each side waits when full.
 const QUEUE: usize = 32;
@@ -101,6 +109,11 @@ pub(super) struct Actor {
     snapshot: watch::Sender<Snapshot>,
     events: broadcast::Sender<Arc<InstanceEvent>>,
     published: Published,
+    /// Whether the last webhook event said connected (`None`: not read from the
+    /// outbox yet).
+    announced: Option<bool>,
+    /// When a dropped connection becomes a disconnect, unless it is back by then.
+    disconnect_at: Option<Instant>,
 }
 
 /// Starts the task of one instance. A cancelled record's task finishes the cancel.
@@ -148,6 +161,8 @@ pub(crate) fn spawn(
         snapshot,
         events: events.clone(),
         published: Published::new(&record.id),
+        announced: None,
+        disconnect_at: None,
     };
     if actor.link.is_some() {
         actor.state = actor.stored_session_state();
@@ -165,8 +180,14 @@ pub(crate) fn spawn(
 
 impl Actor {
     async fn run(mut self, shutdown: CancellationToken) {
+        // A number unlinked while the gateway was down (or before its event was
+        // written) still gets its disconnect.
+        if self.link.is_none() {
+            self.announce(false).await;
+        }
         loop {
             let wake = self.window.next_deadline();
+            let disconnect_at = self.disconnect_at;
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(work) = self.work.recv() => self.on_work(work).await,
@@ -176,6 +197,12 @@ impl Actor {
                     None => break,
                 },
                 () = sleep_until(wake), if wake.is_some() => self.on_deadline().await,
+                () = sleep_until(disconnect_at), if disconnect_at.is_some() => {
+                    self.disconnect_at = None;
+                    if self.state != State::Connected {
+                        self.announce(false).await;
+                    }
+                }
             }
             if self.cancelled.is_some() {
                 return self.finish_cancel(shutdown).await;
@@ -227,12 +254,16 @@ impl Actor {
 
     pub(super) async fn apply(&mut self, input: Input) {
         let (next, actions) = state::step(self.state, self.link.is_some(), input);
+        let before = self.state;
         if next != self.state {
             tracing::info!(instance.id = %self.record.id, from = ?self.state, to = ?next, ?input, "instance state");
         }
         self.state = next;
         for action in actions {
             self.run_action(action).await;
+        }
+        if self.state != before {
+            self.webhooks_after(before).await;
         }
         if self.restarting.is_some()
             && (self.restarting != Some(self.generation) || next != State::Reconnecting)
@@ -252,6 +283,83 @@ impl Actor {
             self.window.close(answer);
         }
         self.publish();
+    }
+
+    /// The connection webhooks a state change calls for: a connect at once, a drop only
+    /// once it has lasted [`DISCONNECT_GRACE`], an unlink or a stop at once.
+    async fn webhooks_after(&mut self, before: State) {
+        match self.state {
+            State::Connected => {
+                self.disconnect_at = None;
+                self.announce(true).await;
+            }
+            State::Reconnecting => {
+                if before == State::Connected {
+                    self.disconnect_at = Some(Instant::now() + DISCONNECT_GRACE);
+                }
+            }
+            State::Linking => {}
+            State::NoSession | State::Stopped | State::SessionMissing | State::Unlinking => {
+                self.disconnect_at = None;
+                self.announce(false).await;
+            }
+        }
+    }
+
+    /// Writes a ConnectedCallback or DisconnectedCallback, once per transition: the
+    /// outbox remembers what was last said, across restarts.
+    async fn announce(&mut self, connected: bool) {
+        if self.announced.is_none() {
+            let last = self.ctx.store.last_webhook_kind(&self.record.id).await;
+            // With nothing said yet, a first connect is news and a disconnect is not.
+            self.announced = Some(matches!(last, Ok(Some(kind)) if kind == "connected"));
+        }
+        if self.announced == Some(connected) {
+            return;
+        }
+        let now = crate::unix_millis();
+        let id = &self.record.id;
+        let (kind, body) = if connected {
+            (
+                crate::store::WebhookKind::Connected,
+                serde_json::json!({
+                    "type": "ConnectedCallback",
+                    "connected": true,
+                    "momment": now,
+                    "instanceId": id,
+                    "phone": self.link.as_ref().map(|l| &l.phone),
+                }),
+            )
+        } else {
+            (
+                crate::store::WebhookKind::Disconnected,
+                serde_json::json!({
+                    "type": "DisconnectedCallback",
+                    "disconnected": true,
+                    "error": "Device has been disconnected",
+                    "momment": now,
+                    "instanceId": id,
+                }),
+            )
+        };
+        let event = crate::store::WebhookEvent {
+            event_id: super::manager::random_hex(16),
+            instance_id: id.clone(),
+            kind,
+            body: body.to_string(),
+            created_at: now,
+        };
+        match self.ctx.store.enqueue_webhook(&event, OUTBOX_CAP).await {
+            Ok(written) => {
+                self.announced = Some(connected);
+                if written {
+                    self.ctx.webhooks_due.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(instance.id = %id, error = %e, "could not write a webhook event; it is written at the next change");
+            }
+        }
     }
 
     /// What a caller still waiting for a code hears once the window is over.

@@ -40,6 +40,8 @@ pub struct ManagerConfig {
     pub link_wait: Duration,
     pub link_rate_per_minute: u32,
     pub restore_concurrency: usize,
+    /// Woken when a webhook event is written.
+    pub webhooks_due: Arc<tokio::sync::Notify>,
 }
 
 impl Manager {
@@ -66,6 +68,7 @@ impl Manager {
             tracker,
             shutdown: shutdown.clone(),
             bus: tokio::sync::broadcast::channel(super::events::BUS_BACKLOG).0,
+            webhooks_due: config.webhooks_due,
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),
@@ -234,7 +237,7 @@ async fn restore_paced(
     }
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(super) fn random_hex(bytes: usize) -> String {
     let mut rng = rand::rng();
     (0..bytes)
         .map(|_| format!("{:02X}", rng.random::<u8>()))

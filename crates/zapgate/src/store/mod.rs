@@ -59,6 +59,52 @@ pub enum WebhookKind {
     ChatPresence,
 }
 
+/// A webhook event to deliver: the instance's URL for its kind is read when it is
+/// written, in the same transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookEvent {
+    pub event_id: String,
+    pub instance_id: String,
+    pub kind: WebhookKind,
+    pub body: String,
+    pub created_at: i64,
+}
+
+/// An event in the outbox, as the delivery worker and `/webhook-deliveries` see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub event_id: String,
+    pub instance_id: String,
+    pub kind: String,
+    pub url: String,
+    pub body: String,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub done_at: Option<i64>,
+    pub outcome: Option<String>,
+}
+
+/// How one delivery attempt went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Settled: `outcome` is delivered, gone, or expired.
+    Done {
+        outcome: &'static str,
+        status: Option<i64>,
+        error: Option<String>,
+    },
+    /// To try again at `next_attempt_at`.
+    Retry {
+        status: Option<i64>,
+        error: String,
+        next_attempt_at: i64,
+    },
+}
+
 /// The number an instance is linked to while its session is stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -116,6 +162,40 @@ pub trait Store: Send + Sync + 'static {
         notify_sent_by_me: Option<bool>,
     ) -> Result<bool, StoreError>;
     async fn set_notify_sent_by_me(&self, id: &str, notify: bool) -> Result<bool, StoreError>;
+    /// Writes a webhook event if the instance has a URL for its kind (else false). Past
+    /// `cap` pending events for the instance, its oldest are dropped (outcome
+    /// `dropped`).
+    async fn enqueue_webhook(&self, event: &WebhookEvent, cap: u64) -> Result<bool, StoreError>;
+    /// The kind of the instance's last webhook event, if any.
+    async fn last_webhook_kind(&self, instance_id: &str) -> Result<Option<String>, StoreError>;
+    /// The oldest pending event of each instance (not in `busy`) that is due at `now`.
+    async fn due_webhooks(
+        &self,
+        now: i64,
+        busy: &[String],
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// When the next pending event is due, if any.
+    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
+    async fn webhook_attempted(
+        &self,
+        seq: i64,
+        at: i64,
+        attempt: &Attempt,
+    ) -> Result<(), StoreError>;
+    /// The instance's last `limit` events, newest first.
+    async fn recent_webhooks(
+        &self,
+        instance_id: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Makes a pending event of the instance due now; false if there is none such.
+    async fn retry_webhook_now(
+        &self,
+        instance_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
     /// The first step of a cancel: from now on the instance is not listed.
     async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError>;
     /// The last step of a cancel, once the session is unlinked and deleted.

@@ -8,7 +8,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{InstanceRecord, Link, LinkPage, Page, Store, StoreError, WebhookKind, Webhooks};
+use super::{
+    Attempt, InstanceRecord, Link, LinkPage, OutboxEntry, Page, Store, StoreError, WebhookEvent,
+    WebhookKind, Webhooks,
+};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -38,6 +41,31 @@ macro_rules! columns {
          delivery_callback_url, message_status_callback_url, presence_chat_callback_url, \
          notify_sent_by_me"
     };
+}
+
+macro_rules! outbox_columns {
+    () => {
+        "seq, event_id, instance_id, kind, url, body, created_at, attempts, next_attempt_at, \
+         last_status, last_error, done_at, outcome"
+    };
+}
+
+fn outbox_entry(row: &SqliteRow) -> Result<OutboxEntry, sqlx::Error> {
+    Ok(OutboxEntry {
+        seq: row.try_get("seq")?,
+        event_id: row.try_get("event_id")?,
+        instance_id: row.try_get("instance_id")?,
+        kind: row.try_get("kind")?,
+        url: row.try_get("url")?,
+        body: row.try_get("body")?,
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+        done_at: row.try_get("done_at")?,
+        outcome: row.try_get("outcome")?,
+    })
 }
 
 fn record(row: &SqliteRow) -> Result<InstanceRecord, sqlx::Error> {
@@ -246,6 +274,169 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn enqueue_webhook(&self, event: &WebhookEvent, cap: u64) -> Result<bool, StoreError> {
+        let (kind, statement) = match event.kind {
+            WebhookKind::Connected => (
+                "connected",
+                "INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, created_at, \
+                 next_attempt_at) SELECT ?1, id, ?2, connected_callback_url, ?3, ?4, ?4 \
+                 FROM instances WHERE id = ?5 AND connected_callback_url IS NOT NULL",
+            ),
+            WebhookKind::Disconnected => (
+                "disconnected",
+                "INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, created_at, \
+                 next_attempt_at) SELECT ?1, id, ?2, disconnected_callback_url, ?3, ?4, ?4 \
+                 FROM instances WHERE id = ?5 AND disconnected_callback_url IS NOT NULL",
+            ),
+            // Their events come with messaging.
+            _ => return Ok(false),
+        };
+        let mut tx = self.pool.begin().await?;
+        let written = sqlx::query(statement)
+            .bind(&event.event_id)
+            .bind(kind)
+            .bind(&event.body)
+            .bind(event.created_at)
+            .bind(&event.instance_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if written {
+            sqlx::query(
+                "UPDATE webhook_outbox SET done_at = ?1, outcome = 'dropped' WHERE seq IN \
+                 (SELECT seq FROM webhook_outbox WHERE instance_id = ?2 AND done_at IS NULL \
+                  ORDER BY seq DESC LIMIT -1 OFFSET ?3)",
+            )
+            .bind(event.created_at)
+            .bind(&event.instance_id)
+            .bind(cap as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn last_webhook_kind(&self, instance_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT kind FROM webhook_outbox WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn due_webhooks(
+        &self,
+        now: i64,
+        busy: &[String],
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut q = QueryBuilder::new(concat!(
+            "SELECT ",
+            outbox_columns!(),
+            " FROM webhook_outbox WHERE seq IN (SELECT MIN(seq) FROM webhook_outbox \
+             WHERE done_at IS NULL GROUP BY instance_id) AND next_attempt_at <= "
+        ));
+        q.push_bind(now);
+        if !busy.is_empty() {
+            q.push(" AND instance_id NOT IN (");
+            let mut list = q.separated(", ");
+            for id in busy {
+                list.push_bind(id.clone());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY next_attempt_at LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
+    }
+
+    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE done_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn webhook_attempted(
+        &self,
+        seq: i64,
+        at: i64,
+        attempt: &Attempt,
+    ) -> Result<(), StoreError> {
+        let (status, error, next, done, outcome) = match attempt {
+            Attempt::Done {
+                outcome,
+                status,
+                error,
+            } => (*status, error.clone(), None, Some(at), Some(*outcome)),
+            Attempt::Retry {
+                status,
+                error,
+                next_attempt_at,
+            } => (
+                *status,
+                Some(error.clone()),
+                Some(*next_attempt_at),
+                None,
+                None,
+            ),
+        };
+        sqlx::query(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?, last_error = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), done_at = ?, outcome = ? \
+             WHERE seq = ? AND done_at IS NULL",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(next)
+        .bind(done)
+        .bind(outcome)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_webhooks(
+        &self,
+        instance_id: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outbox_columns!(),
+            " FROM webhook_outbox WHERE instance_id = ? ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(instance_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
+    }
+
+    async fn retry_webhook_now(
+        &self,
+        instance_id: &str,
+        event_id: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_outbox SET next_attempt_at = ? \
+             WHERE instance_id = ? AND event_id = ? AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(instance_id)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
