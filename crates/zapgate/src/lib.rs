@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod instance;
+pub mod metrics;
 pub mod phone;
 pub mod qr;
 pub mod store;
@@ -59,10 +60,13 @@ pub async fn run(
     )
     .await
     .context("loading instances")?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    metrics.follow(&manager, shutdown.clone());
     let deliveries = tokio_util::task::TaskTracker::new();
     webhooks::start(
         store.clone(),
         webhooks::DelivererConfig {
+            metrics: metrics.clone(),
             allow_private: config.webhook_allow_private,
             secret: config.webhook_secret.clone(),
             retry_for: config.webhook_retry_for(),
@@ -84,6 +88,7 @@ pub async fn run(
             allow_private: config.webhook_allow_private,
         },
         webhooks_due,
+        metrics,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -32,8 +32,13 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(3600);
 /// With nothing due, the outbox is looked at again after this (events also wake it).
 const IDLE_LOOK: Duration = Duration::from_secs(5);
+/// Settled events are kept this long (the deliveries list shows them), then forgotten.
+const KEEP_SETTLED: Duration = Duration::from_secs(7 * 24 * 3600);
+/// An instance whose delivery could not be recorded waits this long before the next.
+const RECORD_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct DelivererConfig {
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub allow_private: bool,
     pub secret: Option<Secret>,
     /// Events are retried until they are this old.
@@ -50,6 +55,8 @@ pub fn start(
 ) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would resolve names itself, past the check of addresses.
+        .no_proxy()
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RESPONSE_TIMEOUT)
         .dns_resolver(Arc::new(Resolver {
@@ -83,7 +90,15 @@ struct Worker {
 
 impl Worker {
     async fn run(self, shutdown: CancellationToken) {
+        let mut forget_at = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= forget_at {
+                forget_at += Duration::from_secs(600);
+                let before = crate::unix_millis() - KEEP_SETTLED.as_millis() as i64;
+                if let Err(e) = self.store.forget_settled_webhooks(before).await {
+                    tracing::warn!(error = %e, "could not forget old webhook deliveries");
+                }
+            }
             let wait = match self.dispatch().await {
                 Ok(wait) => wait,
                 Err(e) => {
@@ -100,36 +115,37 @@ impl Worker {
     }
 
     /// Starts every due delivery there is room for; returns how long to wait before
-    /// looking again.
+    /// looking again (a finished delivery wakes it sooner).
     async fn dispatch(&self) -> Result<Duration, crate::store::StoreError> {
         let now = crate::unix_millis();
         let busy: Vec<String> = self.busy().iter().cloned().collect();
         let room = self.slots.available_permits() as u32;
-        if room > 0 {
-            for entry in self.store.due_webhooks(now, &busy, room).await? {
-                let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                self.busy().insert(entry.instance_id.clone());
-                let (store, client, config, due, busy) = (
-                    self.store.clone(),
-                    self.client.clone(),
-                    self.config.clone(),
-                    self.due.clone(),
-                    self.busy.clone(),
-                );
-                self.tracker.spawn(async move {
-                    let instance = entry.instance_id.clone();
-                    deliver(&*store, &client, &config, entry).await;
-                    busy.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&instance);
-                    drop(slot);
-                    due.notify_one();
-                });
-            }
+        if room == 0 {
+            return Ok(IDLE_LOOK);
         }
-        let next = self.store.next_webhook_due().await?;
+        for entry in self.store.due_webhooks(now, &busy, room).await? {
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            self.busy().insert(entry.instance_id.clone());
+            let guard = Busy {
+                instance: entry.instance_id.clone(),
+                busy: self.busy.clone(),
+                due: self.due.clone(),
+            };
+            let (store, client, config) =
+                (self.store.clone(), self.client.clone(), self.config.clone());
+            self.tracker.spawn(async move {
+                if !deliver(&*store, &client, &config, entry).await {
+                    // Not recorded: it is due again at once, so wait before retrying.
+                    tokio::time::sleep(RECORD_BACKOFF).await;
+                }
+                drop(slot);
+                drop(guard);
+            });
+        }
+        let busy: Vec<String> = self.busy().iter().cloned().collect();
+        let next = self.store.next_webhook_due(&busy).await?;
         Ok(next.map_or(IDLE_LOOK, |at| {
             Duration::from_millis(at.saturating_sub(crate::unix_millis()).max(0) as u64)
                 .min(IDLE_LOOK)
@@ -141,13 +157,31 @@ impl Worker {
     }
 }
 
-/// One attempt at one event, and its outcome written back.
+/// An instance with a delivery in flight; released however the delivery ends.
+struct Busy {
+    instance: String,
+    busy: Arc<Mutex<HashSet<String>>>,
+    due: Arc<Notify>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.instance);
+        self.due.notify_one();
+    }
+}
+
+/// One attempt at one event, and its outcome written back; false if it could not be
+/// written (the event stays pending, to be delivered again: at least once).
 async fn deliver(
     store: &dyn Store,
     client: &reqwest::Client,
     config: &DelivererConfig,
     entry: OutboxEntry,
-) {
+) -> bool {
     let timestamp = crate::unix_millis() / 1000;
     let mut request = client
         .post(&entry.url)
@@ -159,9 +193,10 @@ async fn deliver(
         request = request.header("X-Zapgate-Signature", format!("sha256={signature}"));
     }
     let started = std::time::Instant::now();
-    let result = match check_literal_host(&entry.url, config.allow_private) {
-        Err(why) => Err(why),
-        Ok(()) => request
+    let refused = check_literal_host(&entry.url, config.allow_private).err();
+    let result = match &refused {
+        Some(why) => Err(why.clone()),
+        None => request
             .body(entry.body.clone())
             .send()
             .await
@@ -169,6 +204,12 @@ async fn deliver(
     };
     let now = crate::unix_millis();
     let attempt = match result {
+        // An address that is refused stays refused: not tried again.
+        Err(why) if refused.is_some() => Attempt::Done {
+            outcome: "refused",
+            status: None,
+            error: Some(why),
+        },
         Ok(response) if response.status().is_success() => Attempt::Done {
             outcome: "delivered",
             status: Some(i64::from(response.status().as_u16())),
@@ -197,10 +238,37 @@ async fn deliver(
         outcome = ?attempt,
         "webhook delivery"
     );
+    let result = match &attempt {
+        Attempt::Done { outcome, .. } => *outcome,
+        Attempt::Retry { .. } => "retry",
+    };
+    config
+        .metrics
+        .webhook_deliveries
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: result.to_owned(),
+        })
+        .inc();
     if let Err(e) = store.webhook_attempted(entry.seq, now, &attempt).await {
         // The event stays pending: delivered again later, at least once.
         tracing::error!(event.id = %entry.event_id, error = %e, "could not record a webhook delivery");
+        return false;
     }
+    if matches!(
+        attempt,
+        Attempt::Done {
+            outcome: "gone",
+            ..
+        }
+    ) {
+        if let Err(e) = store
+            .stop_webhook_url(&entry.instance_id, &entry.url, now)
+            .await
+        {
+            tracing::error!(instance.id = %entry.instance_id, error = %e, "could not stop a webhook URL that answered 410");
+        }
+    }
+    true
 }
 
 /// The next try, with exponential backoff and jitter, or the end of the window.
@@ -265,24 +333,39 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &str) -> String {
 fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b))
                 || a == 0
+                || a >= 224 // multicast and reserved
+                || (a == 100 && (64..128).contains(&b)) // shared address space
+                || (a == 198 && (b == 18 || b == 19)) // benchmarking
+                || (a == 192 && b == 0 && c == 0) // protocol assignments
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let s = v6.segments();
+            let v4 = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            // An IPv4 address carried inside: mapped, compatible, NAT64, 6to4.
+            let embedded = if let Some(mapped) = v6.to_ipv4_mapped() {
+                Some(mapped)
+            } else if s[..6] == [0; 6] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                Some(v4(s[6], s[7]))
+            } else if s[0] == 0x2002 {
+                Some(v4(s[1], s[2]))
+            } else {
+                None
+            };
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xff00) == 0xff00
+                || embedded.is_some_and(|v4| is_private(IpAddr::V4(v4)))
         }
     }
 }
@@ -292,10 +375,10 @@ fn check_literal_host(url: &str, allow_private: bool) -> Result<(), String> {
     if allow_private {
         return Ok(());
     }
-    let host = url
-        .parse::<axum::http::Uri>()
+    // Parsed as the HTTP client parses it: `2130706433` and `127.1` are addresses too.
+    let host = reqwest::Url::parse(url)
         .ok()
-        .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_owned()));
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
     match host.and_then(|h| h.parse::<IpAddr>().ok()) {
         Some(ip) if is_private(ip) => Err(format!(
             "refused: {ip} is a private address (--webhook-allow-private allows it)"
@@ -358,10 +441,12 @@ mod tests {
             hex,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
-        // Ours signs "timestamp.body": the same bytes when put together that way.
+        // Ours signs "timestamp.body": HMAC-SHA256("Jefe", "7.x"), computed elsewhere.
         let _ = body;
-        assert_eq!(sign(b"Jefe", 7, "x").len(), 64);
-        assert_ne!(sign(b"Jefe", 7, "x"), sign(b"Jefe", 8, "x"));
+        assert_eq!(
+            sign(b"Jefe", 7, "x"),
+            "90855e9032d6166b9ee389b66d32d3423879e259ee44a45208c6599dd22283b2"
+        );
     }
 
     #[test]
@@ -378,6 +463,10 @@ mod tests {
             "fc00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "224.0.0.1",
+            "198.18.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
         ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
@@ -387,6 +476,13 @@ mod tests {
         assert!(check_literal_host("https://127.0.0.1/x", false).is_err());
         assert!(check_literal_host("https://[::1]/x", false).is_err());
         assert!(check_literal_host("https://127.0.0.1/x", true).is_ok());
+        for numeric in [
+            "https://2130706433/x",
+            "https://127.1/x",
+            "https://0x7f.0.0.1/x",
+        ] {
+            assert!(check_literal_host(numeric, false).is_err(), "{numeric}");
+        }
         assert!(check_literal_host("https://hooks.example.com/x", false).is_ok());
     }
 }

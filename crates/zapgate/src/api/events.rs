@@ -179,7 +179,7 @@ pub(super) fn state_body(
     body
 }
 
-pub(super) fn state_name(state: State) -> &'static str {
+pub(crate) fn state_name(state: State) -> &'static str {
     match state {
         State::NoSession => "noSession",
         State::Linking => "linking",

@@ -9,6 +9,7 @@ mod panel;
 mod partner;
 mod webhooks;
 
+pub(crate) use events::state_name as events_state_name;
 pub use webhooks::WebhookPolicy;
 
 pub use panel::Sessions;
@@ -51,6 +52,7 @@ pub struct AppState {
     pub webhook_policy: WebhookPolicy,
     /// Wakes the webhook delivery worker.
     pub webhooks_due: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
@@ -63,6 +65,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(partner::routes())
         .merge(link_page::partner_routes())
         .merge(panel::routes())
@@ -75,6 +78,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(middleware::from_fn(limit_time))
+        .layer(middleware::from_fn_with_state(state.clone(), measure))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -91,6 +95,46 @@ pub fn router(state: AppState) -> Router {
             header::HeaderName::from_static("client-token"),
         ]))
         .with_state(state)
+}
+
+/// Prometheus' text format, behind the admin token.
+async fn metrics(_: auth::Admin, State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.manager, &*state.store).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Counts every request and its latency by matched route (never the URI, which holds
+/// tokens).
+async fn measure(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let metrics = &state.metrics;
+    metrics
+        .http_requests
+        .get_or_create(&crate::metrics::RouteLabel {
+            route: route.clone(),
+            method: method.clone(),
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    metrics
+        .http_seconds
+        .get_or_create(&crate::metrics::LatencyLabel { route, method })
+        .observe(crate::metrics::seconds(started.elapsed()));
+    response
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -112,8 +112,9 @@ pub(super) struct Actor {
     /// Whether the last webhook event said connected (`None`: not read from the
     /// outbox yet).
     announced: Option<bool>,
-    /// When a dropped connection becomes a disconnect, unless it is back by then.
-    disconnect_at: Option<Instant>,
+    /// A connection webhook to write at a time, if still true then: a disconnect at
+    /// the end of a drop's grace, or one whose write failed, tried again.
+    announce_at: Option<(Instant, bool)>,
 }
 
 /// Starts the task of one instance. A cancelled record's task finishes the cancel.
@@ -162,7 +163,7 @@ pub(crate) fn spawn(
         events: events.clone(),
         published: Published::new(&record.id),
         announced: None,
-        disconnect_at: None,
+        announce_at: None,
     };
     if actor.link.is_some() {
         actor.state = actor.stored_session_state();
@@ -180,14 +181,18 @@ pub(crate) fn spawn(
 
 impl Actor {
     async fn run(mut self, shutdown: CancellationToken) {
-        // A number unlinked while the gateway was down (or before its event was
-        // written) still gets its disconnect.
-        if self.link.is_none() {
+        // Webhooks pick up where they were: a number unlinked (or missing) meanwhile
+        // gets its disconnect; one that was connected gets the grace to come back.
+        if self.link.is_some() && self.state != State::SessionMissing {
+            if self.said().await == Some(true) {
+                self.announce_at = Some((Instant::now() + DISCONNECT_GRACE, false));
+            }
+        } else {
             self.announce(false).await;
         }
         loop {
             let wake = self.window.next_deadline();
-            let disconnect_at = self.disconnect_at;
+            let announce_at = self.announce_at.map(|(at, _)| at);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(work) = self.work.recv() => self.on_work(work).await,
@@ -197,10 +202,11 @@ impl Actor {
                     None => break,
                 },
                 () = sleep_until(wake), if wake.is_some() => self.on_deadline().await,
-                () = sleep_until(disconnect_at), if disconnect_at.is_some() => {
-                    self.disconnect_at = None;
-                    if self.state != State::Connected {
-                        self.announce(false).await;
+                () = sleep_until(announce_at), if announce_at.is_some() => {
+                    if let Some((_, connected)) = self.announce_at.take() {
+                        if (self.state == State::Connected) == connected {
+                            self.announce(connected).await;
+                        }
                     }
                 }
             }
@@ -290,32 +296,52 @@ impl Actor {
     async fn webhooks_after(&mut self, before: State) {
         match self.state {
             State::Connected => {
-                self.disconnect_at = None;
+                self.announce_at = None;
                 self.announce(true).await;
             }
             State::Reconnecting => {
                 if before == State::Connected {
-                    self.disconnect_at = Some(Instant::now() + DISCONNECT_GRACE);
+                    self.announce_at = Some((Instant::now() + DISCONNECT_GRACE, false));
                 }
             }
             State::Linking => {}
             State::NoSession | State::Stopped | State::SessionMissing | State::Unlinking => {
-                self.disconnect_at = None;
+                self.announce_at = None;
                 self.announce(false).await;
             }
         }
     }
 
-    /// Writes a ConnectedCallback or DisconnectedCallback, once per transition: the
-    /// outbox remembers what was last said, across restarts.
-    async fn announce(&mut self, connected: bool) {
+    /// What the connection webhooks last said, read once from the store.
+    async fn said(&mut self) -> Option<bool> {
         if self.announced.is_none() {
-            let last = self.ctx.store.last_webhook_kind(&self.record.id).await;
-            // With nothing said yet, a first connect is news and a disconnect is not.
-            self.announced = Some(matches!(last, Ok(Some(kind)) if kind == "connected"));
+            let read = tokio::time::timeout(
+                work::STORE_TIMEOUT,
+                self.ctx.store.webhook_announced(&self.record.id),
+            )
+            .await;
+            match read {
+                // Nothing said yet counts as disconnected: a first connect is news.
+                Ok(Ok(said)) => self.announced = Some(said.unwrap_or(false)),
+                outcome => {
+                    tracing::error!(instance.id = %self.record.id, ?outcome, "could not read what the webhooks last said");
+                }
+            }
         }
-        if self.announced == Some(connected) {
-            return;
+        self.announced
+    }
+
+    /// Writes a ConnectedCallback or DisconnectedCallback, once per transition. A
+    /// write that fails is tried again in a few seconds.
+    async fn announce(&mut self, connected: bool) {
+        const AGAIN: Duration = Duration::from_secs(5);
+        match self.said().await {
+            None => {
+                self.announce_at = Some((Instant::now() + AGAIN, connected));
+                return;
+            }
+            Some(said) if said == connected => return,
+            Some(_) => {}
         }
         let now = crate::unix_millis();
         let id = &self.record.id;
@@ -349,15 +375,21 @@ impl Actor {
             body: body.to_string(),
             created_at: now,
         };
-        match self.ctx.store.enqueue_webhook(&event, OUTBOX_CAP).await {
-            Ok(written) => {
+        let written = tokio::time::timeout(
+            work::STORE_TIMEOUT,
+            self.ctx.store.enqueue_webhook(&event, OUTBOX_CAP),
+        )
+        .await;
+        match written {
+            Ok(Ok(written)) => {
                 self.announced = Some(connected);
                 if written {
                     self.ctx.webhooks_due.notify_one();
                 }
             }
-            Err(e) => {
-                tracing::error!(instance.id = %id, error = %e, "could not write a webhook event; it is written at the next change");
+            outcome => {
+                tracing::error!(instance.id = %id, ?outcome, "could not write a webhook event; trying again");
+                self.announce_at = Some((Instant::now() + AGAIN, connected));
             }
         }
     }

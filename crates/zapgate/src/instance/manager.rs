@@ -121,6 +121,11 @@ impl Manager {
         self.ctx.bus.subscribe()
     }
 
+    /// Every instance's snapshot, as it stands.
+    pub fn snapshots(&self) -> Vec<super::Snapshot> {
+        self.read().values().map(InstanceHandle::snapshot).collect()
+    }
+
     pub fn get(&self, id: &str) -> Option<InstanceHandle> {
         self.read().get(id).cloned()
     }

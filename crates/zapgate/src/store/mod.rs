@@ -162,12 +162,23 @@ pub trait Store: Send + Sync + 'static {
         notify_sent_by_me: Option<bool>,
     ) -> Result<bool, StoreError>;
     async fn set_notify_sent_by_me(&self, id: &str, notify: bool) -> Result<bool, StoreError>;
-    /// Writes a webhook event if the instance has a URL for its kind (else false). Past
-    /// `cap` pending events for the instance, its oldest are dropped (outcome
-    /// `dropped`).
+    /// Records what the connection webhooks now say for the instance and, in the same
+    /// transaction, writes the event if the instance has a URL for its kind (returns
+    /// whether it did). Past `cap` pending events for the instance, its oldest are
+    /// dropped (outcome `dropped`).
     async fn enqueue_webhook(&self, event: &WebhookEvent, cap: u64) -> Result<bool, StoreError>;
-    /// The kind of the instance's last webhook event, if any.
-    async fn last_webhook_kind(&self, instance_id: &str) -> Result<Option<String>, StoreError>;
+    /// What the connection webhooks last said: connected (true), disconnected (false).
+    async fn webhook_announced(&self, instance_id: &str) -> Result<Option<bool>, StoreError>;
+    /// A receiver answered 410 for `url`: the instance's webhooks with that URL are
+    /// cleared and its events still waiting for it settle as `gone`.
+    async fn stop_webhook_url(
+        &self,
+        instance_id: &str,
+        url: &str,
+        at: i64,
+    ) -> Result<(), StoreError>;
+    /// Forgets settled events older than `before`.
+    async fn forget_settled_webhooks(&self, before: i64) -> Result<u64, StoreError>;
     /// The oldest pending event of each instance (not in `busy`) that is due at `now`.
     async fn due_webhooks(
         &self,
@@ -175,14 +186,16 @@ pub trait Store: Send + Sync + 'static {
         busy: &[String],
         limit: u32,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
-    /// When the next pending event is due, if any.
-    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError>;
+    /// When the next event at the head of an instance's queue (not in `busy`) is due.
+    async fn next_webhook_due(&self, busy: &[String]) -> Result<Option<i64>, StoreError>;
     async fn webhook_attempted(
         &self,
         seq: i64,
         at: i64,
         attempt: &Attempt,
     ) -> Result<(), StoreError>;
+    /// Events waiting, when the oldest of them was written, and how many were dropped.
+    async fn outbox_stats(&self) -> Result<(u64, Option<i64>, u64), StoreError>;
     /// The instance's last `limit` events, newest first.
     async fn recent_webhooks(
         &self,

@@ -295,6 +295,11 @@ impl Store for SqliteStore {
             _ => return Ok(false),
         };
         let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE instances SET webhook_connected = ? WHERE id = ?")
+            .bind(event.kind == WebhookKind::Connected)
+            .bind(&event.instance_id)
+            .execute(&mut *tx)
+            .await?;
         let written = sqlx::query(statement)
             .bind(&event.event_id)
             .bind(kind)
@@ -321,13 +326,52 @@ impl Store for SqliteStore {
         Ok(written)
     }
 
-    async fn last_webhook_kind(&self, instance_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT kind FROM webhook_outbox WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+    async fn webhook_announced(&self, instance_id: &str) -> Result<Option<bool>, StoreError> {
+        let said: Option<Option<bool>> =
+            sqlx::query_scalar("SELECT webhook_connected FROM instances WHERE id = ?")
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(said.flatten())
+    }
+
+    async fn stop_webhook_url(
+        &self,
+        instance_id: &str,
+        url: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for statement in [
+            "UPDATE instances SET connected_callback_url = NULL WHERE id = ? AND connected_callback_url = ?",
+            "UPDATE instances SET disconnected_callback_url = NULL WHERE id = ? AND disconnected_callback_url = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(instance_id)
+                .bind(url)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE webhook_outbox SET done_at = ?, outcome = 'gone', \
+             last_error = 'the receiver answered 410 Gone for this URL' \
+             WHERE instance_id = ? AND url = ? AND done_at IS NULL",
         )
+        .bind(at)
         .bind(instance_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        .bind(url)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn forget_settled_webhooks(&self, before: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM webhook_outbox WHERE done_at < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn due_webhooks(
@@ -357,12 +401,20 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
     }
 
-    async fn next_webhook_due(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE done_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?)
+    async fn next_webhook_due(&self, busy: &[String]) -> Result<Option<i64>, StoreError> {
+        let mut q = QueryBuilder::new(
+            "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE seq IN \
+             (SELECT MIN(seq) FROM webhook_outbox WHERE done_at IS NULL GROUP BY instance_id)",
+        );
+        if !busy.is_empty() {
+            q.push(" AND instance_id NOT IN (");
+            let mut list = q.separated(", ");
+            for id in busy {
+                list.push_bind(id.clone());
+            }
+            q.push(")");
+        }
+        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
     }
 
     async fn webhook_attempted(
@@ -403,6 +455,17 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn outbox_stats(&self) -> Result<(u64, Option<i64>, u64), StoreError> {
+        let (depth, oldest, dropped): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE done_at IS NULL), \
+             MIN(created_at) FILTER (WHERE done_at IS NULL), \
+             COUNT(*) FILTER (WHERE outcome = 'dropped') FROM webhook_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((depth as u64, oldest, dropped as u64))
     }
 
     async fn recent_webhooks(
