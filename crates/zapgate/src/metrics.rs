@@ -25,6 +25,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -51,6 +56,7 @@ pub struct Metrics {
     logins: Counter,
     reconnects: Counter,
     events_missed: Counter,
+    connection_errors: Family<CauseLabel, Counter>,
     pub webhook_deliveries: Family<ResultLabel, Counter>,
     outbox_depth: Gauge,
     outbox_oldest_seconds: Gauge,
@@ -76,6 +82,7 @@ impl Metrics {
             logins: Counter::default(),
             reconnects: Counter::default(),
             events_missed: Counter::default(),
+            connection_errors: Family::default(),
             webhook_deliveries: Family::default(),
             outbox_depth: Gauge::default(),
             outbox_oldest_seconds: Gauge::default(),
@@ -112,6 +119,11 @@ impl Metrics {
             "events_missed",
             "Instance events the metrics fell behind on",
             metrics.events_missed.clone(),
+        );
+        registry.register(
+            "whatsapp_connection_errors",
+            "Clients that could not reach WhatsApp (or open their session), by cause",
+            metrics.connection_errors.clone(),
         );
         registry.register(
             "webhook_deliveries",
@@ -203,6 +215,14 @@ impl Metrics {
                         }
                         EventKind::PairCode(_) => {
                             metrics.pairing_codes.inc();
+                        }
+                        EventKind::ConnectionError(cause) => {
+                            metrics
+                                .connection_errors
+                                .get_or_create(&CauseLabel {
+                                    cause: cause.kind().to_owned(),
+                                })
+                                .inc();
                         }
                         EventKind::State { state, .. } => {
                             let before = states.insert(event.instance.clone(), *state);

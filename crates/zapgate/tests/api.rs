@@ -285,6 +285,12 @@ async fn an_unreachable_whatsapp_gets_a_clear_error_and_no_retries() {
         "every attempt was one WhatsApp refused"
     );
     assert_eq!(world.stat("connections").await, 0);
+    // Counted for the operator, by cause.
+    let metrics = common::scrape(&gw).await;
+    assert_eq!(
+        metrics["zapgate_whatsapp_connection_errors_total{cause=\"unreachable\"}"],
+        1.0
+    );
 }
 
 #[tokio::test]

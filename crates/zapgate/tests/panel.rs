@@ -705,3 +705,69 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
     let (code, _) = gw.api.call(reqwest::Method::GET, &status, None, None).await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn a_pending_webhook_is_retried_from_the_panel() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    // A receiver that answers 503 until told otherwise, counting what it got.
+    let status = Arc::new(AtomicU16::new(503));
+    let got = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = {
+        let (status, got) = (status.clone(), got.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let (status, got) = (status.clone(), got.clone());
+                async move {
+                    got.fetch_add(1, Ordering::SeqCst);
+                    axum::http::StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap()
+                }
+            }),
+        )
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let world = World::new().await;
+    let gw = world
+        .gateway_with(&[("ZAPGATE_WEBHOOK_ALLOW_PRIVATE", "true")])
+        .await;
+    let inst = gw.api.create_instance("Hooked").await;
+    let (code, body) = gw
+        .api
+        .set_webhook(&inst, "update-webhook-connected", &url)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    world.wa_link(&gw, &inst, PHONE).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut browser = Browser::start().await;
+    sign_in(&mut browser, &gw).await;
+    browser
+        .open(&format!("{}/panel/instances/{}", gw.api.base, inst.id))
+        .await;
+    click(&mut browser, "show-deliveries").await;
+    browser
+        .wait_for(
+            "document.querySelector('#deliveries tbody tr')?.dataset.status === 'pending'",
+            WAIT,
+        )
+        .await;
+    // The receiver is back: Retry now delivers it without waiting for the backoff.
+    status.store(200, Ordering::SeqCst);
+    browser
+        .eval("document.querySelector('#deliveries tbody tr button').click()")
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#deliveries tbody tr')?.dataset.status === 'delivered'",
+            Duration::from_secs(5),
+        )
+        .await;
+}

@@ -137,15 +137,8 @@ async fn set_hooks(gw: &Gateway, inst: &Instance, receiver: &Receiver, prefix: &
         ("update-webhook-connected", "connected"),
         ("update-webhook-disconnected", "disconnected"),
     ] {
-        let (status, body) = gw
-            .api
-            .call(
-                reqwest::Method::PUT,
-                &format!("/instances/{}/token/{}/{route}", inst.id, inst.token),
-                Some(json!({ "value": receiver.url(&format!("{prefix}{path}")) })),
-                None,
-            )
-            .await;
+        let url = receiver.url(&format!("{prefix}{path}"));
+        let (status, body) = gw.api.set_webhook(inst, route, &url).await;
         assert_eq!(status, 200, "{body}");
     }
 }
@@ -352,17 +345,10 @@ async fn private_addresses_are_refused_without_the_flag() {
     // one, one written as a number, and a name that resolves to loopback.
     for (i, host) in ["127.0.0.1", "2130706433", "localhost"].iter().enumerate() {
         let inst = gw.api.create_instance(&format!("private {i}")).await;
+        let url = format!("https://{host}:{port}/connected");
         let (status, body) = gw
             .api
-            .call(
-                reqwest::Method::PUT,
-                &format!(
-                    "/instances/{}/token/{}/update-webhook-connected",
-                    inst.id, inst.token
-                ),
-                Some(json!({ "value": format!("https://{host}:{port}/connected") })),
-                None,
-            )
+            .set_webhook(&inst, "update-webhook-connected", &url)
             .await;
         assert_eq!(status, 200, "{body}");
         world
@@ -387,30 +373,6 @@ async fn private_addresses_are_refused_without_the_flag() {
     assert!(receiver.got().is_empty());
 }
 
-/// `name{labels} value` lines of a Prometheus text exposition, by name with labels.
-fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
-    let response = gw
-        .api
-        .http
-        .get(format!("{}/metrics", gw.api.base))
-        .bearer_auth(common::ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    parse_metrics(&response.text().await.unwrap())
-}
-
 #[tokio::test]
 async fn metrics_move_as_numbers_link_and_webhooks_go_out() {
     const PHONE: &str = "5511955550008";
@@ -424,14 +386,14 @@ async fn metrics_move_as_numbers_link_and_webhooks_go_out() {
     let receiver = Receiver::start().await;
     let inst = gw.api.create_instance("measured").await;
     set_hooks(&gw, &inst, &receiver, "").await;
-    let before = scrape(&gw).await;
+    let before = common::scrape(&gw).await;
     assert_eq!(before["zapgate_instances{state=\"noSession\"}"], 1.0);
     assert_eq!(before["zapgate_logins_total"], 0.0);
 
     world.wa_link(&gw, &inst, PHONE).await;
     receiver.wait_delivered("connected", 1).await;
     gw.api.status(&inst).await;
-    let after = scrape(&gw).await;
+    let after = common::scrape(&gw).await;
     assert_eq!(after["zapgate_instances{state=\"connected\"}"], 1.0);
     assert_eq!(after["zapgate_instances{state=\"noSession\"}"], 0.0);
     assert_eq!(after["zapgate_linking_windows_open"], 0.0);

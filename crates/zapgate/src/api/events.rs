@@ -142,6 +142,14 @@ fn sse(id: u64, kind: &EventKind, view: View) -> Sse {
                 "expiresIn": seconds_left(qr.expires),
             }),
         ),
+        EventKind::ConnectionError(cause) => (
+            "connection-error",
+            if view == View::Full {
+                json!({ "cause": cause.kind(), "error": cause.to_string() })
+            } else {
+                json!({ "error": "WhatsApp cannot be reached right now: try again in a moment." })
+            },
+        ),
         EventKind::PairCode(code) => (
             "pairing-code",
             json!({

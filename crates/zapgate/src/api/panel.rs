@@ -177,6 +177,14 @@ pub(super) fn routes() -> Router<AppState> {
             post(revoke_link_pages),
         )
         .merge(super::link_page::public_routes())
+        .route(
+            "/panel/api/instances/{id}/webhook-deliveries",
+            get(webhook_deliveries),
+        )
+        .route(
+            "/panel/api/instances/{id}/webhook-deliveries/{event}/retry",
+            post(retry_webhook),
+        )
         .merge(simulated::routes())
         .layer(axum::middleware::map_response(secure_headers))
 }
@@ -428,6 +436,14 @@ async fn instance_page(
 <p><button id="make-link" type="button">Create a link page (24 h)</button>
 <button id="revoke-links" type="button" class="danger">Revoke link pages</button></p>
 <p id="link-made" hidden><a id="link-url" href="#"></a> <button type="button" data-copy="link-url">Copy</button><br><span id="link-expiry" class="hint"></span></p>
+</section>
+<section class="card">
+<h2>Webhook deliveries</h2>
+<p><button id="show-deliveries" type="button">Show the last deliveries</button></p>
+<table id="deliveries" hidden>
+<thead><tr><th>Event</th><th>Status</th><th>Attempts</th><th>Last answer</th><th>Next attempt</th><th></th></tr></thead>
+<tbody></tbody>
+</table>
 </section>
 <section class="card">
 <h2>API</h2>
@@ -722,6 +738,24 @@ async fn create_link_page(
     Ok(Json(
         super::link_page::create(&state, &instance, life, &headers).await?,
     ))
+}
+
+async fn webhook_deliveries(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    found(&state, &id)?;
+    super::webhooks::deliveries_of(&state, &id).await
+}
+
+async fn retry_webhook(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+    Path((id, event)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    found(&state, &id)?;
+    super::webhooks::retry_of(&state, &id, &event).await
 }
 
 async fn revoke_link_pages(

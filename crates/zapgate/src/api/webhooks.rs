@@ -54,7 +54,12 @@ async fn deliveries(
     AxumState(state): AxumState<AppState>,
     Instance(instance): Instance,
 ) -> Result<Json<Value>, ApiError> {
-    let entries = state.store.recent_webhooks(&instance.record.id, 50).await?;
+    deliveries_of(&state, &instance.record.id).await
+}
+
+/// `{"deliveries": [...]}` for an instance, newest first.
+pub(super) async fn deliveries_of(state: &AppState, id: &str) -> Result<Json<Value>, ApiError> {
+    let entries = state.store.recent_webhooks(id, 50).await?;
     let list: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -82,9 +87,18 @@ async fn retry_now(
     axum::extract::Path(params): axum::extract::Path<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let event = params.get("event").map(String::as_str).unwrap_or_default();
+    retry_of(&state, &instance.record.id, event).await
+}
+
+/// Makes an instance's pending event due now and wakes the worker.
+pub(super) async fn retry_of(
+    state: &AppState,
+    id: &str,
+    event: &str,
+) -> Result<Json<Value>, ApiError> {
     if !state
         .store
-        .retry_webhook_now(&instance.record.id, event, crate::unix_millis())
+        .retry_webhook_now(id, event, crate::unix_millis())
         .await?
     {
         return Err(ApiError::new(

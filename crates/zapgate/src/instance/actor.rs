@@ -571,6 +571,7 @@ impl Actor {
             Err(StartError::Superseded) => {}
             Err(StartError::Unavailable(cause)) => {
                 tracing::error!(instance.id = %self.record.id, error = %cause, "could not start the WhatsApp client");
+                self.connection_error(&cause);
                 self.restarting = None;
                 self.settle_restarts(Err(LinkError::Unavailable(cause.clone())));
                 if self.state == State::Linking {
@@ -688,6 +689,15 @@ impl Actor {
         }
     }
 
+    /// Publishes why a client could not reach WhatsApp (metrics count these).
+    fn connection_error(&mut self, cause: &Cause) {
+        let event = self
+            .published
+            .happened(super::EventKind::ConnectionError(cause.clone()));
+        let _ = self.ctx.bus.send(event.clone());
+        let _ = self.events.send(event);
+    }
+
     async fn on_deadline(&mut self) {
         let cause = self
             .client
@@ -695,6 +705,7 @@ impl Actor {
             .and_then(|c| c.diagnosis.cause())
             .unwrap_or(Cause::NoAnswer);
         if self.window.expire(Instant::now(), self.generation, &cause) {
+            self.connection_error(&cause);
             self.apply(Input::LinkFailed).await;
         } else if self.window.pair_code_over(Instant::now()) {
             self.apply(Input::WindowEnded).await;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Device, PairCode, Problem, QrCode, State};
+use super::{Cause, Device, PairCode, Problem, QrCode, State};
 
 /// Events a slow reader of one instance may fall behind by before it must start again
 /// from the current snapshot.
@@ -32,6 +32,8 @@ pub enum EventKind {
     Qr(Arc<QrCode>),
     /// WhatsApp issued a pairing code.
     PairCode(PairCode),
+    /// A client could not reach WhatsApp (or open its session) for this reason.
+    ConnectionError(Cause),
 }
 
 /// What the task last published, to tell what changed.
@@ -61,6 +63,16 @@ impl Published {
     /// The id of the last event published (0 before the first).
     pub(super) fn last_id(&self) -> u64 {
         self.id
+    }
+
+    /// An event that changes nothing in the snapshot (a connection error), numbered.
+    pub(super) fn happened(&mut self, kind: EventKind) -> Arc<Event> {
+        self.id += 1;
+        Arc::new(Event {
+            instance: self.instance.clone(),
+            id: self.id,
+            kind,
+        })
     }
 
     /// An event for each thing that changed since the last call, numbered.

@@ -123,6 +123,19 @@ pub enum Cause {
     Storage(String),
 }
 
+impl Cause {
+    /// A short name for it, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cause::Unreachable(_) => "unreachable",
+            Cause::CertificateRefused => "certificate_refused",
+            Cause::VersionUnknown(_) => "version_unknown",
+            Cause::NoAnswer => "no_answer",
+            Cause::Storage(_) => "storage",
+        }
+    }
+}
+
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LinkError {
     #[error("You are already connected.")]

@@ -552,3 +552,40 @@ pub fn unix_millis() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// `name{labels} value` lines of a Prometheus text exposition, by name with labels.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub async fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
+    let response = gw
+        .api
+        .http
+        .get(format!("{}/metrics", gw.api.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    parse_metrics(&response.text().await.unwrap())
+}
+
+impl Api {
+    /// Sets one of the instance's webhooks (`route` like `update-webhook-connected`).
+    pub async fn set_webhook(&self, i: &Instance, route: &str, url: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/instances/{}/token/{}/{route}", i.id, i.token),
+            Some(json!({ "value": url })),
+            None,
+        )
+        .await
+    }
+}

@@ -304,6 +304,42 @@ function instancePage() {
     }
   });
 
+  // The webhook deliveries, with a button to try a pending one now.
+  async function deliveries() {
+    try {
+      const answer = await api('GET', `${base}/webhook-deliveries`);
+      const rows = answer.deliveries.map((d) => {
+        const tr = document.createElement('tr');
+        tr.dataset.event = d.eventId;
+        tr.dataset.status = d.status;
+        const retry = document.createElement('button');
+        retry.type = 'button';
+        retry.textContent = 'Retry now';
+        retry.hidden = d.status !== 'pending';
+        retry.addEventListener('click', async () => {
+          try {
+            await api('POST', `${base}/webhook-deliveries/${encodeURIComponent(d.eventId)}/retry`);
+            setTimeout(deliveries, 500);
+          } catch (e) {
+            say(error, e.message);
+          }
+        });
+        const answered = d.lastStatus ?? d.lastError ?? '—';
+        for (const content of [d.type, d.status, String(d.attempts), String(answered), d.nextAttemptAt ?? '—', retry]) {
+          const td = document.createElement('td');
+          td.append(content);
+          tr.append(td);
+        }
+        return tr;
+      });
+      document.querySelector('#deliveries tbody').replaceChildren(...rows);
+      show($('deliveries'), true);
+    } catch (e) {
+      say(error, e.message);
+    }
+  }
+  $('show-deliveries').addEventListener('click', deliveries);
+
   follow(base, flow, error, (data, linked) => {
     if (linked) {
       $('phone').textContent = data.phone ?? '—';
