@@ -229,3 +229,44 @@ async fn a_server_that_cannot_prove_it_is_whatsapp_is_named() {
     assert_eq!(world.wa.stats().await.unwrap()["linking"], json!(0));
     assert_eq!(connections, 0, "no socket left open");
 }
+
+#[tokio::test]
+async fn sessions_beyond_the_open_file_limit_are_refused_saying_so() {
+    let world = World::new().await;
+    // 120 open files: 64 kept for the gateway, 8 per session, so room for 7.
+    let gw = world.gateway_with(&[(common::NOFILE, "120")]).await;
+    gw.log.wait_for("open-file limit", 1).await;
+    assert!(gw.log.text().contains("sessions=7"), "{}", gw.log.text());
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut linked = Vec::new();
+    for i in 0..7 {
+        linked.push(
+            world
+                .linked_instance(&gw, &format!("room {i}"), &format!("55119444400{i:02}"))
+                .await,
+        );
+    }
+    eprintln!(
+        "open files per connected session: {:.1}",
+        (fds() - before) as f64 / 7.0
+    );
+    let last = gw.api.create_instance("no room").await;
+    let (status, body) = gw.api.qr_code(&last).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("open-file limit leaves room for 7 sessions"),
+        "{body}"
+    );
+    // Every linked one is still connected.
+    for inst in &linked {
+        assert_eq!(gw.api.status(inst).await["connected"], json!(true));
+    }
+}

@@ -65,6 +65,9 @@ pub(crate) struct Context {
     pub(crate) bus: broadcast::Sender<Arc<InstanceEvent>>,
     /// Woken when a webhook event is written, for the delivery worker.
     pub(crate) webhooks_due: Arc<tokio::sync::Notify>,
+    /// Room for running sessions under the open-file limit: one permit each.
+    pub(crate) sessions: Arc<tokio::sync::Semaphore>,
+    pub(crate) max_sessions: usize,
 }
 
 /// A connection down for longer than this is a disconnect for the webhooks; one back

@@ -42,6 +42,8 @@ pub struct ManagerConfig {
     pub restore_concurrency: usize,
     /// Woken when a webhook event is written.
     pub webhooks_due: Arc<tokio::sync::Notify>,
+    /// Sessions that may run at once (what the open-file limit leaves room for).
+    pub max_sessions: usize,
 }
 
 impl Manager {
@@ -69,6 +71,8 @@ impl Manager {
             shutdown: shutdown.clone(),
             bus: tokio::sync::broadcast::channel(super::events::BUS_BACKLOG).0,
             webhooks_due: config.webhooks_due,
+            sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+            max_sessions: config.max_sessions,
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),

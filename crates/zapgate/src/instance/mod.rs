@@ -121,6 +121,10 @@ pub enum Cause {
     NoAnswer,
     #[error("the session could not be opened here: {0}")]
     Storage(String),
+    #[error(
+        "this gateway's open-file limit leaves room for {0} sessions at once, all in use: raise the limit (ulimit -n, or LimitNOFILE= under systemd) and restart"
+    )]
+    TooManySessions(usize),
 }
 
 impl Cause {
@@ -132,6 +136,7 @@ impl Cause {
             Cause::VersionUnknown(_) => "version_unknown",
             Cause::NoAnswer => "no_answer",
             Cause::Storage(_) => "storage",
+            Cause::TooManySessions(_) => "too_many_sessions",
         }
     }
 }

@@ -160,6 +160,8 @@ pub(crate) struct Running {
     abort: CancellationToken,
     _abort_on_drop: tokio_util::sync::DropGuard,
     session: OwnedMutexGuard<()>,
+    /// One of the sessions the open-file limit leaves room for, held while it runs.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Running {
@@ -225,6 +227,7 @@ impl ClientFactory {
         instance: &str,
         generation: u64,
         session: OwnedMutexGuard<()>,
+        slot: tokio::sync::OwnedSemaphorePermit,
         version: Option<(u32, u32, u32)>,
         signals: mpsc::Sender<Signal>,
     ) -> anyhow::Result<Running> {
@@ -304,6 +307,7 @@ impl ClientFactory {
             _abort_on_drop: abort.clone().drop_guard(),
             abort,
             session,
+            _slot: slot,
         })
     }
 }

@@ -96,8 +96,13 @@ async fn start(
             return Err(StartError::SessionMissing);
         }
     }
+    // Every running client holds open files (its session's database, its socket).
+    let slot = ctx.sessions.clone().try_acquire_owned().map_err(|_| {
+        tracing::error!(instance.id = %id, most = ctx.max_sessions, "no room for another session under the open-file limit");
+        StartError::Unavailable(Cause::TooManySessions(ctx.max_sessions))
+    })?;
     factory
-        .start(id, generation, session, version, signals)
+        .start(id, generation, session, slot, version, signals)
         .await
         .map_err(|e| {
             tracing::error!(instance.id = %id, error = %format!("{e:#}"), "could not start the WhatsApp client");

@@ -16,6 +16,8 @@ use tokio::process::{Child, Command};
 use wa_sim::{Config as SimConfig, Control, WaSim};
 
 pub const ADMIN: &str = "test-admin-token";
+/// Not a variable: in a gateway's `env`, the open-file limit to run it under.
+pub const NOFILE: &str = "(nofile)";
 pub const VERSION: &str = "2.3000.1030000000";
 /// Linking takes about a second on loopback; leave room for a loaded machine.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(45);
@@ -262,7 +264,17 @@ fn gateway_command(
     env: &[(&str, &str)],
     unset: &[&str],
 ) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_zapgate"));
+    // Run under an open-file limit, set before the gateway starts.
+    let mut command = match env.iter().find(|(k, _)| *k == NOFILE) {
+        Some((_, n)) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_zapgate"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_zapgate")),
+    };
     command
         .arg("serve")
         .env("ZAPGATE_LISTEN", "127.0.0.1:0")
@@ -274,7 +286,7 @@ fn gateway_command(
         .env("RUST_LOG", "info,whatsapp_rust=warn,wacore=warn")
         // Plain lines, so tests can look for what the gateway logged.
         .env("NO_COLOR", "1");
-    for (k, v) in env {
+    for (k, v) in env.iter().filter(|(k, _)| *k != NOFILE) {
         command.env(k, v);
     }
     for k in unset {
