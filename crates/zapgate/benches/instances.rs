@@ -29,6 +29,8 @@ async fn main() {
     let gw = world.gateway_with(&[("RUST_LOG", QUIET)]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_empty = rss_kib(gw.pid());
+    let pss_empty = pss_kib(gw.pid());
+    let fds_empty = open_files(gw.pid());
 
     let started = Instant::now();
     let cpu = cpu_ticks(gw.pid());
@@ -61,6 +63,8 @@ async fn main() {
     let restart_cpu = cpu_ticks(gw.pid());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_restarted = rss_kib(gw.pid());
+    let pss_restarted = pss_kib(gw.pid());
+    let fds_restarted = open_files(gw.pid());
 
     println!("zapgate with {n} instances linked to wa-sim");
     println!("  link all {n} (QR, scan, connected):      {link_secs:.1} s");
@@ -72,6 +76,14 @@ async fn main() {
     println!("  RSS with no instance:                  {rss_empty} KiB");
     println!("  RSS with {n} connected (after linking):  {rss_linked} KiB");
     println!("  RSS with {n} connected (after restart):  {rss_restarted} KiB");
+    println!(
+        "  PSS empty / after restart:             {pss_empty} / {pss_restarted} KiB ({:.0} KiB per instance)",
+        (pss_restarted.saturating_sub(pss_empty)) as f64 / n as f64
+    );
+    println!(
+        "  open files empty / after restart:      {fds_empty} / {fds_restarted} ({:.1} per instance)",
+        (fds_restarted.saturating_sub(fds_empty)) as f64 / n as f64
+    );
     println!(
         "  per connected idle instance:           {:.0} KiB (after linking), {:.0} KiB (after restart)",
         (rss_linked.saturating_sub(rss_empty)) as f64 / n as f64,
@@ -133,4 +145,20 @@ fn cpu_ticks(pid: u32) -> u64 {
         .split_whitespace()
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Proportional set size (shared pages split among their users), if the kernel says.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
