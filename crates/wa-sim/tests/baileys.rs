@@ -8,27 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::Harness;
 use common::baileys::Baileys;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Waits until wa-sim's record of `jid` satisfies `done`.
-async fn device_until(h: &Harness, jid: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let devices = h.control.devices().await.unwrap();
-        if let Some(device) = devices.iter().find(|d| d["jid"] == jid) {
-            if done(device) {
-                return device.clone();
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{jid} never got there: {devices:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn assert_no_errors(baileys: &Baileys) {
     for warning in baileys.warnings() {
@@ -65,10 +47,11 @@ async fn baileys_links_by_qr_logs_in_again_from_its_creds_and_is_logged_out_by_t
     assert_eq!(history["syncType"], json!(0), "{history}");
     // What a device does after its first login: it uploads prekeys (after asking how
     // many the service holds) and receives the phone's app-state key share.
-    let device = device_until(&h, &jid, |d| {
-        d["preKeys"].as_u64() > Some(0) && d["appStateKeyShared"] == json!(true)
-    })
-    .await;
+    let device = h
+        .device_until(&jid, |d| {
+            d["preKeys"].as_u64() > Some(0) && d["appStateKeyShared"] == json!(true)
+        })
+        .await;
     assert_eq!(device["connected"], json!(true));
     assert_eq!(device["platform"], json!("Ubuntu"));
     baileys.quit().await;
@@ -124,7 +107,7 @@ async fn baileys_links_by_pairing_code() {
     let open = baileys.wait_for("open", WAIT).await;
     assert_eq!(open["jid"], body["jid"]);
     eprintln!("Baileys linked by pairing code in {:?}", asked.elapsed());
-    device_until(&h, body["jid"].as_str().unwrap(), |d| {
+    h.device_until(body["jid"].as_str().unwrap(), |d| {
         d["appStateKeyShared"] == json!(true)
     })
     .await;

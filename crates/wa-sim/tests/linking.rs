@@ -6,7 +6,6 @@ use common::Harness;
 use serde_json::json;
 use wa_sim::Config;
 use whatsapp_rust::pair_code::PairCodeOptions;
-use whatsapp_rust::store::{AppSyncStore as _, SqliteStore};
 use whatsapp_rust::types::events::Event;
 use whatsapp_rust::wacore::iq::privacy::{PrivacyCategory, PrivacyValue};
 
@@ -54,14 +53,8 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
 
     // The device uploads its one-time prekeys after its first login; the service keeps
     // them and counts them as the device's signed key was checked.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while h.control.devices().await.unwrap()[0]["preKeys"] == json!(0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no prekeys uploaded"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let jid = format!("{PHONE}:1@s.whatsapp.net");
+    h.device_until(&jid, |d| d["preKeys"] != json!(0)).await;
     assert_eq!(
         h.control.devices().await.unwrap()[0]["preKeys"],
         json!(812),
@@ -69,15 +62,9 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     );
     assert_eq!(companion.client.push_name(), format!("wa-sim {PHONE}"));
     // Both messages of the phone's welcome were decrypted and acknowledged.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let stats = loop {
-        let stats = h.control.stats().await.unwrap();
-        if stats["peerReceipts"] == json!(2) && stats["historySyncReceipts"] == json!(1) {
-            break stats;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{stats}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let stats = h
+        .stats_until(|s| s["peerReceipts"] == json!(2) && s["historySyncReceipts"] == json!(1))
+        .await;
     assert_eq!(stats["peerMessages"], json!(2), "{stats}");
     assert_eq!(
         h.control.devices().await.unwrap()[0]["appStateKeyShared"],
@@ -88,13 +75,11 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
 
     companion.stop().await;
     // The phone's key share, over its Signal session, was decrypted and kept.
-    let kept = SqliteStore::new(store.to_str().unwrap())
-        .await
-        .unwrap()
-        .get_latest_sync_key_id()
-        .await
-        .unwrap();
-    assert_eq!(kept.map(|id| id.len()), Some(6), "the shared key is stored");
+    assert_eq!(
+        common::kept_sync_key_len(&store).await,
+        Some(6),
+        "the shared key is stored"
+    );
     let mut again = h.companion(&store).await;
     again.wait_connected().await;
     let seen = again.drain();

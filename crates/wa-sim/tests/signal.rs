@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::Harness;
 use serde_json::json;
 use wa_sim::Config;
 use whatsapp_rust::NodeBuilder;
-use whatsapp_rust::store::{AppSyncStore as _, SqliteStore};
 use whatsapp_rust::wacore::request::InfoQuery;
 use whatsapp_rust::wacore_binary::{Jid, NodeContent};
 
@@ -22,22 +19,8 @@ fn jid(s: &str) -> Jid {
 
 /// Waits until wa-sim holds `n` one-time prekeys for `device_jid`.
 async fn prekeys_reach(h: &Harness, device_jid: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let devices = h.control.devices().await.unwrap();
-        let held = devices
-            .iter()
-            .find(|d| d["jid"] == device_jid)
-            .and_then(|d| d["preKeys"].as_u64());
-        if held == Some(n) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{device_jid} holds {held:?} prekeys, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    h.device_until(device_jid, |d| d["preKeys"] == json!(n))
+        .await;
 }
 
 #[tokio::test]
@@ -153,25 +136,15 @@ async fn a_message_the_device_cannot_decrypt_is_asked_for_again_and_sent_again()
     .await;
     let store = h.store("garbled");
     let companion = h.linked_companion(&store, PHONE).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let stats = loop {
-        let stats = h.control.stats().await.unwrap();
-        if stats["resentMessages"] == json!(1) {
-            break stats;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no resend: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stats = h.stats_until(|s| s["resentMessages"] == json!(1)).await;
     assert_eq!(stats["retryReceipts"], json!(1), "{stats}");
     // The welcome's two messages, then the key share again.
     assert_eq!(stats["peerMessages"], json!(3), "{stats}");
     companion.stop().await;
     // The key share the device could not read the first time is the one it kept.
-    let kept = SqliteStore::new(store.to_str().unwrap())
-        .await
-        .unwrap()
-        .get_latest_sync_key_id()
-        .await
-        .unwrap();
-    assert_eq!(kept.map(|id| id.len()), Some(6), "the resent key is stored");
+    assert_eq!(
+        common::kept_sync_key_len(&store).await,
+        Some(6),
+        "the resent key is stored"
+    );
 }

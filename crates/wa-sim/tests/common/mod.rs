@@ -60,6 +60,61 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Waits until wa-sim's `/control/stats` satisfy `done`; returns them.
+    pub async fn stats_until(
+        &self,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.control.stats().await.unwrap();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never got there: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until wa-sim's record of the device `jid` satisfies `done`; returns it.
+    pub async fn device_until(
+        &self,
+        jid: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let devices = self.control.devices().await.unwrap();
+            if let Some(device) = devices.iter().find(|d| d["jid"] == jid) {
+                if done(device) {
+                    return device.clone();
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{jid} never got there: {devices:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The length of the newest app-state sync key id a client's store kept, if any.
+pub async fn kept_sync_key_len(store: &Path) -> Option<usize> {
+    use whatsapp_rust::store::AppSyncStore as _;
+    SqliteStore::new(store.to_str().unwrap())
+        .await
+        .unwrap()
+        .get_latest_sync_key_id()
+        .await
+        .unwrap()
+        .map(|id| id.len())
+}
+
 pub struct Companion {
     pub handle: Option<BotHandle>,
     pub client: Arc<Client>,
