@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -249,9 +248,4 @@ impl Metrics {
             }
         });
     }
-}
-
-/// How long a request took, in seconds.
-pub fn seconds(elapsed: Duration) -> f64 {
-    elapsed.as_secs_f64()
 }

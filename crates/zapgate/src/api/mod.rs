@@ -133,7 +133,7 @@ async fn measure(State(state): State<AppState>, request: Request, next: Next) ->
     metrics
         .http_seconds
         .get_or_create(&crate::metrics::LatencyLabel { route, method })
-        .observe(crate::metrics::seconds(started.elapsed()));
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
