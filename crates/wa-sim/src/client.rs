@@ -66,4 +66,9 @@ impl Control {
     pub async fn stats(&self) -> reqwest::Result<Value> {
         Ok(self.get("stats").await?.1)
     }
+
+    /// Starts the most-at-once counts (`peakAdmitting`) again from now.
+    pub async fn reset_peaks(&self) -> reqwest::Result<Value> {
+        Ok(self.post("stats/reset-peaks", json!({})).await?.1)
+    }
 }

@@ -89,6 +89,8 @@ impl Connection {
         tx: mpsc::Sender<Command>,
         mut rx: mpsc::Receiver<Command>,
     ) -> Result<(), ConnError> {
+        let sim = self.sim.clone();
+        let admitting = crate::sim::Admitting::begin(&sim.stats);
         let deadline = self.sim.config.handshake_timeout;
         let established = timeout(deadline, self.handshake())
             .await
@@ -105,6 +107,7 @@ impl Connection {
         if !self.admit(tx, &payload, &established.client_static).await? {
             return Ok(());
         }
+        drop(admitting);
         self.serve_stanzas(&mut rx).await
     }
 

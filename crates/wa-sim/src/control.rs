@@ -30,6 +30,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/refresh-refs", post(refresh_refs))
         .route("/devices", get(devices))
         .route("/stats", get(stats))
+        .route("/stats/reset-peaks", post(reset_peaks))
 }
 
 pub(crate) struct ControlError(StatusCode, String);
@@ -204,5 +205,10 @@ async fn devices(State(sim): State<Arc<Sim>>) -> Reply {
 }
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Reply {
+    Ok(Json(json!(sim.stats())))
+}
+
+async fn reset_peaks(State(sim): State<Arc<Sim>>) -> Reply {
+    sim.reset_peaks();
     Ok(Json(json!(sim.stats())))
 }

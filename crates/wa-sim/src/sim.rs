@@ -54,6 +54,28 @@ pub(crate) struct Stats {
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    /// Connections between their first frame and the end of their admission (the Noise
+    /// handshake, then registration or login), and the most seen at once since the last
+    /// reset: how hard a crowd of clients hit the service together.
+    pub(crate) admitting: AtomicU64,
+    pub(crate) peak_admitting: AtomicU64,
+}
+
+/// Counts one connection as admitting for as long as it lives.
+pub(crate) struct Admitting<'a>(&'a Stats);
+
+impl<'a> Admitting<'a> {
+    pub(crate) fn begin(stats: &'a Stats) -> Self {
+        let now = stats.admitting.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.peak_admitting.fetch_max(now, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for Admitting<'_> {
+    fn drop(&mut self) {
+        self.0.admitting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Serialize)]
@@ -80,6 +102,8 @@ pub(crate) struct StatsView {
     frames_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    admitting: u64,
+    peak_admitting: u64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
@@ -306,6 +330,14 @@ impl Sim {
             frames_out: load(&s.frames_out),
             bytes_in: load(&s.bytes_in),
             bytes_out: load(&s.bytes_out),
+            admitting: load(&s.admitting),
+            peak_admitting: load(&s.peak_admitting),
         }
+    }
+
+    /// Starts a new peak of admitting connections from those admitting now.
+    pub(crate) fn reset_peaks(&self) {
+        let now = self.stats.admitting.load(Ordering::Relaxed);
+        self.stats.peak_admitting.store(now, Ordering::Relaxed);
     }
 }

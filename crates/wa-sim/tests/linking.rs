@@ -91,6 +91,11 @@ async fn a_scanned_qr_links_the_device_and_the_stored_session_logs_in_again_with
     assert_eq!(stats["ikHandshakes"], json!(1), "{stats}");
     assert_eq!(stats["pairings"], json!(1), "{stats}");
     assert_eq!(stats["logins"], json!(2), "{stats}");
+    // Nobody is between hello and login any more; one was at a time, at most.
+    let stats = h.stats_until(|s| s["admitting"] == json!(0)).await;
+    assert_eq!(stats["peakAdmitting"], json!(1), "{stats}");
+    let reset = h.control.reset_peaks().await.unwrap();
+    assert_eq!(reset["peakAdmitting"], json!(0), "{reset}");
 
     // Account queries are answered as WhatsApp answers a new account.
     let privacy = again
