@@ -80,6 +80,10 @@ const OUTBOX_CAP: u64 = 1000;
 const QUEUE: usize = 32;
 /// Restores in a row make the client skip its backoff at most this often.
 const RECONNECT_NOW_EVERY: Duration = Duration::from_secs(5);
+/// How long a new link may wait for the database before it is undone at WhatsApp, and
+/// the pause between attempts.
+const LINK_RECORD_WAIT: Duration = Duration::from_secs(30);
+const LINK_RECORD_PAUSE: Duration = Duration::from_millis(500);
 
 pub(super) struct Actor {
     pub(super) record: Arc<InstanceRecord>,
@@ -667,12 +671,25 @@ impl Actor {
 
     /// The phone accepted the link: it counts only once it is in the database. If it
     /// cannot be stored, it is undone at WhatsApp rather than left to be lost.
+    ///
+    /// Undoing costs the user a scan, so the write is tried again (a busy database
+    /// under a crowd of linkings answers "locked") for up to `LINK_RECORD_WAIT`.
     async fn record_link(&mut self, link: Link) {
-        let saved = tokio::time::timeout(
-            work::STORE_TIMEOUT,
-            self.ctx.store.set_link(&self.record.id, Some(&link)),
-        )
-        .await;
+        let deadline = Instant::now() + LINK_RECORD_WAIT;
+        let saved = loop {
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                self.ctx.store.set_link(&self.record.id, Some(&link)),
+            )
+            .await;
+            match attempt {
+                Ok(Err(e)) if Instant::now() + LINK_RECORD_PAUSE < deadline => {
+                    tracing::warn!(instance.id = %self.record.id, error = %e, "could not record the new link yet; trying again");
+                    tokio::time::sleep(LINK_RECORD_PAUSE).await;
+                }
+                outcome => break outcome,
+            }
+        };
         match saved {
             Ok(Ok(())) => {
                 tracing::info!(instance.id = %self.record.id, "number linked");
