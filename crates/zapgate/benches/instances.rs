@@ -1,104 +1,318 @@
-//! Memory per connected idle instance, and how fast a restarted gateway reconnects them.
+//! Many connected numbers on one box: what each costs the gateway, how fast they link
+//! and come back after a restart, how the HTTP API holds up meanwhile, and the same
+//! numbers held by Baileys in one Node process against the same wa-sim.
 //!
-//! `cargo bench -p zapgate --bench instances -- [--instances 100]`
+//! `cargo bench -p zapgate --bench instances -- [--instances 100] [--idle-secs 120]
+//!  [--link-concurrency 32] [--baileys N] [--http-secs 10]`
 //!
-//! Links N instances to an in-process wa-sim through the gateway binary (a sandbox build),
-//! reads the gateway's resident memory before and after, then restarts the gateway and
-//! times until every instance reports connected again.
+//! wa-sim runs in this process; the gateway (a release sandbox build) and Baileys run as
+//! their own processes, measured from /proc. `scripts/bench-instances` runs it for
+//! several sizes and prints the README's table. Prints its figures, and a last line
+//! `RESULT {json}` for that script.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Gateway, World};
+use common::{ADMIN, Gateway, Instance, World};
+use futures_util::{StreamExt, stream};
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use wa_sim::Control;
 
 /// The start-up lines and warnings, not every instance's state changes.
 const QUIET: &str = "warn,zapgate=info,zapgate::instance=warn";
 
+struct Args {
+    instances: usize,
+    idle_secs: u64,
+    link_concurrency: usize,
+    baileys: usize,
+    http_secs: u64,
+    /// `--env K=V`, repeatable: set for the gateway (allocator settings, say).
+    env: Vec<(String, String)>,
+}
+
+impl Args {
+    fn parse() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let get = |name: &str, default: u64| -> u64 {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(|v| {
+                    v.parse()
+                        .unwrap_or_else(|_| panic!("{name} takes a number"))
+                })
+                .unwrap_or(default)
+        };
+        let instances = get("--instances", 100) as usize;
+        Self {
+            instances,
+            idle_secs: get("--idle-secs", 120),
+            link_concurrency: get("--link-concurrency", 32) as usize,
+            baileys: get("--baileys", instances as u64) as usize,
+            http_secs: get("--http-secs", 10),
+            env: args
+                .windows(2)
+                .filter(|w| w[0] == "--env")
+                .map(|w| {
+                    let (k, v) = w[1].split_once('=').expect("--env takes K=V");
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A process's memory and CPU, read from /proc.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    rss: u64,
+    pss: u64,
+    cpu_ticks: u64,
+    fds: usize,
+}
+
+impl Sample {
+    fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("it runs");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("it runs");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        Self {
+            rss: kib_field(&status, "VmRSS:"),
+            pss: std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                .map_or(0, |t| kib_field(&t, "Pss:")),
+            // utime + stime, in clock ticks (100 per second)
+            cpu_ticks: fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap(),
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count),
+        }
+    }
+
+    /// KiB per session of what this sample holds over `base`.
+    fn per(&self, base: &Sample, n: usize) -> (f64, f64) {
+        (
+            self.rss.saturating_sub(base.rss) as f64 / n as f64,
+            self.pss.saturating_sub(base.pss) as f64 / n as f64,
+        )
+    }
+}
+
+fn kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds per minute per 1,000 sessions between two samples `secs` apart.
+fn idle_cpu(from: &Sample, to: &Sample, secs: u64, n: usize) -> f64 {
+    let cpu = to.cpu_ticks.saturating_sub(from.cpu_ticks) as f64 / 100.0;
+    cpu * 60.0 / secs as f64 * 1000.0 / n as f64
+}
+
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args()
-        .skip_while(|a| a != "--instances")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let args = Args::parse();
+    let n = args.instances;
     let world = World::new().await;
-    let gw = world.gateway_with(&[("RUST_LOG", QUIET)]).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_empty = rss_kib(gw.pid());
-    let pss_empty = pss_kib(gw.pid());
-    let fds_empty = open_files(gw.pid());
+    let mut result = json!({ "instances": n, "machine": machine() });
+    let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", QUIET)];
+    env.extend(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 
+    // The gateway, empty.
+    let gw = world.gateway_with(&env).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let empty = Sample::of(gw.pid());
+
+    // Link every instance: its QR code through the API, scanned by wa-sim's phone.
+    let instances: Vec<Instance> = stream::iter(0..n)
+        .map(|i| {
+            let api = &gw.api;
+            async move { api.create_instance(&format!("bench {i}")).await }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    world.wa.reset_peaks().await.unwrap();
     let started = Instant::now();
-    let cpu = cpu_ticks(gw.pid());
-    let mut instances = Vec::new();
-    for i in 0..n {
-        instances.push(gw.api.create_instance(&format!("bench {i}")).await);
-    }
-    let links = instances.iter().enumerate().map(|(i, inst)| {
-        let (api, wa) = (&gw.api, &world.wa);
-        async move {
-            let (_, qr) = api.qr_code(inst).await;
-            let qr = qr["value"].as_str().expect("a QR code").to_owned();
-            let phone = format!("55119{:08}", 70_000_000 + i);
-            let (status, body) = wa.scan(&qr, Some(&phone)).await.unwrap();
-            assert_eq!(status, 200, "{body}");
-        }
-    });
-    futures_util::future::join_all(links).await;
+    stream::iter(instances.iter().enumerate())
+        .for_each_concurrent(args.link_concurrency, |(i, inst)| {
+            let (api, wa) = (&gw.api, &world.wa);
+            async move {
+                let (status, qr) = api.qr_code(inst).await;
+                assert_eq!(status, 200, "{qr}");
+                let qr = qr["value"].as_str().expect("a QR code");
+                let phone = format!("55119{:08}", 70_000_000 + i);
+                let (status, body) = wa.scan(qr, Some(&phone)).await.unwrap();
+                assert_eq!(status, 200, "{body}");
+                api.wait_connected(inst).await;
+            }
+        })
+        .await;
     wait_all_connected(&gw, n).await;
     let link_secs = started.elapsed().as_secs_f64();
-    let link_cpu = cpu_ticks(gw.pid()) - cpu;
+    let link_peak = world.wa.stats().await.unwrap()["peakAdmitting"].clone();
+    let after_link = Sample::of(gw.pid());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_linked = rss_kib(gw.pid());
+    let linked = Sample::of(gw.pid());
+    println!(
+        "gateway: linked {n} in {link_secs:.1} s ({:.1} ms of gateway CPU per link), {} admitting at wa-sim at most",
+        (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64,
+        link_peak
+    );
 
+    // Idle, connected.
+    let logins = world.stat("logins").await;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle = Sample::of(gw.pid());
+    let dropped = world.stat("logins").await - logins;
+    println!(
+        "gateway: {} s idle, {:.2} CPU s per minute per 1,000, {dropped} logins again",
+        args.idle_secs,
+        idle_cpu(&linked, &idle, args.idle_secs, n)
+    );
+
+    // The HTTP API under load, while the sessions stay connected.
+    let http = http_load(&gw, &world, &instances, args.http_secs).await;
+
+    // A restart: every stored session logs in again, `restore-concurrency` at a time.
     gw.stop().await;
+    world.wa.reset_peaks().await.unwrap();
     let started = Instant::now();
-    let gw = world.gateway_with(&[("RUST_LOG", QUIET)]).await;
+    let gw = world.gateway_with(&env).await;
     wait_all_connected(&gw, n).await;
     let restart_secs = started.elapsed().as_secs_f64();
-    let restart_cpu = cpu_ticks(gw.pid());
+    let restart_cpu = Sample::of(gw.pid()).cpu_ticks as f64 / 100.0;
+    let restart_peak = world.wa.stats().await.unwrap()["peakAdmitting"].clone();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_restarted = rss_kib(gw.pid());
-    let pss_restarted = pss_kib(gw.pid());
-    let fds_restarted = open_files(gw.pid());
-
-    println!("zapgate with {n} instances linked to wa-sim");
-    println!("  link all {n} (QR, scan, connected):      {link_secs:.1} s");
+    let restarted = Sample::of(gw.pid());
     println!(
-        "  gateway CPU while linking:             {:.2} s ({:.1} ms per link)",
-        link_cpu as f64 / 100.0,
-        link_cpu as f64 * 10.0 / n as f64
-    );
-    println!("  RSS with no instance:                  {rss_empty} KiB");
-    println!("  RSS with {n} connected (after linking):  {rss_linked} KiB");
-    println!("  RSS with {n} connected (after restart):  {rss_restarted} KiB");
-    println!(
-        "  PSS empty / after restart:             {pss_empty} / {pss_restarted} KiB ({:.0} KiB per instance)",
-        (pss_restarted.saturating_sub(pss_empty)) as f64 / n as f64
-    );
-    println!(
-        "  open files empty / after restart:      {fds_empty} / {fds_restarted} ({:.1} per instance)",
-        (fds_restarted.saturating_sub(fds_empty)) as f64 / n as f64
-    );
-    println!(
-        "  per connected idle instance:           {:.0} KiB (after linking), {:.0} KiB (after restart)",
-        (rss_linked.saturating_sub(rss_empty)) as f64 / n as f64,
-        (rss_restarted.saturating_sub(rss_empty)) as f64 / n as f64
-    );
-    println!("  restart until all {n} connected:        {restart_secs:.2} s");
-    println!(
-        "  gateway CPU from start to all connected: {:.2} s",
-        restart_cpu as f64 / 100.0
+        "gateway: restarted, all {n} connected in {restart_secs:.2} s ({restart_cpu:.2} CPU s), {restart_peak} admitting at wa-sim at most"
     );
     gw.stop().await;
+
+    let (linked_rss, linked_pss) = linked.per(&empty, n);
+    let (idle_rss, idle_pss) = idle.per(&empty, n);
+    let (restarted_rss, restarted_pss) = restarted.per(&empty, n);
+    result["gateway"] = json!({
+        "emptyRssKib": empty.rss,
+        "emptyPssKib": empty.pss,
+        "linkedRssKib": linked.rss,
+        "idleRssKib": idle.rss,
+        "restartedRssKib": restarted.rss,
+        "restartedPssKib": restarted.pss,
+        "perInstanceKib": {
+            "linked": [linked_rss, linked_pss],
+            "idle": [idle_rss, idle_pss],
+            "restarted": [restarted_rss, restarted_pss],
+        },
+        "linkSecs": link_secs,
+        "linkCpuMsPerLink": (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64,
+        "linkPeakAdmitting": link_peak,
+        "restartSecs": restart_secs,
+        "restartCpuSecs": restart_cpu,
+        "restartPeakAdmitting": restart_peak,
+        "idleCpuSecsPerMinPer1000": idle_cpu(&linked, &idle, args.idle_secs, n),
+        "loginsWhileIdle": dropped,
+        "openFilesPerInstance": (restarted.fds.saturating_sub(empty.fds)) as f64 / n as f64,
+        "http": http,
+    });
+    println!("gateway: {}", result["gateway"]);
+
+    if args.baileys > 0 {
+        result["baileys"] =
+            baileys(&world, args.baileys, args.idle_secs, args.link_concurrency).await;
+        println!("baileys: {}", result["baileys"]);
+    }
+    println!("RESULT {result}");
+}
+
+/// `wrk` on `/status` and `/qr-code` (answered "already connected") at 64 and 256
+/// connections, each request for the next instance in turn. Also checks that no
+/// session at wa-sim dropped meanwhile.
+async fn http_load(gw: &Gateway, world: &World, instances: &[Instance], secs: u64) -> Value {
+    if secs == 0 {
+        return Value::Null;
+    }
+    if std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("http: wrk is not installed (apt-get install wrk); skipped");
+        return Value::Null;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let logins = world.stat("logins").await;
+    let mut runs = Vec::new();
+    for route in ["status", "qr-code"] {
+        let script = dir.path().join(format!("{route}.lua"));
+        std::fs::write(&script, wrk_script(instances, route)).unwrap();
+        for connections in [64, 256] {
+            let out = tokio::process::Command::new("wrk")
+                .args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s")])
+                .arg("-s")
+                .arg(&script)
+                .arg(&gw.api.base)
+                .output()
+                .await
+                .expect("wrk runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("RESULT "))
+                .unwrap_or_else(|| panic!("wrk printed no result: {text}"));
+            let mut run: Value = serde_json::from_str(line).unwrap();
+            run["route"] = json!(route);
+            run["connections"] = json!(connections);
+            println!("http: {run}");
+            runs.push(run);
+        }
+    }
+    let stats = world.wa.stats().await.unwrap();
+    json!({
+        "runs": runs,
+        "loginsDuringLoad": world.stat("logins").await - logins,
+        "connectionsAfter": stats["connections"],
+    })
+}
+
+fn wrk_script(instances: &[Instance], route: &str) -> String {
+    let paths: Vec<String> = instances
+        .iter()
+        .map(|i| format!("\"/instances/{}/token/{}/{route}\"", i.id, i.token))
+        .collect();
+    format!(
+        r#"local paths = {{ {} }}
+local i = math.random(#paths)
+request = function()
+  i = i % #paths + 1
+  return wrk.format("GET", paths[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {{"requests":%d,"perSecond":%.0f,"p50Ms":%.3f,"p99Ms":%.3f,"non2xx":%d,"socketErrors":%d}}\n',
+    summary.requests, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"#,
+        paths.join(",")
+    )
 }
 
 async fn wait_all_connected(gw: &Gateway, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let mut connected = 0;
         let mut page = 1;
@@ -122,43 +336,155 @@ async fn wait_all_connected(gw: &Gateway, n: usize) {
             Instant::now() < deadline,
             "only {connected} of {n} connected"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the gateway runs");
-    status
+/// The same number of sessions held by Baileys in one Node process, linked the same
+/// way (each QR code scanned by wa-sim's phone), measured the same way.
+async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wa-sim/baileys");
+    if !dir.join("node_modules/.package-lock.json").exists() {
+        let ok = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "npm ci in {} failed", dir.display());
+    }
+    let auth = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new("node")
+        .arg("--expose-gc")
+        .arg("hold.mjs")
+        .arg("--url")
+        .arg(world.sim.ws_url())
+        .arg("--auth")
+        .arg(auth.path())
+        .args([
+            "--sessions",
+            &n.to_string(),
+            "--linking",
+            &concurrency.to_string(),
+        ])
+        .current_dir(&dir)
+        // Its log says "stream errored out" at error level after every pairing.
+        .env("BAILEYS_LOG_LEVEL", "fatal")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let pid = child.id().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Node with Baileys loaded, before any socket opens.
+    let empty = Sample::of(pid);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    let mut scans = tokio::task::JoinSet::new();
+    let mut open = 0;
+    // The most it held while linking, sampled at each line it printed.
+    let mut peak = empty;
+    while open < n {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("Baileys goes on linking")
+            .unwrap();
+        let Some(line) = line else {
+            // Node ended: out of memory, most likely (its last words are on stderr).
+            let status = child.wait().await.unwrap();
+            println!("baileys: Node ended ({status}) with {open} of {n} sessions open");
+            return json!({
+                "sessions": n,
+                "endedWithOpen": open,
+                "exit": status.to_string(),
+                "peakRssKib": peak.rss,
+                "emptyRssKib": empty.rss,
+                "perSessionKib": { "peak": peak.rss.saturating_sub(empty.rss) as f64 / open.max(1) as f64 },
+            });
+        };
+        if let Some(sample) = Some(Sample::of(pid)).filter(|s| s.rss > peak.rss) {
+            peak = sample;
+        }
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+        match event["event"].as_str() {
+            Some("qr") => {
+                let session = event["session"].as_u64().unwrap();
+                let qr = event["qr"].as_str().unwrap().to_owned();
+                let wa = Control::new(world.sim.control_url());
+                scans.spawn(async move {
+                    let phone = format!("55119{:08}", 80_000_000 + session);
+                    wa.scan(&qr, Some(&phone)).await.unwrap()
+                });
+            }
+            Some("open") => open = event["open"].as_u64().unwrap() as usize,
+            _ => {}
+        }
+    }
+    let link_secs = started.elapsed().as_secs_f64();
+    // A code replaced before its scan arrived is refused, and the next one scanned.
+    let mut refused_scans = 0;
+    while let Some(scan) = scans.join_next().await {
+        if scan.unwrap().0 != 200 {
+            refused_scans += 1;
+        }
+    }
+    let after_link = Sample::of(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let linked = Sample::of(pid);
+    println!(
+        "baileys: linked {n} in {link_secs:.1} s ({:.1} ms of CPU per link)",
+        (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64
+    );
+    let logins = world.stat("logins").await;
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle = Sample::of(pid);
+    let relogins = world.stat("logins").await - logins;
+    // What V8 says it holds: the JavaScript heap and the buffers outside it.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"memory\n").await.unwrap();
+    let usage = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("Baileys answers")
+            .unwrap()
+            .expect("Baileys runs");
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["event"] == "memory" {
+            break event;
+        }
+    };
+    stdin.write_all(b"quit\n").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    let (linked_rss, linked_pss) = linked.per(&empty, n);
+    let (idle_rss, idle_pss) = idle.per(&empty, n);
+    json!({
+        "sessions": n,
+        "emptyRssKib": empty.rss,
+        "linkedRssKib": linked.rss,
+        "idleRssKib": idle.rss,
+        "idlePssKib": idle.pss,
+        "perSessionKib": { "linked": [linked_rss, linked_pss], "idle": [idle_rss, idle_pss] },
+        "linkSecs": link_secs,
+        "linkCpuMsPerLink": (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64,
+        "idleCpuSecsPerMinPer1000": idle_cpu(&linked, &idle, idle_secs, n),
+        "loginsWhileIdle": relogins,
+        "refusedScans": refused_scans,
+        "v8Kib": usage,
+        "openFiles": idle.fds,
+    })
+}
+
+/// What the figures were measured on.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-/// utime + stime of a process, in clock ticks (100 per second on Linux).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the gateway runs");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("stat")
-        .1
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-/// Proportional set size (shared pages split among their users), if the kernel says.
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "model": model,
+        "memKib": kib_field(&meminfo, "MemTotal:"),
+    })
 }
