@@ -103,12 +103,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Open files the process keeps for itself (listener, database pool, logs, HTTP).
-const FILES_RESERVED: u64 = 64;
+/// Open files the process keeps for itself: listener, database pool, logs, and the HTTP
+/// and webhook connections of a busy moment.
+const FILES_RESERVED: u64 = 256;
 /// Open files one running session holds: its session database (the file, its WAL and
-/// shared memory, over the client's connections) and its websocket. Measured: 4.7 per
-/// connected session (tests/concurrency.rs); the rest is margin for busy moments.
-const FILES_PER_SESSION: u64 = 8;
+/// shared memory) and its websocket. Measured: 4.0 per connected session at 1,000 (the
+/// `instances` bench); one more for a session while it opens.
+const FILES_PER_SESSION: u64 = 5;
 
 /// Raises the soft open-file limit to the hard one, and says how many sessions fit.
 fn open_file_room() -> usize {
