@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rand::RngExt as _;
 use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -80,10 +81,10 @@ const OUTBOX_CAP: u64 = 1000;
 const QUEUE: usize = 32;
 /// Restores in a row make the client skip its backoff at most this often.
 const RECONNECT_NOW_EVERY: Duration = Duration::from_secs(5);
-/// How long a new link may wait for the database before it is undone at WhatsApp, and
-/// the pause between attempts.
-const LINK_RECORD_WAIT: Duration = Duration::from_secs(30);
-const LINK_RECORD_PAUSE: Duration = Duration::from_millis(500);
+/// How long a new link may wait for a busy database before it is undone at WhatsApp,
+/// and the pause between attempts, in milliseconds (random, so a crowd spreads out).
+const LINK_RECORD_WAIT: Duration = Duration::from_secs(20);
+const LINK_RECORD_PAUSE: std::ops::Range<u64> = 100..600;
 
 pub(super) struct Actor {
     pub(super) record: Arc<InstanceRecord>,
@@ -672,37 +673,31 @@ impl Actor {
     /// The phone accepted the link: it counts only once it is in the database. If it
     /// cannot be stored, it is undone at WhatsApp rather than left to be lost.
     ///
-    /// Undoing costs the user a scan, so the write is tried again (a busy database
-    /// under a crowd of linkings answers "locked") for up to `LINK_RECORD_WAIT`.
+    /// Undoing costs the user a scan, so a write the database was too busy for (a crowd
+    /// of linkings) is tried again until `LINK_RECORD_WAIT` has passed. Each attempt
+    /// runs to its end, bounded by the store's own lock and pool timeouts, so whether it
+    /// was written is always known: a write cut off mid-commit could still land.
     async fn record_link(&mut self, link: Link) {
         let deadline = Instant::now() + LINK_RECORD_WAIT;
         let saved = loop {
-            let attempt = tokio::time::timeout_at(
-                deadline,
-                self.ctx.store.set_link(&self.record.id, Some(&link)),
-            )
-            .await;
-            match attempt {
-                Ok(Err(e)) if Instant::now() + LINK_RECORD_PAUSE < deadline => {
+            match self.ctx.store.set_link(&self.record.id, Some(&link)).await {
+                Err(e) if e.is_busy() && Instant::now() < deadline => {
                     tracing::warn!(instance.id = %self.record.id, error = %e, "could not record the new link yet; trying again");
-                    tokio::time::sleep(LINK_RECORD_PAUSE).await;
+                    let pause = rand::rng().random_range(LINK_RECORD_PAUSE);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 outcome => break outcome,
             }
         };
         match saved {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 tracing::info!(instance.id = %self.record.id, "number linked");
                 self.link = Some(link);
                 self.window.on_paired();
                 self.publish();
             }
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "the database did not answer in time".into(),
-                };
-                tracing::error!(instance.id = %self.record.id, error, "could not record the new link; unlinking the device");
+            Err(e) => {
+                tracing::error!(instance.id = %self.record.id, error = %e, "could not record the new link; unlinking the device");
                 self.problem = Some(Problem::LinkNotSaved);
                 self.apply(Input::LinkNotRecorded).await;
             }

@@ -257,7 +257,8 @@ impl ClientFactory {
             .skip_history_sync()
             // One mailbox drained in order: the instance must see Disconnected before
             // the Connected that follows it. The instance's channel is bounded and its
-            // task never blocks, so waiting here only paces the client's own mailbox.
+            // task waits only on its database (seconds at most, when it is busy), so
+            // waiting here only paces the client's own mailbox.
             .with_event_delivery(EventDelivery::Ordered { capacity: 256 })
             .on_event_for(INSTANCE_EVENTS, move |event, _client| {
                 let events = events.clone();

@@ -19,6 +19,22 @@ pub enum StoreError {
     UnsupportedUrl(String),
 }
 
+impl StoreError {
+    /// The database was too busy (locked, or no connection free in time): trying again
+    /// later may work, unlike a full disk or a broken file.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::PoolTimedOut) => true,
+            Self::Database(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+            _ => false,
+        }
+    }
+}
+
 /// An instance as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceRecord {
