@@ -9,8 +9,10 @@
 // is scanned. Writes one JSON object per line on stdout:
 //   {"event":"qr","session":i,"qr":"2@..."}   a QR code to scan (the newest counts)
 //   {"event":"open","session":i,"open":K}      session i logged in; K are open now
-//   {"event":"close","session":i,"status":S}   a connection ended (515 reopens it)
+//   {"event":"close","session":i,"status":S}   a connection ended; reopened unless 401
+// Prints {"event":"ready"} once Baileys is loaded, and opens nothing before `start`.
 // Reads commands on stdin:
+//   start    opens the sessions
 //   memory   answers {"event":"memory",...}: process.memoryUsage() in KiB, after a full
 //            garbage collection when Node runs with --expose-gc
 //   quit     closes every socket and exits once credentials are written
@@ -49,11 +51,21 @@ const opened = new Set();
 const saving = [];
 let quitting = false;
 
+// Sessions still linking hold one of `linkingCap` slots until they open or are logged out.
+let next = 0;
+let linking = 0;
+const holding = new Set();
+function release(i) {
+  if (holding.delete(i)) {
+    linking -= 1;
+    fill();
+  }
+}
+
 async function start(i) {
   const dir = join(args.auth, String(i));
   await mkdir(dir, { recursive: true });
   const { state, saveCreds } = await useMultiFileAuthState(dir);
-  const registered = Boolean(state.creds.registered);
   let writes = Promise.resolve();
   saving[i] = () => writes;
   const connect = () => {
@@ -73,45 +85,39 @@ async function start(i) {
       if (update.connection === 'open') {
         opened.add(i);
         emit('open', { session: i, open: opened.size });
+        release(i);
       }
       if (update.connection === 'close') {
         opened.delete(i);
         const status = update.lastDisconnect?.error?.output?.statusCode ?? null;
         emit('close', { session: i, status });
-        if (status === DisconnectReason.restartRequired && !quitting) connect();
+        if (status === DisconnectReason.loggedOut) {
+          release(i);
+        } else if (!quitting) {
+          // As an app does: at once after pairing (515), after a pause otherwise.
+          setTimeout(connect, status === DisconnectReason.restartRequired ? 0 : 1000);
+        }
       }
     });
   };
   connect();
-  return registered;
+  return Boolean(state.creds.registered);
 }
 
-// Logged-in sessions start at once; new ones wait for a linking slot.
-let next = 0;
-let linking = 0;
 async function fill() {
   while (next < total && linking < linkingCap && !quitting) {
     const i = next++;
-    const registered = await start(i);
-    if (!registered) {
-      linking += 1;
-      const done = () => {
-        if (opened.has(i)) {
-          linking -= 1;
-          fill();
-        } else {
-          setTimeout(done, 50);
-        }
-      };
-      done();
-    }
+    linking += 1;
+    holding.add(i);
+    if (await start(i)) release(i); // already linked: it only logs in
   }
 }
-fill();
 
+emit('ready');
 for await (const line of createInterface({ input: process.stdin })) {
   const command = line.trim();
   if (command === 'quit') break;
+  if (command === 'start') fill().catch((e) => emit('error', { message: String(e?.message ?? e) }));
   if (command === 'memory') {
     globalThis.gc?.();
     const usage = Object.fromEntries(

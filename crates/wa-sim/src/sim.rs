@@ -54,9 +54,9 @@ pub(crate) struct Stats {
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
-    /// Connections between their first frame and the end of their admission (the Noise
-    /// handshake, then registration or login), and the most seen at once since the last
-    /// reset: how hard a crowd of clients hit the service together.
+    /// Connections from their websocket upgrade to the end of their admission (the
+    /// Noise handshake, then registration or login), and the most seen at once since the
+    /// last reset: how hard a crowd of clients hit the service together.
     pub(crate) admitting: AtomicU64,
     pub(crate) peak_admitting: AtomicU64,
 }
@@ -337,7 +337,9 @@ impl Sim {
 
     /// Starts a new peak of admitting connections from those admitting now.
     pub(crate) fn reset_peaks(&self) {
+        // Zero first, then raise to now: a connection beginning in between still counts.
+        self.stats.peak_admitting.store(0, Ordering::Relaxed);
         let now = self.stats.admitting.load(Ordering::Relaxed);
-        self.stats.peak_admitting.store(now, Ordering::Relaxed);
+        self.stats.peak_admitting.fetch_max(now, Ordering::Relaxed);
     }
 }

@@ -244,6 +244,8 @@ async fn the_phone_unlinking_logs_the_device_out_for_good() {
         .then_some(())
         .expect("refused at connect");
     assert_eq!(h.control.stats().await.unwrap()["loginFailures"], json!(1));
+    // A refused login is no longer admitting either.
+    h.stats_until(|s| s["admitting"] == json!(0)).await;
     again.stop().await;
 }
 
