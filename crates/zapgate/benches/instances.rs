@@ -113,6 +113,32 @@ fn kib_field(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The most open files a process held while this lives, sampled every 50 ms.
+struct PeakFds {
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakFds {
+    fn watch(pid: u32) -> Self {
+        let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = most.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+                seen.fetch_max(fds, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { most, task }
+    }
+
+    fn stop(self) -> usize {
+        self.task.abort();
+        self.most.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// CPU seconds per minute per 1,000 sessions between two samples `secs` apart.
 fn idle_cpu(from: &Sample, to: &Sample, secs: u64, n: usize) -> f64 {
     let cpu = to.cpu_ticks.saturating_sub(from.cpu_ticks) as f64 / 100.0;
@@ -143,6 +169,7 @@ async fn main() {
         .collect()
         .await;
     world.wa.reset_peaks().await.unwrap();
+    let fds_linking = PeakFds::watch(gw.pid());
     let started = Instant::now();
     stream::iter(instances.iter().enumerate())
         .for_each_concurrent(args.link_concurrency, |(i, inst)| {
@@ -161,6 +188,7 @@ async fn main() {
     wait_all_connected(&gw, n).await;
     let link_secs = started.elapsed().as_secs_f64();
     let link_peak = world.wa.stats().await.unwrap()["peakAdmitting"].clone();
+    let link_fds = fds_linking.stop();
     let after_link = Sample::of(gw.pid());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let linked = Sample::of(gw.pid());
@@ -189,8 +217,10 @@ async fn main() {
     world.wa.reset_peaks().await.unwrap();
     let started = Instant::now();
     let gw = world.gateway_with(&env).await;
+    let fds_restarting = PeakFds::watch(gw.pid());
     wait_all_connected(&gw, n).await;
     let restart_secs = started.elapsed().as_secs_f64();
+    let restart_fds = fds_restarting.stop();
     let restart_cpu = Sample::of(gw.pid()).cpu_ticks as f64 / 100.0;
     let restart_peak = world.wa.stats().await.unwrap()["peakAdmitting"].clone();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -224,6 +254,11 @@ async fn main() {
         "idleCpuSecsPerMinPer1000": idle_cpu(&linked, &idle, args.idle_secs, n),
         "loginsWhileIdle": dropped,
         "openFilesPerInstance": (restarted.fds.saturating_sub(empty.fds)) as f64 / n as f64,
+        "openFilesEmpty": empty.fds,
+        "openFilesRestarted": restarted.fds,
+        "openFilesMostLinking": link_fds,
+        "openFilesMostRestarting": restart_fds,
+        "idleSecs": args.idle_secs,
         "http": http,
     });
     println!("gateway: {}", result["gateway"]);
@@ -237,7 +272,8 @@ async fn main() {
 }
 
 /// `wrk` on `/status` and `/qr-code` (answered "already connected") at 64 and 256
-/// connections, each request for the next instance in turn. Also checks that no
+/// connections, each request for the next instance in turn (`httpErrors`: answers of
+/// 400 and over). Also checks that no
 /// session at wa-sim dropped meanwhile.
 async fn http_load(gw: &Gateway, world: &World, instances: &[Instance], secs: u64) -> Value {
     if secs == 0 {
@@ -293,7 +329,11 @@ fn wrk_script(instances: &[Instance], route: &str) -> String {
         .collect();
     format!(
         r#"local paths = {{ {} }}
-local i = math.random(#paths)
+local threads = 0
+setup = function(thread)
+  thread:set("i", threads * 7919)
+  threads = threads + 1
+end
 request = function()
   i = i % #paths + 1
   return wrk.format("GET", paths[i])
@@ -301,7 +341,7 @@ end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    'RESULT {{"requests":%d,"perSecond":%.0f,"p50Ms":%.3f,"p99Ms":%.3f,"non2xx":%d,"socketErrors":%d}}\n',
+    'RESULT {{"requests":%d,"perSecond":%.0f,"p50Ms":%.3f,"p99Ms":%.3f,"httpErrors":%d,"socketErrors":%d}}\n',
     summary.requests, summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     e.status, e.connect + e.read + e.write + e.timeout))
@@ -341,7 +381,8 @@ async fn wait_all_connected(gw: &Gateway, n: usize) {
 }
 
 /// The same number of sessions held by Baileys in one Node process, linked the same
-/// way (each QR code scanned by wa-sim's phone), measured the same way.
+/// way (each QR code scanned by wa-sim's phone), measured the same way. A Node that
+/// ends or stalls is a result too: how many sessions it held, and its memory then.
 async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wa-sim/baileys");
     if !dir.join("node_modules/.package-lock.json").exists() {
@@ -375,37 +416,46 @@ async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) ->
         .spawn()
         .expect("node runs");
     let pid = child.id().unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Node with Baileys loaded, before any socket opens.
-    let empty = Sample::of(pid);
+    let mut stdin = child.stdin.take().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Option<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .ok()?
+            .ok()??;
+        Some(serde_json::from_str(&line).unwrap_or_else(|_| json!({ "printed": line })))
+    };
+    // Node with Baileys loaded, before any socket opens.
+    while next().await.expect("Baileys loads")["event"] != "ready" {}
+    let empty = Sample::of(pid);
+    stdin.write_all(b"start\n").await.unwrap();
+
     let started = Instant::now();
     let mut scans = tokio::task::JoinSet::new();
     let mut open = 0;
     // The most it held while linking, sampled at each line it printed.
     let mut peak = empty;
     while open < n {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("Baileys goes on linking")
-            .unwrap();
-        let Some(line) = line else {
-            // Node ended: out of memory, most likely (its last words are on stderr).
-            let status = child.wait().await.unwrap();
-            println!("baileys: Node ended ({status}) with {open} of {n} sessions open");
+        let Some(event) = next().await else {
+            let ended = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            let how = match ended {
+                Ok(Ok(status)) => format!("Node ended ({status})"),
+                _ => "Node stopped linking for 120 s".to_owned(),
+            };
+            println!("baileys: {how} with {open} of {n} sessions open");
             return json!({
                 "sessions": n,
                 "endedWithOpen": open,
-                "exit": status.to_string(),
+                "exit": how,
                 "peakRssKib": peak.rss,
                 "emptyRssKib": empty.rss,
                 "perSessionKib": { "peak": peak.rss.saturating_sub(empty.rss) as f64 / open.max(1) as f64 },
             });
         };
-        if let Some(sample) = Some(Sample::of(pid)).filter(|s| s.rss > peak.rss) {
-            peak = sample;
+        let now = Sample::of(pid);
+        if now.rss > peak.rss {
+            peak = now;
         }
-        let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
         match event["event"].as_str() {
             Some("qr") => {
                 let session = event["session"].as_u64().unwrap();
@@ -413,7 +463,9 @@ async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) ->
                 let wa = Control::new(world.sim.control_url());
                 scans.spawn(async move {
                     let phone = format!("55119{:08}", 80_000_000 + session);
-                    wa.scan(&qr, Some(&phone)).await.unwrap()
+                    wa.scan(&qr, Some(&phone))
+                        .await
+                        .map_or(0, |(status, _)| status)
                 });
             }
             Some("open") => open = event["open"].as_u64().unwrap() as usize,
@@ -424,7 +476,7 @@ async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) ->
     // A code replaced before its scan arrived is refused, and the next one scanned.
     let mut refused_scans = 0;
     while let Some(scan) = scans.join_next().await {
-        if scan.unwrap().0 != 200 {
+        if scan.unwrap() != 200 {
             refused_scans += 1;
         }
     }
@@ -440,17 +492,12 @@ async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) ->
     let idle = Sample::of(pid);
     let relogins = world.stat("logins").await - logins;
     // What V8 says it holds: the JavaScript heap and the buffers outside it.
-    let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"memory\n").await.unwrap();
     let usage = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("Baileys answers")
-            .unwrap()
-            .expect("Baileys runs");
-        let event: Value = serde_json::from_str(&line).unwrap_or_default();
-        if event["event"] == "memory" {
-            break event;
+        match next().await {
+            Some(event) if event["event"] == "memory" => break event,
+            Some(_) => {}
+            None => break Value::Null,
         }
     };
     stdin.write_all(b"quit\n").await.unwrap();
