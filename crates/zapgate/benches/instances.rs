@@ -380,98 +380,137 @@ async fn wait_all_connected(gw: &Gateway, n: usize) {
     }
 }
 
-/// The same number of sessions held by Baileys in one Node process, linked the same
-/// way (each QR code scanned by wa-sim's phone), measured the same way. A Node that
-/// ends or stalls is a result too: how many sessions it held, and its memory then.
-async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) -> Value {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wa-sim/baileys");
-    if !dir.join("node_modules/.package-lock.json").exists() {
-        let ok = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
+/// `hold.mjs`: Baileys holding sessions in one Node process.
+struct Node {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    pid: u32,
+}
+
+impl Node {
+    fn spawn(world: &World, auth: &Path, n: usize, concurrency: usize) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wa-sim/baileys");
+        if !dir.join("node_modules/.package-lock.json").exists() {
+            let ok = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "npm ci in {} failed", dir.display());
+        }
+        let mut child = tokio::process::Command::new("node")
+            .arg("--expose-gc")
+            .arg("hold.mjs")
+            .arg("--url")
+            .arg(world.sim.ws_url())
+            .arg("--auth")
+            .arg(auth)
+            .args([
+                "--sessions",
+                &n.to_string(),
+                "--linking",
+                &concurrency.to_string(),
+            ])
             .current_dir(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "npm ci in {} failed", dir.display());
+            // Its log says "stream errored out" at error level after every pairing.
+            .env("BAILEYS_LOG_LEVEL", "fatal")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        Self {
+            pid: child.id().unwrap(),
+            stdin: child.stdin.take().unwrap(),
+            lines: BufReader::new(child.stdout.take().unwrap()).lines(),
+            child,
+        }
     }
-    let auth = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new("node")
-        .arg("--expose-gc")
-        .arg("hold.mjs")
-        .arg("--url")
-        .arg(world.sim.ws_url())
-        .arg("--auth")
-        .arg(auth.path())
-        .args([
-            "--sessions",
-            &n.to_string(),
-            "--linking",
-            &concurrency.to_string(),
-        ])
-        .current_dir(&dir)
-        // Its log says "stream errored out" at error level after every pairing.
-        .env("BAILEYS_LOG_LEVEL", "fatal")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let pid = child.id().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || -> Option<Value> {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+
+    /// The next event it prints; None once it ended or printed nothing for 120 s.
+    async fn next(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
             .await
             .ok()?
             .ok()??;
         Some(serde_json::from_str(&line).unwrap_or_else(|_| json!({ "printed": line })))
-    };
-    // Node with Baileys loaded, before any socket opens.
-    while next().await.expect("Baileys loads")["event"] != "ready" {}
-    let empty = Sample::of(pid);
-    stdin.write_all(b"start\n").await.unwrap();
+    }
 
-    let started = Instant::now();
-    let mut scans = tokio::task::JoinSet::new();
-    let mut open = 0;
-    // The most it held while linking, sampled at each line it printed.
-    let mut peak = empty;
-    while open < n {
-        let Some(event) = next().await else {
-            let ended = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            let how = match ended {
-                Ok(Ok(status)) => format!("Node ended ({status})"),
-                _ => "Node stopped linking for 120 s".to_owned(),
-            };
-            println!("baileys: {how} with {open} of {n} sessions open");
-            return json!({
-                "sessions": n,
-                "endedWithOpen": open,
-                "exit": how,
-                "peakRssKib": peak.rss,
-                "emptyRssKib": empty.rss,
-                "perSessionKib": { "peak": peak.rss.saturating_sub(empty.rss) as f64 / open.max(1) as f64 },
-            });
-        };
-        let now = Sample::of(pid);
-        if now.rss > peak.rss {
-            peak = now;
-        }
-        match event["event"].as_str() {
-            Some("qr") => {
-                let session = event["session"].as_u64().unwrap();
-                let qr = event["qr"].as_str().unwrap().to_owned();
-                let wa = Control::new(world.sim.control_url());
-                scans.spawn(async move {
-                    let phone = format!("55119{:08}", 80_000_000 + session);
-                    wa.scan(&qr, Some(&phone))
-                        .await
-                        .map_or(0, |(status, _)| status)
-                });
+    async fn send(&mut self, command: &str) {
+        let _ = self
+            .stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await;
+    }
+
+    /// How it ended, after `next` said it did.
+    async fn ended(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(Ok(status)) => format!("Node ended ({status})"),
+            _ => {
+                let _ = self.child.kill().await;
+                "Node printed nothing for 120 s".to_owned()
             }
-            Some("open") => open = event["open"].as_u64().unwrap() as usize,
-            _ => {}
         }
     }
+}
+
+/// The same number of sessions held by Baileys in one Node process, linked the same
+/// way (each QR code scanned by wa-sim's phone), measured the same way. A Node that
+/// ends (out of memory, as a rule) is recorded and started again, as a supervisor
+/// would: sessions it had linked log in from their stored credentials, the others link.
+async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) -> Value {
+    const STARTS: usize = 8;
+    let auth = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut ends = Vec::new();
+    let mut scans = tokio::task::JoinSet::new();
+    let (mut node, empty) = 'held: loop {
+        let mut node = Node::spawn(world, auth.path(), n, concurrency);
+        // Node with Baileys loaded, before any socket opens.
+        while node.next().await.expect("Baileys loads")["event"] != "ready" {}
+        let empty = Sample::of(node.pid);
+        node.send("start").await;
+        let mut open = 0;
+        // The most it held, sampled at each line it printed.
+        let mut peak = empty;
+        while open < n {
+            let Some(event) = node.next().await else {
+                let how = node.ended().await;
+                println!(
+                    "baileys: {how} with {open} of {n} sessions open, {} MiB at most",
+                    peak.rss / 1024
+                );
+                ends.push(json!({ "how": how, "open": open, "peakRssKib": peak.rss }));
+                assert!(
+                    ends.len() < STARTS,
+                    "Baileys ended {STARTS} times: {ends:?}"
+                );
+                continue 'held;
+            };
+            let now = Sample::of(node.pid);
+            if now.rss > peak.rss {
+                peak = now;
+            }
+            match event["event"].as_str() {
+                Some("qr") => {
+                    let session = event["session"].as_u64().unwrap();
+                    let qr = event["qr"].as_str().unwrap().to_owned();
+                    let wa = Control::new(world.sim.control_url());
+                    scans.spawn(async move {
+                        let phone = format!("55119{:08}", 80_000_000 + session);
+                        wa.scan(&qr, Some(&phone))
+                            .await
+                            .map_or(0, |(status, _)| status)
+                    });
+                }
+                Some("open") => open = event["open"].as_u64().unwrap() as usize,
+                _ => {}
+            }
+        }
+        break (node, empty);
+    };
     let link_secs = started.elapsed().as_secs_f64();
     // A code replaced before its scan arrived is refused, and the next one scanned.
     let mut refused_scans = 0;
@@ -480,39 +519,45 @@ async fn baileys(world: &World, n: usize, idle_secs: u64, concurrency: usize) ->
             refused_scans += 1;
         }
     }
-    let after_link = Sample::of(pid);
+    let after_link = Sample::of(node.pid);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let linked = Sample::of(pid);
+    let linked = Sample::of(node.pid);
     println!(
-        "baileys: linked {n} in {link_secs:.1} s ({:.1} ms of CPU per link)",
-        (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64
+        "baileys: all {n} open after {link_secs:.1} s and {} restarts of Node",
+        ends.len()
     );
     let logins = world.stat("logins").await;
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let idle = Sample::of(pid);
+    let idle = Sample::of(node.pid);
     let relogins = world.stat("logins").await - logins;
     // What V8 says it holds: the JavaScript heap and the buffers outside it.
-    stdin.write_all(b"memory\n").await.unwrap();
+    node.send("memory").await;
     let usage = loop {
-        match next().await {
+        match node.next().await {
             Some(event) if event["event"] == "memory" => break event,
             Some(_) => {}
             None => break Value::Null,
         }
     };
-    stdin.write_all(b"quit\n").await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    node.send("quit").await;
+    let _ = tokio::time::timeout(Duration::from_secs(60), node.child.wait()).await;
     let (linked_rss, linked_pss) = linked.per(&empty, n);
     let (idle_rss, idle_pss) = idle.per(&empty, n);
     json!({
         "sessions": n,
+        "ends": ends,
         "emptyRssKib": empty.rss,
         "linkedRssKib": linked.rss,
         "idleRssKib": idle.rss,
         "idlePssKib": idle.pss,
         "perSessionKib": { "linked": [linked_rss, linked_pss], "idle": [idle_rss, idle_pss] },
         "linkSecs": link_secs,
-        "linkCpuMsPerLink": (after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64,
+        // Only meaningful when Node never ended: CPU of the last Node from its start.
+        "linkCpuMsPerLink": if ends.is_empty() {
+            json!((after_link.cpu_ticks - empty.cpu_ticks) as f64 * 10.0 / n as f64)
+        } else {
+            Value::Null
+        },
         "idleCpuSecsPerMinPer1000": idle_cpu(&linked, &idle, idle_secs, n),
         "loginsWhileIdle": relogins,
         "refusedScans": refused_scans,
