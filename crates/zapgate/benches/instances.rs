@@ -3,7 +3,7 @@
 //! numbers held by Baileys in one Node process against the same wa-sim.
 //!
 //! `cargo bench -p zapgate --bench instances -- [--instances 100] [--idle-secs 120]
-//!  [--link-concurrency 32] [--baileys N (default: instances, at most 1,000; 0: none)]
+//!  [--link-concurrency 32] [--baileys N (default: instances up to 1,000, none past it)]
 //!  [--http-secs 10] [--env K=V ...]`
 //!
 //! wa-sim runs in this process; the gateway (a release sandbox build) and Baileys run as
@@ -55,8 +55,15 @@ impl Args {
             instances,
             idle_secs: get("--idle-secs", 120),
             link_concurrency: get("--link-concurrency", 32) as usize,
-            // Past 1,000 Baileys takes longer to link than the rest of the run.
-            baileys: get("--baileys", instances.min(1000) as u64) as usize,
+            // Past 1,000, Baileys would take longer to link than the rest of the run.
+            baileys: get(
+                "--baileys",
+                if instances <= 1000 {
+                    instances as u64
+                } else {
+                    0
+                },
+            ) as usize,
             http_secs: get("--http-secs", 10),
             env: args
                 .windows(2)
