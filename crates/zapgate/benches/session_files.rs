@@ -1,0 +1,99 @@
+//! The session store's layout: one SQLite file per session (what the gateway does)
+//! against one file holding every session, each with its own store as whatsapp-rust's
+//! SQLite backend allows (`with_config_for_device`). Reports the open files and memory
+//! each layout costs per session, measured in this process.
+//!
+//! `cargo bench -p zapgate --bench session_files -- [--sessions 1000]`
+
+use std::time::Instant;
+
+use futures_util::{StreamExt, stream};
+use whatsapp_rust::bytes::Bytes;
+use whatsapp_rust::store::{DeviceStore, SignalStore, SqliteStore, SqliteStoreConfig};
+
+/// As the gateway opens them (instance/session.rs).
+fn config() -> SqliteStoreConfig {
+    SqliteStoreConfig {
+        cache_size_kib: 16,
+        ..SqliteStoreConfig::default()
+    }
+}
+
+fn status_kib(name: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Linking writes 812 prekeys per session: every store writes that batch, 32 at a time,
+/// as the bench links. Milliseconds per store, wall time.
+async fn write_burst(stores: &[SqliteStore]) -> f64 {
+    let keys: Vec<(u32, Bytes)> = (1..=812)
+        .map(|id| (id, Bytes::from(vec![7u8; 70])))
+        .collect();
+    let started = Instant::now();
+    stream::iter(stores)
+        .for_each_concurrent(32, |store| {
+            let keys = &keys;
+            async move {
+                store
+                    .store_prekeys_batch(keys, false)
+                    .await
+                    .expect("written")
+            }
+        })
+        .await;
+    started.elapsed().as_secs_f64() * 1000.0 / stores.len() as f64
+}
+
+async fn measure(n: usize, shared: bool) -> (f64, f64, f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (rss, fds, started) = (status_kib("VmRSS:"), open_files(), Instant::now());
+    let mut stores = Vec::with_capacity(n);
+    for i in 0..n {
+        let store = if shared {
+            let path = dir.path().join("sessions.db");
+            SqliteStore::with_config_for_device(&path.to_string_lossy(), i as i32 + 1, config())
+                .await
+        } else {
+            let path = dir.path().join(format!("{i}.db"));
+            SqliteStore::with_config(&path.to_string_lossy(), config()).await
+        }
+        .expect("the store opens");
+        // A first query, as a client's start makes: the schema is read, a statement made.
+        store.exists().await.expect("a query");
+        stores.push(store);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let per = |now: u64, before: u64| now.saturating_sub(before) as f64 / n as f64;
+    let result = (
+        per(open_files() as u64, fds as u64),
+        per(status_kib("VmRSS:"), rss),
+        secs * 1000.0 / n as f64,
+        write_burst(&stores).await,
+    );
+    drop(stores);
+    result
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .skip_while(|a| a != "--sessions")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    for (label, shared) in [("one file per session", false), ("one file for all", true)] {
+        let (fds, kib, ms, write_ms) = measure(n, shared).await;
+        println!(
+            "{label:>22}: {n} stores, {fds:.1} open files and {kib:.0} KiB each, {ms:.1} ms to open one, {write_ms:.1} ms per store to write 812 prekeys (32 at once)"
+        );
+    }
+}
