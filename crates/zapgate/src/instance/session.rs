@@ -47,10 +47,11 @@ const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
 const VERSION_RETRY: Duration = Duration::from_secs(10);
 
 /// SQLite's page cache per session file. A session file is a few hundred KiB, read
-/// mostly at login, and the kernel caches it anyway. A heap profile of 200 linked
-/// sessions (scripts/heap-profile) found the cache the largest thing a session holds:
-/// 512 KiB (the library's default) cost about 270 KiB more per session than 64 KiB,
-/// and 64 KiB held 82 KiB with its page headers.
+/// mostly at login, and the kernel caches it anyway. The library's 512 KiB cost about
+/// 270 KiB more RSS per linked session than 64 KiB (the `instances` bench, at 100). At
+/// 64 KiB a heap profile of 200 linked sessions (scripts/heap-profile) still found the
+/// cache the largest single share, 82 KiB with its page headers; at 16 KiB each
+/// session's live heap is 53 KiB smaller.
 const SESSION_CACHE_KIB: u32 = 16;
 
 /// The client events an instance acts on; the client skips building the others.
