@@ -13,6 +13,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/procfs.rs"]
+mod procfs;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,7 +90,6 @@ struct Sample {
 
 impl Sample {
     fn of(pid: u32) -> Self {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("it runs");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("it runs");
         let fields: Vec<&str> = stat
             .rsplit_once(')')
@@ -97,12 +98,12 @@ impl Sample {
             .split_whitespace()
             .collect();
         Self {
-            rss: kib_field(&status, "VmRSS:"),
+            rss: procfs::status_kib(pid, "VmRSS:"),
             pss: std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-                .map_or(0, |t| kib_field(&t, "Pss:")),
+                .map_or(0, |t| procfs::kib_field(&t, "Pss:")),
             // utime + stime, in clock ticks (100 per second)
             cpu_ticks: fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap(),
-            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count),
+            fds: procfs::open_files(pid),
         }
     }
 
@@ -113,13 +114,6 @@ impl Sample {
             self.pss.saturating_sub(base.pss) as f64 / n as f64,
         )
     }
-}
-
-fn kib_field(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The most open files a process held while this lives, sampled every 50 ms.
@@ -134,8 +128,10 @@ impl PeakFds {
         let seen = most.clone();
         let task = tokio::spawn(async move {
             loop {
-                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-                seen.fetch_max(fds, std::sync::atomic::Ordering::Relaxed);
+                seen.fetch_max(
+                    procfs::open_files(pid),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
@@ -585,6 +581,6 @@ fn machine() -> Value {
     json!({
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "model": model,
-        "memKib": kib_field(&meminfo, "MemTotal:"),
+        "memKib": procfs::kib_field(&meminfo, "MemTotal:"),
     })
 }

@@ -5,6 +5,9 @@
 //!
 //! `cargo bench -p zapgate --bench session_files -- [--sessions 1000]`
 
+#[path = "support/procfs.rs"]
+mod procfs;
+
 use std::time::Instant;
 
 use futures_util::{StreamExt, stream};
@@ -17,19 +20,6 @@ fn config() -> SqliteStoreConfig {
         cache_size_kib: 16,
         ..SqliteStoreConfig::default()
     }
-}
-
-fn status_kib(name: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-fn open_files() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// Linking writes 812 prekeys per session: every store writes that batch, 32 at a time,
@@ -55,7 +45,11 @@ async fn write_burst(stores: &[SqliteStore]) -> f64 {
 
 async fn measure(n: usize, shared: bool) -> (f64, f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (rss, fds, started) = (status_kib("VmRSS:"), open_files(), Instant::now());
+    let (rss, fds, started) = (
+        procfs::status_kib("self", "VmRSS:"),
+        procfs::open_files("self"),
+        Instant::now(),
+    );
     let mut stores = Vec::with_capacity(n);
     for i in 0..n {
         let store = if shared {
@@ -74,8 +68,8 @@ async fn measure(n: usize, shared: bool) -> (f64, f64, f64, f64) {
     let secs = started.elapsed().as_secs_f64();
     let per = |now: u64, before: u64| now.saturating_sub(before) as f64 / n as f64;
     let result = (
-        per(open_files() as u64, fds as u64),
-        per(status_kib("VmRSS:"), rss),
+        per(procfs::open_files("self") as u64, fds as u64),
+        per(procfs::status_kib("self", "VmRSS:"), rss),
         secs * 1000.0 / n as f64,
         write_burst(&stores).await,
     );
