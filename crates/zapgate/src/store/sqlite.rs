@@ -612,6 +612,39 @@ mod tests {
         }
     }
 
+    /// A write refused because another connection holds the lock is "busy" (the link
+    /// of a new number is tried again on it); it goes through once the lock is gone.
+    #[tokio::test]
+    async fn a_write_kept_waiting_by_a_lock_is_busy() {
+        use sqlx::Connection as _;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("z.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store
+            .insert_instance(&instance("ID", "a", 1))
+            .await
+            .unwrap();
+        let link = Link {
+            phone: "5511999990001".into(),
+            linked_at: 42,
+            platform: None,
+        };
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let refused = store.set_link("ID", Some(&link)).await.unwrap_err();
+        assert!(refused.is_busy(), "{refused:?}");
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        store.set_link("ID", Some(&link)).await.unwrap();
+        assert_eq!(
+            store.instance("ID").await.unwrap().unwrap().link,
+            Some(link)
+        );
+        assert!(!StoreError::UnsupportedUrl("x".into()).is_busy());
+    }
+
     #[tokio::test]
     async fn instances_round_trip_page_and_filter_in_a_real_file() {
         let dir = tempfile::tempdir().unwrap();
