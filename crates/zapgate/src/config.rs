@@ -186,8 +186,15 @@ impl Config {
         Duration::from_secs(self.webhook_retry_hours * 3600)
     }
 
+    /// Where earlier versions kept a session file per instance; they are brought into
+    /// the sessions database at start and kept under `imported/`.
     pub fn sessions_dir(&self) -> PathBuf {
         self.data_dir.join("sessions")
+    }
+
+    /// Every instance's WhatsApp session, in one SQLite database.
+    pub fn sessions_db(&self) -> PathBuf {
+        self.data_dir.join("sessions.db")
     }
 
     pub fn database_url(&self) -> Secret {

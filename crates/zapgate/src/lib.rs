@@ -44,12 +44,15 @@ pub async fn run(
     let store = store::connect(config.database_url().expose())
         .await
         .context("opening the database")?;
+    let sessions = store::SqliteSessions::open(&config.sessions_db(), &config.sessions_dir())
+        .await
+        .context("opening the sessions database")?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
     let max_sessions = open_file_room();
     let manager = Manager::start(
         store.clone(),
         ManagerConfig {
-            sessions_dir: config.sessions_dir(),
+            sessions: std::sync::Arc::new(sessions),
             whatsapp_url: config.whatsapp_url.clone(),
             whatsapp_version: config.whatsapp_version,
             link_wait: config.link_wait(),
@@ -106,10 +109,9 @@ pub async fn run(
 /// Open files the process keeps for itself: listener, database pool, logs, and the HTTP
 /// and webhook connections of a busy moment.
 const FILES_RESERVED: u64 = 256;
-/// Open files one running session holds: its session database (the file, its WAL and
-/// shared memory) and its websocket. Measured: 4.0 per connected session at 1,000 (the
-/// `instances` bench); one more for a session while it opens.
-const FILES_PER_SESSION: u64 = 5;
+/// Open files one running session holds: its websocket (the sessions share one
+/// database), and one more for a moment while it connects.
+const FILES_PER_SESSION: u64 = 2;
 
 /// Raises the soft open-file limit to the hard one, and says how many sessions fit.
 fn open_file_room() -> usize {

@@ -187,7 +187,7 @@ async fn a_disconnect_while_whatsapp_is_down_answers_in_time_and_says_so() {
     assert!(error.ends_with("the phone lists the device until it is removed there"));
     gw.log.wait_for("session deleted", 1).await;
     assert_eq!(gw.api.status(&inst).await, not_connected());
-    assert!(!world.session_file(&inst).exists());
+    assert!(!world.has_session(&inst).await);
     assert_eq!(
         world.wa.devices().await.unwrap().len(),
         1,
@@ -253,8 +253,8 @@ async fn a_server_that_cannot_prove_it_is_whatsapp_is_named() {
 #[tokio::test]
 async fn sessions_beyond_the_open_file_limit_are_refused_saying_so() {
     let world = World::new().await;
-    // 295 open files: 256 kept for the gateway, 5 per session, so room for 7.
-    let gw = world.gateway_with(&[(common::NOFILE, "295")]).await;
+    // 270 open files: 256 kept for the gateway, 2 per session, so room for 7.
+    let gw = world.gateway_with(&[(common::NOFILE, "270")]).await;
     gw.log.wait_for("open-file limit", 1).await;
     assert!(gw.log.text().contains("sessions=7"), "{}", gw.log.text());
     let fds = || {
@@ -271,10 +271,10 @@ async fn sessions_beyond_the_open_file_limit_are_refused_saying_so() {
                 .await,
         );
     }
-    // What the room is computed from: 5 open files per session at most.
+    // What the room is computed from: 2 open files per session at most.
     let per_session = (fds() - before) as f64 / 7.0;
     assert!(
-        per_session <= 5.0,
+        per_session <= 2.0,
         "{per_session:.1} open files per session"
     );
     let last = gw.api.create_instance("no room").await;

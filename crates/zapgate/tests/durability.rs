@@ -1,4 +1,4 @@
-//! Nothing a user linked is lost: a start with the session files missing, a link the
+//! Nothing a user linked is lost: a start with the sessions missing, a link the
 //! database cannot record, a cancel cut short by a kill -9, a gateway killed while a
 //! window is open. End to end, against wa-sim.
 
@@ -11,13 +11,13 @@ const PHONE: &str = "5511988880001";
 const MISSING: &str = "You need to restore the session. Its stored WhatsApp session is missing from the gateway's data directory; the operator must check it, then restore the session.";
 
 #[tokio::test]
-async fn a_start_without_the_session_files_forgets_nothing() {
+async fn a_start_without_the_sessions_forgets_nothing() {
     let world = World::new().await;
     let gw = world.gateway().await;
     let inst = world.linked_instance(&gw, "kept", PHONE).await;
     gw.stop().await;
 
-    // The right database, but a data directory whose sessions/ is not there (a volume
+    // The right database, but a data directory without the sessions database (a volume
     // that is not mounted).
     let elsewhere = world.dir.path().join("unmounted");
     let database = format!("sqlite://{}", world.data_dir().join("zapgate.db").display());
@@ -34,7 +34,7 @@ async fn a_start_without_the_session_files_forgets_nothing() {
         json!({ "connected": false, "error": MISSING, "smartphoneConnected": false })
     );
     // The log names the path; the API does not.
-    let expected = elsewhere.join(format!("sessions/{}.db", inst.id));
+    let expected = elsewhere.join("sessions.db");
     assert!(
         gw.log.text().contains(&expected.display().to_string()),
         "the log names {}",
@@ -55,7 +55,7 @@ async fn a_start_without_the_session_files_forgets_nothing() {
         logins,
         "nothing reached WhatsApp"
     );
-    assert!(world.session_file(&inst).exists());
+    assert!(world.has_session(&inst).await);
 
     // The next start with the files in place reconnects: no new pairing.
     let gw = world.gateway().await;
@@ -105,7 +105,7 @@ async fn a_link_the_database_cannot_record_is_undone_at_whatsapp() {
         world.wa.devices().await.unwrap().is_empty(),
         "the phone no longer lists the device"
     );
-    assert!(!world.session_file(&inst).exists());
+    assert!(!world.has_session(&inst).await);
     assert!(gw.log.text().contains("disk full"));
 
     // Once the database works again, the number links.
@@ -151,7 +151,7 @@ async fn a_cancel_cut_short_by_a_kill_is_finished_at_the_next_start() {
         world.wa.devices().await.unwrap().is_empty(),
         "unlinked at WhatsApp"
     );
-    assert!(!world.session_file(&inst).exists());
+    assert!(!world.has_session(&inst).await);
     let (_, list) = gw
         .api
         .call(reqwest::Method::GET, "/instances", None, Some(ADMIN))
@@ -169,21 +169,16 @@ async fn a_gateway_killed_while_linking_sets_the_window_aside_and_links_again() 
     let gw = world.gateway().await;
     let inst = gw.api.create_instance("midway").await;
     let (_, first) = gw.api.qr_code(&inst).await;
-    assert!(world.session_file(&inst).exists());
+    assert!(world.has_session(&inst).await);
     gw.kill().await;
 
     let gw = world.gateway().await;
     assert_eq!(gw.api.status(&inst).await, not_connected());
-    assert!(!world.session_file(&inst).exists());
-    let aside: Vec<_> = std::fs::read_dir(world.data_dir().join("sessions/set-aside"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    assert!(!world.has_session(&inst).await);
+    let kept = world.sessions_of(&inst).await;
     assert!(
-        aside
-            .iter()
-            .any(|f| f.starts_with(&inst.id) && f.ends_with(".db")),
-        "moved, not deleted: {aside:?}"
+        kept.len() == 1 && kept[0].starts_with(&format!("set-aside/{}/", inst.id)),
+        "set aside, not deleted: {kept:?}"
     );
     assert!(gw.log.text().contains("set aside"));
 

@@ -68,12 +68,7 @@ async fn a_number_linked_by_qr_code_lives_through_restart_and_disconnect() {
         world.wa.devices().await.unwrap().is_empty(),
         "the phone no longer lists the device"
     );
-    assert!(
-        !world
-            .data_dir()
-            .join(format!("sessions/{}.db", inst.id))
-            .exists()
-    );
+    assert!(!world.has_session(&inst).await);
     let (status, again) = api.qr_code(&inst).await;
     assert_eq!(status, 200);
     assert_ne!(again["value"].as_str().unwrap(), qr);
@@ -260,12 +255,7 @@ async fn the_phone_unlinking_wipes_the_session() {
     gw.api
         .wait_status(&inst, "not connected", |s| *s == not_connected())
         .await;
-    assert!(
-        !world
-            .data_dir()
-            .join(format!("sessions/{}.db", inst.id))
-            .exists()
-    );
+    assert!(!world.has_session(&inst).await);
     assert_eq!(
         gw.api.device(&inst).await,
         (
@@ -344,12 +334,7 @@ async fn cancelling_a_linked_instance_unlinks_it_and_deletes_its_session() {
         world.wa.devices().await.unwrap().is_empty(),
         "unlinked at WhatsApp"
     );
-    assert!(
-        !world
-            .data_dir()
-            .join(format!("sessions/{}.db", inst.id))
-            .exists()
-    );
+    assert!(!world.has_session(&inst).await);
     assert_eq!(
         gw.api.instance_get(&inst, "status").await,
         (404, json!({ "error": "Instance not found" }))

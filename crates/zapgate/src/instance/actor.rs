@@ -107,7 +107,7 @@ pub(super) struct Actor {
     cancelling: bool,
     /// How the unlink of a cancel went, told once the row is gone too.
     cancelled: Option<Unlinked>,
-    /// Held by whichever client uses the session file; never awaited by this task.
+    /// Held by whichever client uses the session; never awaited by this task.
     pub(super) session_lock: Arc<AsyncMutex<()>>,
     pub(super) signal_tx: mpsc::Sender<Signal>,
     signals: mpsc::Receiver<Signal>,
@@ -126,8 +126,11 @@ pub(super) struct Actor {
 }
 
 /// Starts the task of one instance. A cancelled record's task finishes the cancel.
+/// `session_found` is whether the session store holds the instance's session (read
+/// for a linked one only).
 pub(crate) fn spawn(
     record: InstanceRecord,
+    session_found: Result<bool, String>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> InstanceHandle {
@@ -174,7 +177,7 @@ pub(crate) fn spawn(
         announce_at: None,
     };
     if actor.link.is_some() {
-        actor.state = actor.stored_session_state();
+        actor.state = actor.stored_session_state(session_found);
     }
     // Published before anyone can ask: the first /status already tells the truth.
     actor.publish();
@@ -244,21 +247,19 @@ impl Actor {
         }
     }
 
-    /// A recorded link whose session file is present reconnects; a missing or
-    /// unreadable one is reported, never forgotten.
-    fn stored_session_state(&mut self) -> State {
-        let files = &self.ctx.factory.files;
-        let path = files.path(&self.record.id);
-        match files.exists(&self.record.id) {
+    /// A recorded link whose session is stored reconnects; a missing or unreadable one
+    /// is reported, never forgotten. `found` is whether the session store has it.
+    fn stored_session_state(&mut self, found: Result<bool, String>) -> State {
+        match found {
             Ok(true) => {
                 self.problem = None;
                 State::Stopped
             }
             found => {
-                let error = found.err().map(|e| e.to_string());
+                let error = found.err();
                 tracing::warn!(
-                    instance.id = %self.record.id, path = %path.display(), error,
-                    "the linked number's session file is missing or unreadable; it stays linked, restore it once the file is back"
+                    instance.id = %self.record.id, sessions = %self.ctx.factory.sessions.location(), error,
+                    "the linked number's session is missing or unreadable; it stays linked, restore the sessions database to bring it back"
                 );
                 self.problem = Some(Problem::SessionMissing);
                 State::SessionMissing
@@ -443,7 +444,8 @@ impl Actor {
             return self.restarts.push(reply);
         }
         if self.state == State::SessionMissing {
-            self.state = self.stored_session_state();
+            let found = self.ctx.factory.sessions.exists(&self.record.id).await;
+            self.state = self.stored_session_state(found.map_err(|e| e.to_string()));
             if self.state == State::SessionMissing {
                 self.publish();
                 let _ = reply.send(Err(LinkError::Problem(Problem::SessionMissing)));
@@ -504,7 +506,7 @@ impl Actor {
                 () = shutdown.cancelled() => return self.close().await,
             }
         };
-        if let Err(e) = self.ctx.factory.files.wipe(&self.record.id) {
+        if let Err(e) = self.ctx.factory.sessions.wipe(&self.record.id).await {
             tracing::error!(instance.id = %self.record.id, error = %e, "could not delete the cancelled instance's session");
         }
         let deleted = tokio::time::timeout(
@@ -568,8 +570,8 @@ impl Actor {
             Err(StartError::SessionMissing) => {
                 tracing::warn!(
                     instance.id = %self.record.id,
-                    path = %self.ctx.factory.files.path(&self.record.id).display(),
-                    "the linked number's session file is missing; it stays linked, restore it once the file is back"
+                    sessions = %self.ctx.factory.sessions.location(),
+                    "the linked number's session is missing; it stays linked, restore the sessions database to bring it back"
                 );
                 self.problem = Some(Problem::SessionMissing);
                 self.restarting = None;

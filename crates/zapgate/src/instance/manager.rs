@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actor::{self, Context};
-use super::session::{ClientFactory, SessionFiles};
+use super::session::ClientFactory;
 use super::{InstanceHandle, State};
 use crate::store::{InstanceRecord, Store, StoreError};
 
@@ -34,7 +34,8 @@ pub struct NewInstance {
 }
 
 pub struct ManagerConfig {
-    pub sessions_dir: std::path::PathBuf,
+    /// Every instance's WhatsApp session.
+    pub sessions: Arc<dyn crate::store::SessionStore>,
     pub whatsapp_url: String,
     pub whatsapp_version: Option<(u32, u32, u32)>,
     pub link_wait: Duration,
@@ -48,7 +49,7 @@ pub struct ManagerConfig {
 
 impl Manager {
     /// Starts a task for every stored instance, finishes interrupted cancels, sets
-    /// aside session files no instance claims, and reconnects the linked ones in the
+    /// aside sessions no instance claims, and reconnects the linked ones in the
     /// background, at most `restore_concurrency` handshakes at a time, with jitter.
     pub async fn start(
         store: Arc<dyn Store>,
@@ -58,7 +59,7 @@ impl Manager {
         let tracker = TaskTracker::new();
         let ctx = Arc::new(Context {
             factory: ClientFactory {
-                files: SessionFiles::new(config.sessions_dir),
+                sessions: config.sessions,
                 whatsapp_url: config.whatsapp_url,
                 version: config.whatsapp_version,
                 learnt: Default::default(),
@@ -80,11 +81,20 @@ impl Manager {
             shutdown,
         });
         let records = store.all_instances().await?;
-        set_aside_unclaimed(&manager.ctx.factory.files, &records);
+        let stored = set_aside_unclaimed(&*manager.ctx.factory.sessions, &records).await;
         let mut linked = Vec::new();
         for record in records {
             let cancelled = record.cancelled_at.is_some();
-            let handle = actor::spawn(record, manager.ctx.clone(), manager.shutdown.child_token());
+            let found = match &stored {
+                Ok(stored) => Ok(stored.contains(&record.id)),
+                Err(e) => Err(e.clone()),
+            };
+            let handle = actor::spawn(
+                record,
+                found,
+                manager.ctx.clone(),
+                manager.shutdown.child_token(),
+            );
             if cancelled {
                 tracing::info!(instance.id = %handle.record.id, "finishing an interrupted cancel");
                 manager
@@ -148,7 +158,12 @@ impl Manager {
             cancelled_at: None,
         };
         self.ctx.store.insert_instance(&record).await?;
-        let handle = actor::spawn(record, self.ctx.clone(), self.shutdown.child_token());
+        let handle = actor::spawn(
+            record,
+            Ok(false),
+            self.ctx.clone(),
+            self.shutdown.child_token(),
+        );
         self.write()
             .insert(handle.record.id.clone(), handle.clone());
         tracing::info!(instance.id = %handle.record.id, "instance created");
@@ -181,32 +196,39 @@ impl Manager {
     }
 }
 
-/// A session file with no recorded link holds nothing a user linked for sure (a window
-/// that never completed, or a crash before its link was stored), but it is moved aside,
-/// never deleted, at start.
-fn set_aside_unclaimed(files: &SessionFiles, records: &[InstanceRecord]) {
-    let stored = match files.stored() {
+/// A session with no recorded link holds nothing a user linked for sure (a window that
+/// never completed, or a crash before its link was stored), but it is set aside, never
+/// deleted, at start. Returns the sessions the instances keep, or why they could not be
+/// listed.
+async fn set_aside_unclaimed(
+    sessions: &dyn crate::store::SessionStore,
+    records: &[InstanceRecord],
+) -> Result<std::collections::HashSet<String>, String> {
+    let stored = match sessions.stored().await {
         Ok(stored) => stored,
         Err(e) => {
-            tracing::error!(error = %e, "could not list the session files");
-            return;
+            tracing::error!(error = %e, "could not list the sessions");
+            return Err(e.to_string());
         }
     };
+    let mut kept = std::collections::HashSet::new();
     for id in stored {
         let claimed = records.iter().any(|r| r.id == id && r.link.is_some());
         if claimed {
+            kept.insert(id);
             continue;
         }
-        match files.set_aside(&id) {
+        match sessions.set_aside(&id).await {
             Ok(to) => tracing::warn!(
-                instance.id = %id, path = %to.display(),
-                "a session file without a recorded link was set aside"
+                instance.id = %id, kept_as = %to,
+                "a session without a recorded link was set aside"
             ),
             Err(e) => {
-                tracing::error!(instance.id = %id, error = %e, "could not set aside a session file")
+                tracing::error!(instance.id = %id, error = %e, "could not set aside a session")
             }
         }
     }
+    Ok(kept)
 }
 
 /// Restores sessions so that at most `concurrency` are mid-handshake at once: each

@@ -1,7 +1,7 @@
 //! Instances: one task per WhatsApp number owning its client and taking every decision
 //! about it (`actor`, with its linking flows in `linking` and its slow work in `work`),
 //! the registry of them (`manager`), the pure state machine (`state`) and the clients
-//! and session files (`session`). No HTTP types here.
+//! and the clients on their sessions (`session`). No HTTP types here.
 
 mod actor;
 pub mod events;

@@ -1,8 +1,7 @@
 //! whatsapp-rust clients on an instance's stored session: starting and stopping them,
-//! learning why one cannot reach WhatsApp, and the session files themselves. Each
-//! session is one SQLite file under `<data-dir>/sessions/`.
+//! and learning why one cannot reach WhatsApp. The sessions themselves are kept by a
+//! [`SessionStore`].
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,13 +15,13 @@ use whatsapp_rust::async_channel;
 use whatsapp_rust::bot::{Bot, EventDelivery};
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::client::Client;
-use whatsapp_rust::store::{SqliteStore, SqliteStoreConfig};
 use whatsapp_rust::transport::{
     TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
 };
 use whatsapp_rust::types::events::{Event, EventKind};
 
 use super::Cause;
+use crate::store::SessionStore;
 
 /// What a running client tells its instance, tagged with the client's generation so
 /// events from a client that was already replaced are ignored.
@@ -46,14 +45,6 @@ const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A failure to learn it is told again, without asking, for this long.
 const VERSION_RETRY: Duration = Duration::from_secs(10);
 
-/// SQLite's page cache per session file. A session file is a few hundred KiB, read
-/// mostly at login, and the kernel caches it anyway. The library's 512 KiB cost about
-/// 270 KiB more RSS per linked session than 64 KiB (the `instances` bench, at 100). At
-/// 64 KiB a heap profile of 200 linked sessions (scripts/heap-profile) still found the
-/// cache the largest single share, 82 KiB with its page headers; at 16 KiB each
-/// session's live heap is 53 KiB smaller.
-const SESSION_CACHE_KIB: u32 = 16;
-
 /// The client events an instance acts on; the client skips building the others.
 const INSTANCE_EVENTS: &[EventKind] = &[
     EventKind::PairingQrCode,
@@ -70,83 +61,10 @@ const INSTANCE_EVENTS: &[EventKind] = &[
     EventKind::SelfPushNameUpdated,
 ];
 
-/// The session files of every instance.
-pub(crate) struct SessionFiles {
-    dir: PathBuf,
-}
-
-impl SessionFiles {
-    pub(crate) fn new(dir: PathBuf) -> Self {
-        Self { dir }
-    }
-
-    pub(crate) fn path(&self, instance: &str) -> PathBuf {
-        self.dir.join(format!("{instance}.db"))
-    }
-
-    /// Whether the session file is there; an error (an unreadable directory) is not a no.
-    pub(crate) fn exists(&self, instance: &str) -> std::io::Result<bool> {
-        self.path(instance).try_exists()
-    }
-
-    /// Deletes the session's keys (the database and its WAL files).
-    pub(crate) fn wipe(&self, instance: &str) -> std::io::Result<()> {
-        for file in companions(&self.path(instance)) {
-            match std::fs::remove_file(&file) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Instance ids that have a session file.
-    pub(crate) fn stored(&self) -> std::io::Result<Vec<String>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut ids = Vec::new();
-        for entry in entries {
-            let name = entry?.file_name();
-            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".db")) {
-                ids.push(id.to_owned());
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Moves a session file that no instance claims into `sessions/set-aside/`, named
-    /// with the time, so an operator can still recover it. Returns where it went.
-    pub(crate) fn set_aside(&self, instance: &str) -> std::io::Result<PathBuf> {
-        let aside = self.dir.join("set-aside");
-        std::fs::create_dir_all(&aside)?;
-        let target = aside.join(format!("{instance}-{}.db", crate::unix_millis()));
-        for (from, to) in companions(&self.path(instance)).zip(companions(&target)) {
-            match std::fs::rename(&from, &to) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(target)
-    }
-}
-
-/// A SQLite database and the files SQLite keeps beside it.
-fn companions(db: &Path) -> impl Iterator<Item = PathBuf> {
-    let db = db.display().to_string();
-    ["", "-wal", "-shm", "-journal"]
-        .into_iter()
-        .map(move |suffix| PathBuf::from(format!("{db}{suffix}")))
-}
-
 type Version = (u32, u32, u32);
 
 pub(crate) struct ClientFactory {
-    pub(crate) files: SessionFiles,
+    pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) whatsapp_url: String,
     /// Configured with `--whatsapp-version`; otherwise learnt from WhatsApp.
     pub(crate) version: Option<(u32, u32, u32)>,
@@ -156,7 +74,7 @@ pub(crate) struct ClientFactory {
 }
 
 /// A started client. It holds its instance's session lock until it is stopped, so two
-/// clients never use one session file at once.
+/// clients never use one session at once.
 pub(crate) struct Running {
     pub(crate) generation: u64,
     pub(crate) client: Arc<Client>,
@@ -174,7 +92,7 @@ pub(crate) struct Running {
 
 impl Running {
     /// Stops the client and waits (each step within `within`) for its run loop to end,
-    /// so its session file is closed; a client that does not end in time is aborted. Returns the
+    /// so it writes to its session no more; a client that does not end in time is aborted. Returns the
     /// session lock, for work that needs the file closed.
     pub(crate) async fn stop(self, within: Duration) -> OwnedMutexGuard<()> {
         self.client
@@ -227,7 +145,7 @@ impl ClientFactory {
         })
     }
 
-    /// Builds a client on the instance's session file (created empty if absent) and
+    /// Builds a client on the instance's session (created empty if absent) and
     /// starts it, once the session lock is free. Its events and its end arrive on
     /// `signals`; `version` overrides the configured one.
     pub(crate) async fn start(
@@ -239,19 +157,15 @@ impl ClientFactory {
         version: Option<(u32, u32, u32)>,
         signals: mpsc::Sender<Signal>,
     ) -> anyhow::Result<Running> {
-        std::fs::create_dir_all(&self.files.dir).context("creating the sessions directory")?;
-        let path = self.files.path(instance);
-        let config = SqliteStoreConfig {
-            cache_size_kib: SESSION_CACHE_KIB,
-            ..SqliteStoreConfig::default()
-        };
-        let backend = SqliteStore::with_config(&path.to_string_lossy(), config)
+        let backend = self
+            .sessions
+            .open(instance)
             .await
-            .with_context(|| format!("opening session {}", path.display()))?;
+            .with_context(|| format!("opening the session in {}", self.sessions.location()))?;
         let diagnosis = Arc::new(Diagnosis::default());
         let events = signals.clone();
         let mut builder = Bot::builder()
-            .with_backend(backend)
+            .with_backend_arc(backend)
             .with_transport_factory(WatchedFactory {
                 inner: TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
                 diagnosis: diagnosis.clone(),

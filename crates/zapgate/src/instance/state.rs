@@ -16,9 +16,9 @@ pub enum State {
     /// A stored session whose client is not running: replaced by another client,
     /// refused for a reason other than logout, or stopped. Restore to reconnect.
     Stopped,
-    /// A link is recorded but its session file is missing or unreadable (a data
-    /// directory that is not mounted, say). Nothing is forgotten: restore once the file
-    /// is back.
+    /// A link is recorded but its session is missing or unreadable (a data
+    /// directory that is not mounted, say). Nothing is forgotten: restore once the
+    /// sessions database is back.
     SessionMissing,
     /// The device is being removed at WhatsApp, then the session deleted.
     Unlinking,
@@ -101,7 +101,7 @@ pub fn step(state: State, linked: bool, input: Input) -> (State, Vec<Action>) {
 
         (NoSession, Input::Disconnect) => (NoSession, vec![]),
         (Linking, Input::Disconnect) if !linked => (NoSession, vec![CloseWindow]),
-        // Without the session file nothing can tell WhatsApp; the user still asked.
+        // Without the session nothing can tell WhatsApp; the user still asked.
         (SessionMissing, Input::Disconnect) => (NoSession, vec![Forget]),
         (_, Input::Disconnect) if linked => (Unlinking, vec![Unlink]),
 

@@ -44,7 +44,7 @@ pub(crate) enum Work {
 #[derive(Debug)]
 pub(crate) enum StartError {
     Unavailable(Cause),
-    /// The stored session file is not there (any more).
+    /// The stored session is not there (any more).
     SessionMissing,
     /// The gateway is stopping, or the task moved on to another client.
     Superseded,
@@ -77,22 +77,22 @@ async fn start(
     if ctx.shutdown.is_cancelled() || current.load(Ordering::Relaxed) != generation {
         return Err(StartError::Superseded);
     }
-    match (fresh, factory.files.exists(id)) {
+    match (fresh, factory.sessions.exists(id).await) {
         // Whatever an earlier window left (or a link whose record was lost) is moved
         // aside, never deleted: nothing linked is wiped by a new window.
-        (true, Ok(true)) => match factory.files.set_aside(id) {
+        (true, Ok(true)) => match factory.sessions.set_aside(id).await {
             Ok(to) => {
-                tracing::warn!(instance.id = %id, path = %to.display(), "an unlinked session file was set aside")
+                tracing::warn!(instance.id = %id, kept_as = %to, "an unlinked session was set aside")
             }
             Err(e) => {
-                tracing::error!(instance.id = %id, error = %e, "could not set aside an unlinked session file");
+                tracing::error!(instance.id = %id, error = %e, "could not set aside an unlinked session");
                 return Err(StartError::Unavailable(Cause::Storage(e.to_string())));
             }
         },
         (true, _) | (false, Ok(true)) => {}
         (false, Ok(false)) => return Err(StartError::SessionMissing),
         (false, Err(e)) => {
-            tracing::warn!(instance.id = %id, error = %e, "the session file cannot be read");
+            tracing::warn!(instance.id = %id, error = %e, "the session cannot be read");
             return Err(StartError::SessionMissing);
         }
     }
@@ -120,7 +120,7 @@ struct Kit {
     current: Arc<AtomicU64>,
 }
 
-/// Why an unlink could not tell WhatsApp when the session file is gone.
+/// Why an unlink could not tell WhatsApp when the session is gone.
 pub(super) const KEYS_MISSING: &str =
     "the session's keys are missing here, so WhatsApp could not be told";
 
@@ -159,7 +159,7 @@ impl Actor {
                 // The instance's task is gone; a window's session goes with it.
                 let session = orphan.stop(STOP_TIMEOUT).await;
                 if fresh {
-                    let _ = ctx.factory.files.wipe(&id);
+                    let _ = ctx.factory.sessions.wipe(&id).await;
                 }
                 drop(session);
             }
@@ -172,7 +172,7 @@ impl Actor {
         self.ctx.tracker.spawn(async move {
             let session = running.stop(STOP_TIMEOUT).await;
             if wipe {
-                if let Err(e) = ctx.factory.files.wipe(&id) {
+                if let Err(e) = ctx.factory.sessions.wipe(&id).await {
                     tracing::error!(instance.id = %id, error = %e, "could not delete an unlinked session");
                 }
             }
@@ -193,7 +193,7 @@ impl Actor {
                 Some(running) => running.stop(STOP_TIMEOUT).await,
                 None => lock.lock_owned().await,
             };
-            match ctx.factory.files.wipe(&id) {
+            match ctx.factory.sessions.wipe(&id).await {
                 Ok(()) => tracing::info!(instance.id = %id, "session deleted"),
                 Err(e) => {
                     tracing::error!(instance.id = %id, error = %e, "could not delete the session")

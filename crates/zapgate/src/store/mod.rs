@@ -1,12 +1,16 @@
 //! Persistence of the instance registry behind a narrow, domain-shaped trait.
 //! SQLite is the default backend; the URL scheme picks the backend.
 
+mod session_import;
+mod session_keys;
+mod sessions;
 mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use sessions::{SessionStore, SqliteSessions};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +21,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL {0:?}: only sqlite: is supported")]
     UnsupportedUrl(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("importing a session file: {0}")]
+    Import(String),
 }
 
 impl StoreError {

@@ -59,8 +59,31 @@ impl World {
         Gateway::refused(&self.sim.ws_url(), &self.data_dir(), env, unset).await
     }
 
-    pub fn session_file(&self, i: &Instance) -> PathBuf {
-        self.data_dir().join(format!("sessions/{}.db", i.id))
+    /// The names the sessions database keeps the instance's sessions under: its id for
+    /// its own, `set-aside/<id>/<ms>` for each set aside.
+    pub async fn sessions_of(&self, i: &Instance) -> Vec<String> {
+        let path = self.data_dir().join("sessions.db");
+        if !path.exists() {
+            return Vec::new();
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true);
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT instance FROM session WHERE instance = ?1 OR instance LIKE 'set-aside/' || ?1 || '/%' ORDER BY id",
+        )
+        .bind(&i.id)
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+    }
+
+    /// Whether the instance has a session of its own in the sessions database.
+    pub async fn has_session(&self, i: &Instance) -> bool {
+        self.sessions_of(i).await.contains(&i.id)
     }
 
     /// wa-sim's counter `name` now.
