@@ -137,9 +137,9 @@ pub(super) async fn import_files(db: &Db, dir: &Path) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Copies one session file in; returns how many rows it had. A session of the same
-/// instance already in the database (from an import interrupted before its file was
-/// moved) is replaced.
+/// Copies one session file in; returns how many rows it had. Once it is in, the file
+/// is moved away whatever else fails, so it is never brought in twice over a session
+/// already in use.
 async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError> {
     let lost =
         |e: whatsapp_rust::wacore::store::error::StoreError| StoreError::Import(e.to_string());
@@ -187,7 +187,10 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
             .map_err(lost)?;
 
         let mut tx = conn.begin().await?;
-        sqlx::query("DELETE FROM session WHERE instance = ?")
+        // A session the instance already has here (an import cut short before its file
+        // was moved, or a file put back later) is set aside, never replaced.
+        sqlx::query("UPDATE session SET instance = ? WHERE instance = ?")
+            .bind(format!("set-aside/{instance}/{}", crate::unix_millis()))
             .bind(instance)
             .execute(&mut *tx)
             .await?;
@@ -233,11 +236,13 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
         Ok::<_, StoreError>(rows + (keys.len() + versions.len()) as u64)
     }
     .await;
-    let detached = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await;
-    let rows = copied?;
-    detached?;
+    if let Err(e) = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await {
+        // The connection still has the file attached: it is not used again.
+        tracing::warn!(path = %path.display(), error = %e, "could not detach an imported session file");
+        conn.close_on_drop();
+    }
     drop(file);
-    Ok(rows)
+    copied
 }
 
 /// Moves an imported file (and whatever SQLite keeps beside it) to `imported/`.

@@ -359,7 +359,14 @@ impl AppSyncStore for SessionKeys {
                 .fetch_optional(&self.db.read)
                 .await
                 .map_err(db)?;
-        found.map(|bytes| from_json(&bytes)).transpose()
+        // A key that does not read is as good as absent: the client asks for it again.
+        Ok(found.and_then(|bytes| match from_json(&bytes) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(error = %e, "an app-state sync key that does not read");
+                None
+            }
+        }))
     }
 
     async fn set_sync_key(&self, key_id: &[u8], key: AppStateSyncKey) -> Result<()> {
@@ -1108,8 +1115,14 @@ impl DeviceStore for SessionKeys {
         Ok(self.load_exists().await?)
     }
 
-    /// The session's row is made when it is opened; a device is stored at its first save.
+    /// A fresh device (new keys) for a session that has none yet.
     async fn create(&self) -> Result<i32> {
+        sqlx::query("UPDATE session SET device = ? WHERE id = ? AND device IS NULL")
+            .bind(device_to_json(&Device::new())?)
+            .bind(self.id)
+            .execute(&self.db.write)
+            .await
+            .map_err(db)?;
         Ok(self.id as i32)
     }
 }

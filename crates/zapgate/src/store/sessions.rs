@@ -138,18 +138,14 @@ impl SessionStore for SqliteSessions {
 impl Db {
     /// The instance's session row, created if absent.
     pub(super) async fn session_id(&self, instance: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query(
+        sqlx::query_scalar(
             "INSERT INTO session (instance, created_at) VALUES (?, ?) \
-             ON CONFLICT (instance) DO NOTHING",
+             ON CONFLICT (instance) DO UPDATE SET instance = excluded.instance RETURNING id",
         )
         .bind(instance)
         .bind(crate::unix_millis() / 1000)
-        .execute(&self.write)
-        .await?;
-        sqlx::query_scalar("SELECT id FROM session WHERE instance = ?")
-            .bind(instance)
-            .fetch_one(&self.write)
-            .await
+        .fetch_one(&self.write)
+        .await
     }
 }
 
@@ -320,7 +316,15 @@ mod tests {
             let sessions = open(dir.path()).await;
             let a = sessions.open("A").await.unwrap();
             let b = sessions.open("B").await.unwrap();
-            assert!(!a.exists().await.unwrap(), "no device until the first save");
+            assert!(!a.exists().await.unwrap(), "no device until one is made");
+            a.create().await.unwrap();
+            let made = a.load().await.unwrap().expect("a fresh device");
+            a.create().await.unwrap();
+            assert_eq!(
+                a.load().await.unwrap().unwrap().identity_key.public_key,
+                made.identity_key.public_key,
+                "made once"
+            );
             fill(&*a, &device).await;
             assert!(b.load().await.unwrap().is_none());
             assert_eq!(b.load_identity("5511@s.whatsapp.net").await.unwrap(), None);
@@ -458,6 +462,24 @@ mod tests {
         let sessions = open(dir.path()).await;
         assert_eq!(sessions.stored().await.unwrap(), ["A"]);
         let _: Arc<dyn Backend> = sessions.open("A").await.unwrap();
+
+        // The file put back later comes in again, and what the instance had is set
+        // aside, not replaced.
+        drop(sessions);
+        let old = kept.iter().find(|f| f.ends_with("-A.db")).unwrap();
+        std::fs::copy(legacy.join("imported").join(old), legacy.join("A.db")).unwrap();
+        let sessions = open(dir.path()).await;
+        let names: Vec<String> = sqlx::query_scalar("SELECT instance FROM session ORDER BY id")
+            .fetch_all(&sessions.db.read)
+            .await
+            .unwrap();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("set-aside/A/"), "{names:?}");
+        assert_eq!(names[1], "A");
+        check(&*sessions.open("A").await.unwrap(), &device).await;
+        let aside = sessions.open(&names[0]).await.unwrap();
+        assert_eq!(aside.load().await.unwrap().unwrap().registration_id, device.registration_id);
+        assert_eq!(aside.get_max_prekey_id().await.unwrap(), 812);
     }
 
     #[tokio::test]
