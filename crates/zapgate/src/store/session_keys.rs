@@ -22,6 +22,8 @@ use super::sessions::Db;
 
 /// Rows per statement when a batch names its keys in `IN (...)`.
 const CHUNK: usize = 500;
+/// Rows per multi-row INSERT (each binds 3 or 4 values).
+const ROWS: usize = 200;
 
 pub(super) struct SessionKeys {
     db: Arc<Db>,
@@ -98,23 +100,37 @@ impl SessionKeys {
             .map_err(db)
     }
 
-    /// Runs `sql` once per `(key, blob)`, bound to this session, in one transaction.
-    async fn write_pairs<'a>(
-        &self,
-        sql: &'static str,
-        rows: impl Iterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<()> {
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for (key, blob) in rows {
-            sqlx::query(sql)
-                .bind(self.id)
-                .bind(key)
-                .bind(blob)
-                .execute(&mut *tx)
+    /// Upserts `(key, blob)` rows of this session into `table`: one statement of up to
+    /// [`ROWS`] rows, or several in one transaction.
+    async fn write_pairs(&self, table: &Pairs, rows: &[(&str, &[u8])]) -> Result<()> {
+        let statement = |chunk: &[(&str, &[u8])]| {
+            let mut query = QueryBuilder::<Sqlite>::new(table.insert);
+            query.push_values(chunk.iter().copied(), |mut row, (key, blob)| {
+                row.push_bind(self.id).push_bind(key).push_bind(blob);
+            });
+            query.push(table.conflict);
+            query
+        };
+        match rows.len() {
+            0 => Ok(()),
+            n if n <= ROWS => statement(rows)
+                .build()
+                .execute(&self.db.write)
                 .await
-                .map_err(db)?;
+                .map(drop)
+                .map_err(db),
+            _ => {
+                let mut tx = self.db.write.begin().await.map_err(db)?;
+                for chunk in rows.chunks(ROWS) {
+                    statement(chunk)
+                        .build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)
+            }
         }
-        tx.commit().await.map_err(db)
     }
 
     async fn exists(&self, sql: &'static str, key: &str) -> Result<bool> {
@@ -127,25 +143,43 @@ impl SessionKeys {
     }
 }
 
-const PUT_IDENTITY: &str = "INSERT INTO identity (session, address, key) VALUES (?, ?, ?) \
-     ON CONFLICT (session, address) DO UPDATE SET key = excluded.key";
-const PUT_SESSION: &str = "INSERT INTO signal_session (session, address, record) VALUES (?, ?, ?) \
-     ON CONFLICT (session, address) DO UPDATE SET record = excluded.record";
-const PUT_SENDER_KEY: &str = "INSERT INTO sender_key (session, address, record) VALUES (?, ?, ?) \
-     ON CONFLICT (session, address) DO UPDATE SET record = excluded.record";
-const PUT_PREKEY: &str = "INSERT INTO prekey (session, id, record, uploaded) VALUES (?, ?, ?, ?) \
-     ON CONFLICT (session, id) DO UPDATE SET record = excluded.record, uploaded = excluded.uploaded";
+/// A table of `(session, key, blob)` rows: its INSERT up to VALUES, and what a row
+/// already there becomes.
+struct Pairs {
+    insert: &'static str,
+    conflict: &'static str,
+}
+
+const IDENTITY: Pairs = Pairs {
+    insert: "INSERT INTO identity (session, address, key) ",
+    conflict: " ON CONFLICT (session, address) DO UPDATE SET key = excluded.key",
+};
+const SESSION: Pairs = Pairs {
+    insert: "INSERT INTO signal_session (session, address, record) ",
+    conflict: " ON CONFLICT (session, address) DO UPDATE SET record = excluded.record",
+};
+const SENDER_KEY: Pairs = Pairs {
+    insert: "INSERT INTO sender_key (session, address, record) ",
+    conflict: " ON CONFLICT (session, address) DO UPDATE SET record = excluded.record",
+};
+const SYNC_VERSION: Pairs = Pairs {
+    insert: "INSERT INTO sync_version (session, name, state) ",
+    conflict: " ON CONFLICT (session, name) DO UPDATE SET state = excluded.state",
+};
+const GROUP_METADATA: Pairs = Pairs {
+    insert: "INSERT INTO group_metadata (session, group_jid, info) ",
+    conflict: " ON CONFLICT (session, group_jid) DO UPDATE SET info = excluded.info",
+};
 
 #[async_trait]
 impl SignalStore for SessionKeys {
     async fn put_identity(&self, address: &str, key: [u8; 32]) -> Result<()> {
-        self.write_pairs(PUT_IDENTITY, std::iter::once((address, &key[..])))
-            .await
+        self.write_pairs(&IDENTITY, &[(address, &key[..])]).await
     }
 
     async fn put_identities_batch(&self, identities: &[(Arc<str>, [u8; 32])]) -> Result<()> {
-        let rows = identities.iter().map(|(a, k)| (&**a, &k[..]));
-        self.write_pairs(PUT_IDENTITY, rows).await
+        let rows: Vec<_> = identities.iter().map(|(a, k)| (&**a, &k[..])).collect();
+        self.write_pairs(&IDENTITY, &rows).await
     }
 
     async fn load_identity(&self, address: &str) -> Result<Option<[u8; 32]>> {
@@ -164,13 +198,12 @@ impl SignalStore for SessionKeys {
     }
 
     async fn put_session(&self, address: &str, session: &[u8]) -> Result<()> {
-        self.write_pairs(PUT_SESSION, std::iter::once((address, session)))
-            .await
+        self.write_pairs(&SESSION, &[(address, session)]).await
     }
 
     async fn put_sessions_batch(&self, sessions: &[(Arc<str>, Bytes)]) -> Result<()> {
-        let rows = sessions.iter().map(|(a, r)| (&**a, &r[..]));
-        self.write_pairs(PUT_SESSION, rows).await
+        let rows: Vec<_> = sessions.iter().map(|(a, r)| (&**a, &r[..])).collect();
+        self.write_pairs(&SESSION, &rows).await
     }
 
     async fn delete_session(&self, address: &str) -> Result<()> {
@@ -195,28 +228,30 @@ impl SignalStore for SessionKeys {
     }
 
     async fn store_prekey(&self, id: u32, record: &[u8], uploaded: bool) -> Result<()> {
-        sqlx::query(PUT_PREKEY)
-            .bind(self.id)
-            .bind(i64::from(id))
-            .bind(record)
-            .bind(uploaded)
-            .execute(&self.db.write)
-            .await
-            .map(drop)
-            .map_err(db)
+        let record = Bytes::copy_from_slice(record);
+        self.store_prekeys_batch(&[(id, record)], uploaded).await
     }
 
+    /// A link's 812 prekeys in a few statements, in one transaction.
     async fn store_prekeys_batch(&self, keys: &[(u32, Bytes)], uploaded: bool) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
-        for (id, record) in keys {
-            sqlx::query(PUT_PREKEY)
-                .bind(self.id)
-                .bind(i64::from(*id))
-                .bind(&record[..])
-                .bind(uploaded)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        for chunk in keys.chunks(ROWS) {
+            let mut query =
+                QueryBuilder::<Sqlite>::new("INSERT INTO prekey (session, id, record, uploaded) ");
+            query.push_values(chunk, |mut row, (id, record)| {
+                row.push_bind(self.id)
+                    .push_bind(i64::from(*id))
+                    .push_bind(&record[..])
+                    .push_bind(uploaded);
+            });
+            query.push(
+                " ON CONFLICT (session, id) DO UPDATE SET \
+                 record = excluded.record, uploaded = excluded.uploaded",
+            );
+            query.build().execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)
     }
@@ -253,14 +288,20 @@ impl SignalStore for SessionKeys {
     }
 
     async fn mark_prekeys_uploaded(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
-        for id in ids {
-            sqlx::query("UPDATE prekey SET uploaded = 1 WHERE session = ? AND id = ?")
-                .bind(self.id)
-                .bind(i64::from(*id))
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        for chunk in ids.chunks(CHUNK) {
+            let mut query =
+                QueryBuilder::<Sqlite>::new("UPDATE prekey SET uploaded = 1 WHERE session = ");
+            query.push_bind(self.id).push(" AND id IN (");
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(i64::from(*id));
+            }
+            query.push(")");
+            query.build().execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)
     }
@@ -329,13 +370,12 @@ impl SignalStore for SessionKeys {
     }
 
     async fn put_sender_key(&self, address: &str, record: &[u8]) -> Result<()> {
-        self.write_pairs(PUT_SENDER_KEY, std::iter::once((address, record)))
-            .await
+        self.write_pairs(&SENDER_KEY, &[(address, record)]).await
     }
 
     async fn put_sender_keys_batch(&self, sender_keys: &[(Arc<str>, Bytes)]) -> Result<()> {
-        let rows = sender_keys.iter().map(|(a, r)| (&**a, &r[..]));
-        self.write_pairs(PUT_SENDER_KEY, rows).await
+        let rows: Vec<_> = sender_keys.iter().map(|(a, r)| (&**a, &r[..])).collect();
+        self.write_pairs(&SENDER_KEY, &rows).await
     }
 
     async fn get_sender_key(&self, address: &str) -> Result<Option<Vec<u8>>> {
@@ -396,11 +436,8 @@ impl AppSyncStore for SessionKeys {
     }
 
     async fn set_version(&self, name: &str, state: HashState) -> Result<()> {
-        let sql = "INSERT INTO sync_version (session, name, state) VALUES (?, ?, ?) \
-             ON CONFLICT (session, name) DO UPDATE SET state = excluded.state";
         let state = hash_state_to_json(&state)?;
-        self.write_pairs(sql, std::iter::once((name, &state[..])))
-            .await
+        self.write_pairs(&SYNC_VERSION, &[(name, &state[..])]).await
     }
 
     async fn put_mutation_macs(
@@ -409,6 +446,9 @@ impl AppSyncStore for SessionKeys {
         version: u64,
         mutations: &[AppStateMutationMAC],
     ) -> Result<()> {
+        if mutations.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for mutation in mutations {
             sqlx::query(
@@ -472,6 +512,9 @@ impl AppSyncStore for SessionKeys {
     }
 
     async fn delete_mutation_macs(&self, name: &str, index_macs: &[Vec<u8>]) -> Result<()> {
+        if index_macs.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for index_mac in index_macs {
             sqlx::query(
@@ -533,6 +576,9 @@ const DELETE_PENDING: &str =
 
 impl SessionKeys {
     async fn put_lids(&self, entries: &[LidPnMappingEntry]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for e in entries {
             sqlx::query(PUT_LID)
@@ -550,6 +596,9 @@ impl SessionKeys {
     }
 
     async fn put_device_lists(&self, records: &[DeviceListRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for r in records {
             let devices = serde_json::to_string(&r.devices)
@@ -569,6 +618,9 @@ impl SessionKeys {
     }
 
     async fn put_pending(&self, rows: &[PendingInboundRow<'_>]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for r in rows {
             sqlx::query(PUT_PENDING)
@@ -586,6 +638,9 @@ impl SessionKeys {
     }
 
     async fn delete_pending(&self, keys: &[PendingInboundKey<'_>]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for k in keys {
             sqlx::query(DELETE_PENDING)
@@ -627,6 +682,9 @@ impl ProtocolStore for SessionKeys {
     }
 
     async fn set_sender_key_status(&self, group_jid: &str, entries: &[(&str, bool)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for (device_jid, has_key) in entries {
             sqlx::query(
@@ -651,6 +709,9 @@ impl ProtocolStore for SessionKeys {
     }
 
     async fn delete_sender_key_device_rows(&self, device_jids: &[&str]) -> Result<()> {
+        if device_jids.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for device_jid in device_jids {
             sqlx::query("DELETE FROM sender_key_device WHERE session = ? AND device_jid = ?")
@@ -798,9 +859,7 @@ impl ProtocolStore for SessionKeys {
     }
 
     async fn put_group_metadata(&self, group_jid: &str, blob: &[u8]) -> Result<()> {
-        let sql = "INSERT INTO group_metadata (session, group_jid, info) VALUES (?, ?, ?) \
-             ON CONFLICT (session, group_jid) DO UPDATE SET info = excluded.info";
-        self.write_pairs(sql, std::iter::once((group_jid, blob)))
+        self.write_pairs(&GROUP_METADATA, &[(group_jid, blob)])
             .await
     }
 
@@ -1019,6 +1078,9 @@ impl MsgSecretStore for SessionKeys {
     /// On a key already stored: the new secret, the later deadline (0, never, wins) and
     /// the later known message time.
     async fn put_msg_secrets(&self, entries: Vec<MsgSecretEntry>) -> Result<usize> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
         let mut tx = self.db.write.begin().await.map_err(db)?;
         for e in &entries {
             sqlx::query(

@@ -425,6 +425,22 @@ mod tests {
             0,
             "never expires"
         );
+        // A batch larger than one statement: every row, the last write of a key winning.
+        let mut batch: Vec<(Arc<str>, Bytes)> = (0..450)
+            .map(|i| {
+                (
+                    Arc::from(format!("{i}@s.whatsapp.net")),
+                    Bytes::from(vec![1]),
+                )
+            })
+            .collect();
+        batch.push((Arc::from("7@s.whatsapp.net"), Bytes::from(vec![2])));
+        keys.put_sessions_batch(&batch).await.unwrap();
+        assert!(keys.has_session("449@s.whatsapp.net").await.unwrap());
+        assert_eq!(
+            keys.get_session("7@s.whatsapp.net").await.unwrap().unwrap()[..],
+            [2]
+        );
         // lid mappings: the phone's latest lid.
         keys.put_lid_mappings(&[lid("1", "p", 1), lid("2", "p", 2)])
             .await
@@ -478,7 +494,10 @@ mod tests {
         assert_eq!(names[1], "A");
         check(&*sessions.open("A").await.unwrap(), &device).await;
         let aside = sessions.open(&names[0]).await.unwrap();
-        assert_eq!(aside.load().await.unwrap().unwrap().registration_id, device.registration_id);
+        assert_eq!(
+            aside.load().await.unwrap().unwrap().registration_id,
+            device.registration_id
+        );
         assert_eq!(aside.get_max_prekey_id().await.unwrap(), 812);
     }
 
