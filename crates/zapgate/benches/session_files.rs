@@ -1,7 +1,9 @@
-//! The session store's layout: one SQLite file per session (what the gateway does)
-//! against one file holding every session, each with its own store as whatsapp-rust's
-//! SQLite backend allows (`with_config_for_device`). Reports the open files and memory
-//! each layout costs per session, measured in this process.
+//! The session store's layout: whatsapp-rust's SQLite store with one file per session
+//! (what the gateway did), or with one file holding every session, each with its own
+//! store as the library allows (`with_config_for_device`); and the gateway's own store,
+//! every session in one database behind one writing connection (`SqliteSessions`).
+//! Reports the open files and memory each layout costs per session, and how long a
+//! link's prekeys take to write, measured in this process.
 //!
 //! `cargo bench -p zapgate --bench session_files -- [--sessions 1000]`
 
@@ -12,9 +14,19 @@ use std::time::Instant;
 
 use futures_util::{StreamExt, stream};
 use whatsapp_rust::bytes::Bytes;
-use whatsapp_rust::store::{DeviceStore, SignalStore, SqliteStore, SqliteStoreConfig};
+use whatsapp_rust::store::{SqliteStore, SqliteStoreConfig};
+use whatsapp_rust::wacore::store::traits::Backend;
+use zapgate::store::{SessionStore, SqliteSessions};
 
-/// As the gateway opens them (instance/session.rs).
+/// The three layouts measured.
+#[derive(Clone, Copy)]
+enum Layout {
+    FilePerSession,
+    OneFileManyStores,
+    Gateway,
+}
+
+/// As the gateway opened them, when it kept a file per session.
 fn config() -> SqliteStoreConfig {
     SqliteStoreConfig {
         cache_size_kib: 16,
@@ -24,7 +36,7 @@ fn config() -> SqliteStoreConfig {
 
 /// Linking writes 812 prekeys per session: every store writes that batch, 32 at a time,
 /// as the bench links. Milliseconds per store, wall time.
-async fn write_burst(stores: &[SqliteStore]) -> f64 {
+async fn write_burst(stores: &[std::sync::Arc<dyn Backend>]) -> f64 {
     let keys: Vec<(u32, Bytes)> = (1..=812)
         .map(|id| (id, Bytes::from(vec![7u8; 70])))
         .collect();
@@ -43,24 +55,48 @@ async fn write_burst(stores: &[SqliteStore]) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0 / stores.len() as f64
 }
 
-async fn measure(n: usize, shared: bool) -> (f64, f64, f64, f64) {
+async fn measure(n: usize, layout: Layout) -> (f64, f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let (rss, fds, started) = (
         procfs::status_kib("self", "VmRSS:"),
         procfs::open_files("self"),
         Instant::now(),
     );
-    let mut stores = Vec::with_capacity(n);
-    for i in 0..n {
-        let store = if shared {
-            let path = dir.path().join("sessions.db");
-            SqliteStore::with_config_for_device(&path.to_string_lossy(), i as i32 + 1, config())
+    let gateway = match layout {
+        Layout::Gateway => Some(
+            SqliteSessions::open(&dir.path().join("sessions.db"), &dir.path().join("none"))
                 .await
-        } else {
-            let path = dir.path().join(format!("{i}.db"));
-            SqliteStore::with_config(&path.to_string_lossy(), config()).await
-        }
-        .expect("the store opens");
+                .expect("the sessions database opens"),
+        ),
+        _ => None,
+    };
+    let mut stores: Vec<std::sync::Arc<dyn Backend>> = Vec::with_capacity(n);
+    for i in 0..n {
+        let store: std::sync::Arc<dyn Backend> = match (layout, &gateway) {
+            (Layout::Gateway, Some(sessions)) => {
+                sessions.open(&format!("session {i}")).await.expect("opens")
+            }
+            (Layout::OneFileManyStores, _) => {
+                let path = dir.path().join("sessions.db");
+                std::sync::Arc::new(
+                    SqliteStore::with_config_for_device(
+                        &path.to_string_lossy(),
+                        i as i32 + 1,
+                        config(),
+                    )
+                    .await
+                    .expect("the store opens"),
+                )
+            }
+            _ => {
+                let path = dir.path().join(format!("{i}.db"));
+                std::sync::Arc::new(
+                    SqliteStore::with_config(&path.to_string_lossy(), config())
+                        .await
+                        .expect("the store opens"),
+                )
+            }
+        };
         // A first query, as a client's start makes: the schema is read, a statement made.
         store.exists().await.expect("a query");
         stores.push(store);
@@ -74,6 +110,7 @@ async fn measure(n: usize, shared: bool) -> (f64, f64, f64, f64) {
         write_burst(&stores).await,
     );
     drop(stores);
+    drop(gateway);
     result
 }
 
@@ -84,8 +121,12 @@ async fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    for (label, shared) in [("one file per session", false), ("one file for all", true)] {
-        let (fds, kib, ms, write_ms) = measure(n, shared).await;
+    for (label, layout) in [
+        ("one file per session", Layout::FilePerSession),
+        ("one file for all", Layout::OneFileManyStores),
+        ("the gateway's store", Layout::Gateway),
+    ] {
+        let (fds, kib, ms, write_ms) = measure(n, layout).await;
         println!(
             "{label:>22}: {n} stores, {fds:.1} open files and {kib:.0} KiB each, {ms:.1} ms to open one, {write_ms:.1} ms per store to write 812 prekeys (32 at once)"
         );
