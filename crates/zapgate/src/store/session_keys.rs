@@ -113,8 +113,11 @@ impl SessionKeys {
         };
         match rows.len() {
             0 => Ok(()),
+            // Statements of one row and of ROWS rows recur, worth preparing once; the
+            // others vary with their row count and would crowd the statement cache.
             n if n <= ROWS => statement(rows)
                 .build()
+                .persistent(n == 1 || n == ROWS)
                 .execute(&self.db.write)
                 .await
                 .map(drop)
@@ -124,6 +127,7 @@ impl SessionKeys {
                 for chunk in rows.chunks(ROWS) {
                     statement(chunk)
                         .build()
+                        .persistent(chunk.len() == ROWS)
                         .execute(&mut *tx)
                         .await
                         .map_err(db)?;
@@ -234,11 +238,7 @@ impl SignalStore for SessionKeys {
 
     /// A link's 812 prekeys in a few statements, in one transaction.
     async fn store_prekeys_batch(&self, keys: &[(u32, Bytes)], uploaded: bool) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for chunk in keys.chunks(ROWS) {
+        let statement = |chunk: &[(u32, Bytes)]| {
             let mut query =
                 QueryBuilder::<Sqlite>::new("INSERT INTO prekey (session, id, record, uploaded) ");
             query.push_values(chunk, |mut row, (id, record)| {
@@ -251,9 +251,30 @@ impl SignalStore for SessionKeys {
                 " ON CONFLICT (session, id) DO UPDATE SET \
                  record = excluded.record, uploaded = excluded.uploaded",
             );
-            query.build().execute(&mut *tx).await.map_err(db)?;
+            query
+        };
+        match keys.len() {
+            0 => Ok(()),
+            n if n <= ROWS => statement(keys)
+                .build()
+                .persistent(n == 1 || n == ROWS)
+                .execute(&self.db.write)
+                .await
+                .map(drop)
+                .map_err(db),
+            _ => {
+                let mut tx = self.db.write.begin().await.map_err(db)?;
+                for chunk in keys.chunks(ROWS) {
+                    statement(chunk)
+                        .build()
+                        .persistent(chunk.len() == ROWS)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)
+            }
         }
-        tx.commit().await.map_err(db)
     }
 
     async fn load_prekey(&self, id: u32) -> Result<Option<Bytes>> {
@@ -278,7 +299,8 @@ impl SignalStore for SessionKeys {
                 list.push_bind(i64::from(*id));
             }
             query.push(")");
-            for row in query.build().fetch_all(&self.db.read).await.map_err(db)? {
+            let rows = query.build().persistent(false).fetch_all(&self.db.read);
+            for row in rows.await.map_err(db)? {
                 let id: i64 = row.try_get(0).map_err(db)?;
                 let record: Vec<u8> = row.try_get(1).map_err(db)?;
                 found.push((id as u32, Bytes::from(record)));
@@ -301,7 +323,12 @@ impl SignalStore for SessionKeys {
                 list.push_bind(i64::from(*id));
             }
             query.push(")");
-            query.build().execute(&mut *tx).await.map_err(db)?;
+            query
+                .build()
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)
     }
@@ -500,7 +527,8 @@ impl AppSyncStore for SessionKeys {
                 list.push_bind(&index_mac[..]);
             }
             query.push(")");
-            for row in query.build().fetch_all(&self.db.read).await.map_err(db)? {
+            let rows = query.build().persistent(false).fetch_all(&self.db.read);
+            for row in rows.await.map_err(db)? {
                 let index_mac: Vec<u8> = row.try_get(0).map_err(db)?;
                 let value_mac: Vec<u8> = row.try_get(1).map_err(db)?;
                 if let Ok(index_mac) = index_mac.try_into() {

@@ -441,6 +441,13 @@ mod tests {
             keys.get_session("7@s.whatsapp.net").await.unwrap().unwrap()[..],
             [2]
         );
+        // And within one statement.
+        let small: Vec<(Arc<str>, Bytes)> = [("a", 1), ("b", 1), ("a", 3)]
+            .into_iter()
+            .map(|(a, v)| (Arc::from(a), Bytes::from(vec![v])))
+            .collect();
+        keys.put_sessions_batch(&small).await.unwrap();
+        assert_eq!(keys.get_session("a").await.unwrap().unwrap()[..], [3]);
         // lid mappings: the phone's latest lid.
         keys.put_lid_mappings(&[lid("1", "p", 1), lid("2", "p", 2)])
             .await
