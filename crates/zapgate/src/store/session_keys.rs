@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use sqlx::query_builder::Separated;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
@@ -100,24 +101,20 @@ impl SessionKeys {
             .map_err(db)
     }
 
-    /// Upserts `(key, blob)` rows of this session into `table`: one statement of up to
-    /// [`ROWS`] rows, or several in one transaction.
-    async fn write_pairs(&self, table: &Pairs, rows: &[(&str, &[u8])]) -> Result<()> {
-        let statement = |chunk: &[(&str, &[u8])]| {
-            let mut query = QueryBuilder::<Sqlite>::new(table.insert);
-            query.push_values(chunk.iter().copied(), |mut row, (key, blob)| {
-                row.push_bind(self.id).push_bind(key).push_bind(blob);
-            });
-            query.push(table.conflict);
-            query
-        };
+    /// Runs the statements `statement` makes for `rows`: one for up to [`ROWS`] rows, or
+    /// one per chunk in one transaction. Statements of one row and of `ROWS` rows recur
+    /// and are prepared once; other sizes vary and would crowd the statement cache.
+    async fn write_chunked<T>(
+        &self,
+        rows: &[T],
+        statement: impl Fn(&[T]) -> QueryBuilder<Sqlite>,
+    ) -> Result<()> {
+        let prepared = |n: usize| n == 1 || n == ROWS;
         match rows.len() {
             0 => Ok(()),
-            // Statements of one row and of ROWS rows recur, worth preparing once; the
-            // others vary with their row count and would crowd the statement cache.
             n if n <= ROWS => statement(rows)
                 .build()
-                .persistent(n == 1 || n == ROWS)
+                .persistent(prepared(n))
                 .execute(&self.db.write)
                 .await
                 .map(drop)
@@ -127,7 +124,7 @@ impl SessionKeys {
                 for chunk in rows.chunks(ROWS) {
                     statement(chunk)
                         .build()
-                        .persistent(chunk.len() == ROWS)
+                        .persistent(prepared(chunk.len()))
                         .execute(&mut *tx)
                         .await
                         .map_err(db)?;
@@ -137,7 +134,35 @@ impl SessionKeys {
         }
     }
 
-    async fn exists(&self, sql: &'static str, key: &str) -> Result<bool> {
+    /// Upserts rows of this session into `table`, each bound by `bind` after the
+    /// session's id.
+    async fn upsert<T>(
+        &self,
+        table: &Upsert,
+        rows: &[T],
+        bind: impl Fn(&mut Separated<'_, Sqlite, &'static str>, &T),
+    ) -> Result<()> {
+        self.write_chunked(rows, |chunk| {
+            let mut query = QueryBuilder::<Sqlite>::new(table.insert);
+            query.push_values(chunk, |mut row, item| {
+                row.push_bind(self.id);
+                bind(&mut row, item);
+            });
+            query.push(table.conflict);
+            query
+        })
+        .await
+    }
+
+    /// Upserts `(key, blob)` rows of this session into `table`.
+    async fn write_pairs(&self, table: &Upsert, rows: &[(&str, &[u8])]) -> Result<()> {
+        self.upsert(table, rows, |row, (key, blob)| {
+            row.push_bind(*key).push_bind(*blob);
+        })
+        .await
+    }
+
+    async fn any(&self, sql: &'static str, key: &str) -> Result<bool> {
         sqlx::query_scalar(sql)
             .bind(self.id)
             .bind(key)
@@ -147,30 +172,35 @@ impl SessionKeys {
     }
 }
 
-/// A table of `(session, key, blob)` rows: its INSERT up to VALUES, and what a row
+/// An upsert into a table: its INSERT up to VALUES (the session first), and what a row
 /// already there becomes.
-struct Pairs {
+struct Upsert {
     insert: &'static str,
     conflict: &'static str,
 }
 
-const IDENTITY: Pairs = Pairs {
+const IDENTITY: Upsert = Upsert {
     insert: "INSERT INTO identity (session, address, key) ",
     conflict: " ON CONFLICT (session, address) DO UPDATE SET key = excluded.key",
 };
-const SESSION: Pairs = Pairs {
+const SESSION: Upsert = Upsert {
     insert: "INSERT INTO signal_session (session, address, record) ",
     conflict: " ON CONFLICT (session, address) DO UPDATE SET record = excluded.record",
 };
-const SENDER_KEY: Pairs = Pairs {
+const SENDER_KEY: Upsert = Upsert {
     insert: "INSERT INTO sender_key (session, address, record) ",
     conflict: " ON CONFLICT (session, address) DO UPDATE SET record = excluded.record",
 };
-const SYNC_VERSION: Pairs = Pairs {
+const SYNC_VERSION: Upsert = Upsert {
     insert: "INSERT INTO sync_version (session, name, state) ",
     conflict: " ON CONFLICT (session, name) DO UPDATE SET state = excluded.state",
 };
-const GROUP_METADATA: Pairs = Pairs {
+const PREKEY: Upsert = Upsert {
+    insert: "INSERT INTO prekey (session, id, record, uploaded) ",
+    conflict: " ON CONFLICT (session, id) DO UPDATE SET \
+               record = excluded.record, uploaded = excluded.uploaded",
+};
+const GROUP_METADATA: Upsert = Upsert {
     insert: "INSERT INTO group_metadata (session, group_jid, info) ",
     conflict: " ON CONFLICT (session, group_jid) DO UPDATE SET info = excluded.info",
 };
@@ -217,7 +247,7 @@ impl SignalStore for SessionKeys {
 
     async fn has_session(&self, address: &str) -> Result<bool> {
         let sql = "SELECT EXISTS (SELECT 1 FROM signal_session WHERE session = ? AND address = ?)";
-        self.exists(sql, address).await
+        self.any(sql, address).await
     }
 
     /// Addresses are `user@server` or `user:device@server`: a range scan on each.
@@ -228,7 +258,7 @@ impl SignalStore for SessionKeys {
              OR EXISTS (SELECT 1 FROM identity WHERE session = ?1 \
                  AND ((address >= ?2 || '@' AND address < ?2 || 'A') \
                    OR (address >= ?2 || ':' AND address < ?2 || ';')))";
-        self.exists(sql, user).await
+        self.any(sql, user).await
     }
 
     async fn store_prekey(&self, id: u32, record: &[u8], uploaded: bool) -> Result<()> {
@@ -238,43 +268,12 @@ impl SignalStore for SessionKeys {
 
     /// A link's 812 prekeys in a few statements, in one transaction.
     async fn store_prekeys_batch(&self, keys: &[(u32, Bytes)], uploaded: bool) -> Result<()> {
-        let statement = |chunk: &[(u32, Bytes)]| {
-            let mut query =
-                QueryBuilder::<Sqlite>::new("INSERT INTO prekey (session, id, record, uploaded) ");
-            query.push_values(chunk, |mut row, (id, record)| {
-                row.push_bind(self.id)
-                    .push_bind(i64::from(*id))
-                    .push_bind(&record[..])
-                    .push_bind(uploaded);
-            });
-            query.push(
-                " ON CONFLICT (session, id) DO UPDATE SET \
-                 record = excluded.record, uploaded = excluded.uploaded",
-            );
-            query
-        };
-        match keys.len() {
-            0 => Ok(()),
-            n if n <= ROWS => statement(keys)
-                .build()
-                .persistent(n == 1 || n == ROWS)
-                .execute(&self.db.write)
-                .await
-                .map(drop)
-                .map_err(db),
-            _ => {
-                let mut tx = self.db.write.begin().await.map_err(db)?;
-                for chunk in keys.chunks(ROWS) {
-                    statement(chunk)
-                        .build()
-                        .persistent(chunk.len() == ROWS)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                }
-                tx.commit().await.map_err(db)
-            }
-        }
+        self.upsert(&PREKEY, keys, |row, (id, record)| {
+            row.push_bind(i64::from(*id))
+                .push_bind(&record[..])
+                .push_bind(uploaded);
+        })
+        .await
     }
 
     async fn load_prekey(&self, id: u32) -> Result<Option<Bytes>> {
@@ -473,26 +472,13 @@ impl AppSyncStore for SessionKeys {
         version: u64,
         mutations: &[AppStateMutationMAC],
     ) -> Result<()> {
-        if mutations.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for mutation in mutations {
-            sqlx::query(
-                "INSERT INTO mutation_mac (session, name, index_mac, version, value_mac) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (session, name, index_mac) \
-                 DO UPDATE SET version = excluded.version, value_mac = excluded.value_mac",
-            )
-            .bind(self.id)
-            .bind(name)
-            .bind(&mutation.index_mac[..])
-            .bind(version as i64)
-            .bind(&mutation.value_mac[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        self.upsert(&MUTATION_MAC, mutations, |row, m| {
+            row.push_bind(name)
+                .push_bind(&m.index_mac[..])
+                .push_bind(version as i64)
+                .push_bind(&m.value_mac[..]);
+        })
+        .await
     }
 
     async fn get_mutation_mac(&self, name: &str, index_mac: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -589,80 +575,81 @@ fn lid_entry(row: &sqlx::sqlite::SqliteRow) -> Result<LidPnMappingEntry> {
     })
 }
 
-const PUT_LID: &str = "INSERT INTO lid_pn (session, lid, phone, created_at, updated_at, source) \
-     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session, lid) DO UPDATE SET \
-     phone = excluded.phone, updated_at = excluded.updated_at, source = excluded.source";
-const PUT_DEVICE_LIST: &str = "INSERT INTO device_list (session, user, devices, timestamp, phash, raw_id) \
-     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session, user) DO UPDATE SET \
-     devices = excluded.devices, timestamp = excluded.timestamp, phash = excluded.phash, \
-     raw_id = excluded.raw_id";
-const PUT_PENDING: &str = "INSERT INTO pending_inbound (session, chat, sender, id, message, inserted_at) \
-     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session, chat, sender, id) DO UPDATE SET \
-     message = excluded.message, inserted_at = excluded.inserted_at";
+const LID: Upsert = Upsert {
+    insert: "INSERT INTO lid_pn (session, lid, phone, created_at, updated_at, source) ",
+    conflict: " ON CONFLICT (session, lid) DO UPDATE SET \
+               phone = excluded.phone, updated_at = excluded.updated_at, source = excluded.source",
+};
+const DEVICE_LIST: Upsert = Upsert {
+    insert: "INSERT INTO device_list (session, user, devices, timestamp, phash, raw_id) ",
+    conflict: " ON CONFLICT (session, user) DO UPDATE SET devices = excluded.devices, \
+               timestamp = excluded.timestamp, phash = excluded.phash, raw_id = excluded.raw_id",
+};
+const PENDING: Upsert = Upsert {
+    insert: "INSERT INTO pending_inbound (session, chat, sender, id, message, inserted_at) ",
+    conflict: " ON CONFLICT (session, chat, sender, id) DO UPDATE SET \
+               message = excluded.message, inserted_at = excluded.inserted_at",
+};
+const SENDER_KEY_DEVICE: Upsert = Upsert {
+    insert: "INSERT INTO sender_key_device (session, group_jid, device_jid, has_key) ",
+    conflict: " ON CONFLICT (session, group_jid, device_jid) DO UPDATE SET has_key = excluded.has_key",
+};
+const MUTATION_MAC: Upsert = Upsert {
+    insert: "INSERT INTO mutation_mac (session, name, index_mac, version, value_mac) ",
+    conflict: " ON CONFLICT (session, name, index_mac) \
+               DO UPDATE SET version = excluded.version, value_mac = excluded.value_mac",
+};
+/// On a key already stored: the new secret, the later deadline (0, never, wins) and the
+/// later known message time.
+const MSG_SECRET: Upsert = Upsert {
+    insert: "INSERT INTO msg_secret (session, chat, sender, msg_id, secret, expires_at, message_ts) ",
+    conflict: " ON CONFLICT (session, chat, sender, msg_id) DO UPDATE SET \
+               secret = excluded.secret, \
+               expires_at = CASE WHEN msg_secret.expires_at = 0 OR excluded.expires_at = 0 THEN 0 \
+                                 ELSE max(msg_secret.expires_at, excluded.expires_at) END, \
+               message_ts = max(msg_secret.message_ts, excluded.message_ts)",
+};
 const DELETE_PENDING: &str =
     "DELETE FROM pending_inbound WHERE session = ? AND chat = ? AND sender = ? AND id = ?";
 
 impl SessionKeys {
     async fn put_lids(&self, entries: &[LidPnMappingEntry]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for e in entries {
-            sqlx::query(PUT_LID)
-                .bind(self.id)
-                .bind(&e.lid)
-                .bind(&e.phone_number)
-                .bind(e.created_at)
-                .bind(e.updated_at)
-                .bind(&e.learning_source)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        self.upsert(&LID, entries, |row, e| {
+            row.push_bind(&e.lid)
+                .push_bind(&e.phone_number)
+                .push_bind(e.created_at)
+                .push_bind(e.updated_at)
+                .push_bind(&e.learning_source);
+        })
+        .await
     }
 
     async fn put_device_lists(&self, records: &[DeviceListRecord]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for r in records {
-            let devices = serde_json::to_string(&r.devices)
-                .map_err(|e| StoreError::Serialization(Box::new(e)))?;
-            sqlx::query(PUT_DEVICE_LIST)
-                .bind(self.id)
-                .bind(&r.user)
-                .bind(devices)
-                .bind(r.timestamp)
-                .bind(&r.phash)
-                .bind(r.raw_id.map(i64::from))
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        let rows = records
+            .iter()
+            .map(|r| Ok((r, serde_json::to_string(&r.devices)?)))
+            .collect::<serde_json::Result<Vec<_>>>()
+            .map_err(|e| StoreError::Serialization(Box::new(e)))?;
+        self.upsert(&DEVICE_LIST, &rows, |row, (r, devices)| {
+            row.push_bind(&r.user)
+                .push_bind(devices)
+                .push_bind(r.timestamp)
+                .push_bind(&r.phash)
+                .push_bind(r.raw_id.map(i64::from));
+        })
+        .await
     }
 
     async fn put_pending(&self, rows: &[PendingInboundRow<'_>]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for r in rows {
-            sqlx::query(PUT_PENDING)
-                .bind(self.id)
-                .bind(r.chat)
-                .bind(r.sender)
-                .bind(r.id)
-                .bind(r.message)
-                .bind(now())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        let at = now();
+        self.upsert(&PENDING, rows, |row, r| {
+            row.push_bind(r.chat)
+                .push_bind(r.sender)
+                .push_bind(r.id)
+                .push_bind(r.message)
+                .push_bind(at);
+        })
+        .await
     }
 
     async fn delete_pending(&self, keys: &[PendingInboundKey<'_>]) -> Result<()> {
@@ -710,25 +697,12 @@ impl ProtocolStore for SessionKeys {
     }
 
     async fn set_sender_key_status(&self, group_jid: &str, entries: &[(&str, bool)]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for (device_jid, has_key) in entries {
-            sqlx::query(
-                "INSERT INTO sender_key_device (session, group_jid, device_jid, has_key) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (session, group_jid, device_jid) \
-                 DO UPDATE SET has_key = excluded.has_key",
-            )
-            .bind(self.id)
-            .bind(group_jid)
-            .bind(*device_jid)
-            .bind(*has_key)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        self.upsert(&SENDER_KEY_DEVICE, entries, |row, (device_jid, has_key)| {
+            row.push_bind(group_jid)
+                .push_bind(*device_jid)
+                .push_bind(*has_key);
+        })
+        .await
     }
 
     async fn clear_sender_key_devices(&self, group_jid: &str) -> Result<()> {
@@ -1103,34 +1077,16 @@ impl ProtocolStore for SessionKeys {
 
 #[async_trait]
 impl MsgSecretStore for SessionKeys {
-    /// On a key already stored: the new secret, the later deadline (0, never, wins) and
-    /// the later known message time.
     async fn put_msg_secrets(&self, entries: Vec<MsgSecretEntry>) -> Result<usize> {
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
-        for e in &entries {
-            sqlx::query(
-                "INSERT INTO msg_secret (session, chat, sender, msg_id, secret, expires_at, message_ts) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session, chat, sender, msg_id) DO UPDATE SET \
-                 secret = excluded.secret, \
-                 expires_at = CASE WHEN msg_secret.expires_at = 0 OR excluded.expires_at = 0 THEN 0 \
-                                   ELSE max(msg_secret.expires_at, excluded.expires_at) END, \
-                 message_ts = max(msg_secret.message_ts, excluded.message_ts)",
-            )
-            .bind(self.id)
-            .bind(&*e.chat)
-            .bind(&*e.sender)
-            .bind(&*e.msg_id)
-            .bind(&e.secret[..])
-            .bind(e.expires_at)
-            .bind(e.message_ts)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
+        self.upsert(&MSG_SECRET, &entries, |row, e| {
+            row.push_bind(&*e.chat)
+                .push_bind(&*e.sender)
+                .push_bind(&*e.msg_id)
+                .push_bind(&e.secret[..])
+                .push_bind(e.expires_at)
+                .push_bind(e.message_ts);
+        })
+        .await?;
         Ok(entries.len())
     }
 
@@ -1202,7 +1158,13 @@ impl DeviceStore for SessionKeys {
     }
 
     async fn exists(&self) -> Result<bool> {
-        Ok(self.load_exists().await?)
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM session WHERE id = ? AND device IS NOT NULL)",
+        )
+        .bind(self.id)
+        .fetch_one(&self.db.read)
+        .await
+        .map_err(db)
     }
 
     /// A fresh device (new keys) for a session that has none yet.
@@ -1214,17 +1176,5 @@ impl DeviceStore for SessionKeys {
             .await
             .map_err(db)?;
         Ok(self.id as i32)
-    }
-}
-
-impl SessionKeys {
-    async fn load_exists(&self) -> Result<bool> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM session WHERE id = ? AND device IS NOT NULL)",
-        )
-        .bind(self.id)
-        .fetch_one(&self.db.read)
-        .await
-        .map_err(db)
     }
 }

@@ -448,6 +448,63 @@ mod tests {
             .collect();
         keys.put_sessions_batch(&small).await.unwrap();
         assert_eq!(keys.get_session("a").await.unwrap().unwrap()[..], [3]);
+        // device lists: the record as written, the newer one replacing it.
+        let list = |timestamp, devices: Vec<u32>| DeviceListRecord {
+            user: "5511".into(),
+            devices: devices
+                .into_iter()
+                .map(|d| DeviceInfo::new(d, Some(d)))
+                .collect(),
+            timestamp,
+            phash: Some("2:abc".into()),
+            raw_id: Some(9),
+        };
+        keys.update_device_lists(vec![list(1, vec![0]), list(2, vec![0, 3])])
+            .await
+            .unwrap();
+        let stored = keys.get_devices("5511").await.unwrap().unwrap();
+        let ids: Vec<_> = stored
+            .devices
+            .iter()
+            .map(|d| (d.device_id, d.key_index))
+            .collect();
+        assert_eq!(
+            (stored.timestamp, ids),
+            (2, vec![(0, Some(0)), (3, Some(3))])
+        );
+        assert_eq!(
+            (stored.phash.as_deref(), stored.raw_id),
+            (Some("2:abc"), Some(9))
+        );
+        // the pending inbound buffer: kept by (chat, sender, id) until deleted.
+        let pending = |id, message| PendingInboundRow {
+            chat: "c",
+            sender: "s",
+            id,
+            message,
+        };
+        keys.store_pending_inbound_batch(&[pending("1", b"one"), pending("2", b"two")])
+            .await
+            .unwrap();
+        assert_eq!(
+            keys.get_pending_inbound("c", "s", "2")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"two"[..])
+        );
+        keys.delete_pending_inbound_batch(&[PendingInboundKey {
+            chat: "c",
+            sender: "s",
+            id: "1",
+        }])
+        .await
+        .unwrap();
+        assert_eq!(keys.get_pending_inbound("c", "s", "1").await.unwrap(), None);
+        assert_eq!(
+            keys.delete_expired_pending_inbound(i64::MAX).await.unwrap(),
+            1
+        );
         // lid mappings: the phone's latest lid.
         keys.put_lid_mappings(&[lid("1", "p", 1), lid("2", "p", 2)])
             .await
@@ -484,7 +541,6 @@ mod tests {
         drop(sessions);
         let sessions = open(dir.path()).await;
         assert_eq!(sessions.stored().await.unwrap(), ["A"]);
-        let _: Arc<dyn Backend> = sessions.open("A").await.unwrap();
 
         // The file put back later comes in again, and what the instance had is set
         // aside, not replaced.
