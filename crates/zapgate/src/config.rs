@@ -114,6 +114,27 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_WEBHOOK_RETRY_HOURS", default_value_t = 24)]
     pub webhook_retry_hours: u64,
 
+    /// HTTP connections open at once. At the cap, a new connection takes the place of the
+    /// oldest idle one; when all are busy it gets a 503. Default: 1024, at most a quarter
+    /// of the open-file limit. These files are counted apart from the WhatsApp sessions'.
+    #[arg(long, env = "ZAPGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Seconds a client has to send a request's headers, from its connect or from the
+    /// previous response: also how long a keep-alive connection may idle.
+    #[arg(long, env = "ZAPGATE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+
+    /// Event streams (server-sent events) open at once, in all; more get 429. Default:
+    /// half the HTTP connections, so streams never hold every connection.
+    #[arg(long, env = "ZAPGATE_MAX_EVENT_STREAMS")]
+    pub max_event_streams: Option<usize>,
+
+    /// Failed authentications (admin token, Client-Token, instance token, panel sign-in)
+    /// one address may make per minute; beyond, its attempts get 429 with Retry-After.
+    #[arg(long, env = "ZAPGATE_AUTH_FAILURES_PER_MINUTE", default_value_t = 10)]
+    pub auth_failures_per_minute: u32,
+
     /// Write logs as JSON lines.
     #[arg(long, env = "ZAPGATE_LOG_JSON")]
     pub log_json: bool,
@@ -167,6 +188,20 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=300).contains(&self.header_timeout_secs) {
+            return Err(
+                "--header-timeout-secs (ZAPGATE_HEADER_TIMEOUT_SECS) must be 1 to 300".into(),
+            );
+        }
+        if self.max_connections == Some(0) || self.max_event_streams == Some(0) {
+            return Err("--max-connections (ZAPGATE_MAX_CONNECTIONS) and --max-event-streams (ZAPGATE_MAX_EVENT_STREAMS) must be at least 1".into());
+        }
+        if self.auth_failures_per_minute == 0 {
+            return Err(
+                "--auth-failures-per-minute (ZAPGATE_AUTH_FAILURES_PER_MINUTE) must be at least 1"
+                    .into(),
+            );
+        }
         if self.restore_concurrency == 0 {
             return Err(
                 "--restore-concurrency (ZAPGATE_RESTORE_CONCURRENCY) must be at least 1".into(),
@@ -180,6 +215,10 @@ impl Config {
         self.public_url
             .as_deref()
             .map(|url| url.trim_end_matches('/').to_owned())
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
     }
 
     pub fn webhook_retry_for(&self) -> Duration {

@@ -10,10 +10,12 @@
 
 pub mod api;
 pub mod config;
+mod data_lock;
 pub mod instance;
 pub mod metrics;
 pub mod phone;
 pub mod qr;
+pub mod server;
 pub mod store;
 pub mod webhooks;
 
@@ -37,6 +39,8 @@ pub async fn run(
     check_whatsapp_url(&config.whatsapp_url)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    // Held until the gateway has stopped: one gateway per data directory.
+    let _lock = data_lock::DataDirLock::acquire(&config.data_dir).await?;
     let admin_token = match &config.admin_token {
         Some(token) => token.clone(),
         None => stored_admin_token(&config.data_dir)?,
@@ -48,7 +52,15 @@ pub async fn run(
         .await
         .context("opening the sessions database")?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
-    let max_sessions = open_file_room();
+    let (max_sessions, max_connections) = open_file_room(config.max_connections);
+    let limits = server::Limits {
+        max_connections,
+        header_timeout: config.header_timeout(),
+    };
+    let max_streams = config
+        .max_event_streams
+        .unwrap_or(max_connections / 2)
+        .max(1);
     let manager = Manager::start(
         store.clone(),
         ManagerConfig {
@@ -94,9 +106,16 @@ pub async fn run(
         },
         webhooks_due,
         metrics,
+        failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
+        streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    tracing::info!(
+        http.connections = max_connections,
+        http.event_streams = max_streams,
+        http.header_timeout_secs = config.header_timeout_secs,
+        "HTTP limits"
+    );
+    server::serve(listener, app, limits, shutdown.clone())
         .await
         .context("serving HTTP")?;
     manager.shutdown().await;
@@ -106,15 +125,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Open files the process keeps for itself: listener, database pool, logs, and the HTTP
-/// and webhook connections of a busy moment.
+/// Open files the process keeps for itself: listener, database pool, logs, and the
+/// webhook connections of a busy moment. HTTP connections are counted apart.
 const FILES_RESERVED: u64 = 256;
 /// Open files one running session holds: its websocket (the sessions share one
 /// database), and one more for a moment while it connects.
 const FILES_PER_SESSION: u64 = 2;
+/// HTTP connections at once unless configured: this many, at most a quarter of the
+/// open-file limit.
+const DEFAULT_HTTP_CONNECTIONS: u64 = 1024;
+/// Event streams one instance (or one link page) may have open at once.
+const STREAMS_PER_INSTANCE: usize = 16;
 
-/// Raises the soft open-file limit to the hard one, and says how many sessions fit.
-fn open_file_room() -> usize {
+/// Raises the soft open-file limit to the hard one, and shares it out: the HTTP
+/// connections (`configured`, or the default) come off first, so sessions never
+/// compete with them. Returns how many sessions and HTTP connections fit.
+fn open_file_room(configured: Option<usize>) -> (usize, usize) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let before = limit.current;
@@ -128,7 +154,11 @@ fn open_file_room() -> usize {
         }
     }
     let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let room = now.saturating_sub(FILES_RESERVED) / FILES_PER_SESSION;
+    let http = match configured {
+        Some(n) => n as u64,
+        None => DEFAULT_HTTP_CONNECTIONS.min(now / 4).max(16),
+    };
+    let room = now.saturating_sub(FILES_RESERVED).saturating_sub(http) / FILES_PER_SESSION;
     let room = usize::try_from(room)
         .unwrap_or(usize::MAX)
         .clamp(1, 1_000_000);
@@ -136,9 +166,10 @@ fn open_file_room() -> usize {
         before = before.map_or("unlimited".into(), |b| b.to_string()),
         now,
         sessions = room,
+        http.connections = http,
         "open-file limit"
     );
-    room
+    (room, usize::try_from(http).unwrap_or(usize::MAX))
 }
 
 /// A sandbox build skips the check of WhatsApp's certificate chain, so it may only talk

@@ -106,6 +106,10 @@ mod demo {
             webhook_allow_private: false,
             webhook_secret: None,
             webhook_retry_hours: 24,
+            max_connections: None,
+            header_timeout_secs: 10,
+            max_event_streams: None,
+            auth_failures_per_minute: 10,
             log_json: false,
             simulator: Some(sim.control_url()),
         };

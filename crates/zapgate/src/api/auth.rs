@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
 
+use super::limits::Peer;
 use super::{ApiError, AppState};
 use crate::instance::InstanceHandle;
 
@@ -36,6 +37,10 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        let Peer(peer) = Peer::from_request_parts(parts, state)
+            .await
+            .unwrap_or_else(|e| match e {});
+        state.failed_auth.check(peer)?;
         let given = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -45,6 +50,7 @@ impl FromRequestParts<AppState> for Admin {
         if same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
             Ok(Admin)
         } else {
+            state.failed_auth.failed(peer);
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized"))
         }
     }
@@ -64,12 +70,17 @@ impl FromRequestParts<AppState> for Instance {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        let Peer(peer) = Peer::from_request_parts(parts, state)
+            .await
+            .unwrap_or_else(|e| match e {});
+        state.failed_auth.check(peer)?;
         // The account token first: without it nothing is revealed about instances.
         if let Some(expected) = &state.client_token {
             match parts.headers.get("client-token") {
                 None => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "null not allowed")),
                 Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
                 Some(_) => {
+                    state.failed_auth.failed(peer);
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         "Client-Token not allowed",
@@ -91,7 +102,10 @@ impl FromRequestParts<AppState> for Instance {
         let token_matches = same(token.as_bytes(), expected.as_bytes());
         match handle {
             Some(handle) if token_matches => Ok(Instance(handle)),
-            _ => Err(ApiError::instance_not_found()),
+            _ => {
+                state.failed_auth.failed(peer);
+                Err(ApiError::instance_not_found())
+            }
         }
     }
 }

@@ -15,8 +15,9 @@ use tokio::time::Instant;
 
 use axum::extract::State as AxumState;
 
-use super::AppState;
 use super::auth::Instance;
+use super::limits::StreamSlot;
+use super::{ApiError, AppState};
 use crate::instance::{Device, EventKind, InstanceHandle, Problem, Snapshot, State};
 
 /// A comment every 15 s keeps proxies from closing a quiet stream.
@@ -25,8 +26,22 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(super) async fn events(
     AxumState(state): AxumState<AppState>,
     Instance(instance): Instance,
-) -> Response {
-    stream(instance, state.shutdown.clone())
+) -> Result<Response, ApiError> {
+    let slot = state.streams.take(&instance_key(&instance))?;
+    Ok(stream(instance, state.shutdown.clone(), slot))
+}
+
+/// The stream slots an instance's streams count against (its own, and the panel's of it).
+pub(super) fn instance_key(instance: &InstanceHandle) -> String {
+    format!("instance/{}", instance.record.id)
+}
+
+/// `stream`, holding `slot` for as long as it is open.
+pub(super) fn holding<S: Stream>(slot: StreamSlot, stream: S) -> impl Stream<Item = S::Item> {
+    stream.map(move |item| {
+        let _held = &slot;
+        item
+    })
 }
 
 /// Who reads a stream: the instance's own API client or operator, or the holder of a
@@ -42,8 +57,9 @@ pub(super) enum View {
 pub(super) fn stream(
     instance: InstanceHandle,
     shutdown: tokio_util::sync::CancellationToken,
+    slot: StreamSlot,
 ) -> Response {
-    respond(body(instance, shutdown, View::Full))
+    respond(holding(slot, body(instance, shutdown, View::Full)))
 }
 
 /// Events as a `text/event-stream` response, with keep-alive comments.
@@ -205,6 +221,7 @@ pub(crate) fn state_name(state: State) -> &'static str {
 pub(super) fn every_instance(
     receiver: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::instance::Event>>,
     shutdown: tokio_util::sync::CancellationToken,
+    slot: StreamSlot,
 ) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
     let events = stream::unfold(receiver, |mut receiver| async move {
         loop {
@@ -229,5 +246,6 @@ pub(super) fn every_instance(
     })
     .map(Ok)
     .take_until(shutdown.cancelled_owned());
-    axum::response::Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    axum::response::Sse::new(holding(slot, events))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }

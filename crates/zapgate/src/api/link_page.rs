@@ -255,7 +255,8 @@ async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) 
 async fn events(
     AxumState(state): AxumState<AppState>,
     Linkable(instance, token): Linkable,
-) -> Response {
+) -> Result<Response, ApiError> {
+    let slot = state.streams.take(&format!("link/{}", hash(&token)))?;
     let body = super::events::body(instance, state.shutdown.clone(), View::Public);
     let dies = async move {
         loop {
@@ -265,7 +266,8 @@ async fn events(
             }
         }
     };
-    super::events::respond(body.take_until(Box::pin(dies)))
+    let body = super::events::holding(slot, body.take_until(Box::pin(dies)));
+    Ok(super::events::respond(body))
 }
 
 /// How often an open link page's stream checks that its page still lives.

@@ -4,6 +4,7 @@
 mod auth;
 mod events;
 mod instance;
+mod limits;
 mod link_page;
 mod panel;
 mod partner;
@@ -12,6 +13,7 @@ mod webhooks;
 pub(crate) use events::state_name as events_state_name;
 pub use webhooks::WebhookPolicy;
 
+pub use limits::{FailedAuth, StreamSlots};
 pub use panel::Sessions;
 
 use std::sync::Arc;
@@ -53,6 +55,10 @@ pub struct AppState {
     /// Wakes the webhook delivery worker.
     pub webhooks_due: Arc<tokio::sync::Notify>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Failed authentications by source address.
+    pub failed_auth: Arc<FailedAuth>,
+    /// Event streams open, in all and per instance or link page.
+    pub streams: Arc<StreamSlots>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
@@ -172,6 +178,8 @@ async fn limit_time(request: Request, next: Next) -> Response {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds to send in `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -179,7 +187,14 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the caller when to try again.
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(crate::instance::whole_seconds(wait));
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -193,7 +208,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -226,16 +247,15 @@ impl ApiError {
     /// The error response, with `Retry-After` when the caller was rate limited.
     pub fn link(e: LinkError) -> Response {
         let retry = match &e {
-            LinkError::RateLimited(wait) => Some(crate::instance::whole_seconds(*wait)),
+            LinkError::RateLimited(wait) => Some(*wait),
             _ => None,
         };
-        let mut response = Self::from(e).into_response();
-        if let Some(secs) = retry {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        let error = Self::from(e);
+        match retry {
+            Some(wait) => error.retry_after(wait),
+            None => error,
         }
-        response
+        .into_response()
     }
 }
 

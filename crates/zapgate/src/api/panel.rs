@@ -326,9 +326,19 @@ struct SignInForm {
     token: String,
 }
 
-async fn sign_in(AxumState(state): AxumState<AppState>, Form(form): Form<SignInForm>) -> Response {
+async fn sign_in(
+    AxumState(state): AxumState<AppState>,
+    super::limits::Peer(peer): super::limits::Peer,
+    Form(form): Form<SignInForm>,
+) -> Response {
+    if let Err(refused) = state.failed_auth.check(peer) {
+        let page = sign_in_form(Some(&refused.message()));
+        let retry = [(header::RETRY_AFTER, refused.secs().to_string())];
+        return (StatusCode::TOO_MANY_REQUESTS, retry, page).into_response();
+    }
     let given = form.token.trim();
     if !super::auth::same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
+        state.failed_auth.failed(peer);
         tokio::time::sleep(WRONG_TOKEN_DELAY).await;
         let page = sign_in_form(Some("That is not the admin token."));
         return (StatusCode::UNAUTHORIZED, page).into_response();
@@ -641,8 +651,13 @@ async fn create(
     Ok(Json(json!({ "id": handle.record.id })))
 }
 
-async fn every_instance(_: Operator, AxumState(state): AxumState<AppState>) -> Response {
-    super::events::every_instance(state.manager.events(), state.shutdown.clone()).into_response()
+async fn every_instance(
+    _: Operator,
+    AxumState(state): AxumState<AppState>,
+) -> Result<Response, ApiError> {
+    let slot = state.streams.take("panel")?;
+    let events = state.manager.events();
+    Ok(super::events::every_instance(events, state.shutdown.clone(), slot).into_response())
 }
 
 async fn events(
@@ -651,7 +666,14 @@ async fn events(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let instance = found(&state, &id)?;
-    Ok(super::events::stream(instance, state.shutdown.clone()))
+    let slot = state
+        .streams
+        .take(&super::events::instance_key(&instance))?;
+    Ok(super::events::stream(
+        instance,
+        state.shutdown.clone(),
+        slot,
+    ))
 }
 
 pub(super) fn linked(result: Result<Value, LinkError>) -> Response {

@@ -1,0 +1,271 @@
+//! What one caller may take: failed authentications per address, and event streams
+//! open at once (in all, and per instance or link page).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+
+use super::ApiError;
+
+/// Addresses remembered at most; past it, those that have nothing left to count are
+/// forgotten first.
+const MAX_ADDRESSES: usize = 100_000;
+
+/// Failed authentications by source address, as a bucket per address: `per_minute`
+/// failures at once, one more every `60 / per_minute` seconds. An address whose bucket
+/// is empty is refused before its credentials are even compared, so guessing from it
+/// stops until the bucket refills, right guesses included.
+pub struct FailedAuth {
+    per_minute: u32,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    /// Failures still allowed, as of `at`.
+    left: f64,
+    at: Instant,
+}
+
+/// An address over its limit, and how long until it may try again.
+#[derive(Debug)]
+pub struct TooManyFailures(Duration);
+
+impl TooManyFailures {
+    pub fn secs(&self) -> u64 {
+        crate::instance::whole_seconds(self.0)
+    }
+
+    pub fn message(&self) -> String {
+        format!(
+            "Too many failed authentications from your address; try again in {} s",
+            self.secs()
+        )
+    }
+}
+
+impl From<TooManyFailures> for ApiError {
+    fn from(refused: TooManyFailures) -> Self {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, refused.message()).retry_after(refused.0)
+    }
+}
+
+impl FailedAuth {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: per_minute.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refill_every(&self) -> Duration {
+        Duration::from_secs(60) / self.per_minute
+    }
+
+    fn refilled(&self, bucket: Bucket, now: Instant) -> Bucket {
+        let gained =
+            now.duration_since(bucket.at).as_secs_f64() / self.refill_every().as_secs_f64();
+        Bucket {
+            left: (bucket.left + gained).min(f64::from(self.per_minute)),
+            at: now,
+        }
+    }
+
+    /// Whether `address` may try to authenticate now.
+    pub fn check(&self, address: IpAddr) -> Result<(), TooManyFailures> {
+        self.check_at(key(address), Instant::now())
+    }
+
+    fn check_at(&self, address: IpAddr, now: Instant) -> Result<(), TooManyFailures> {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get(&address) {
+            Some(bucket) => {
+                let bucket = self.refilled(*bucket, now);
+                if bucket.left >= 1.0 {
+                    Ok(())
+                } else {
+                    let wait = self.refill_every().mul_f64(1.0 - bucket.left);
+                    Err(TooManyFailures(wait))
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication from `address`.
+    pub fn failed(&self, address: IpAddr) {
+        self.failed_at(key(address), Instant::now());
+    }
+
+    fn failed_at(&self, address: IpAddr, now: Instant) {
+        let full = Bucket {
+            left: f64::from(self.per_minute),
+            at: now,
+        };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&address) {
+            let per_minute = f64::from(self.per_minute);
+            buckets.retain(|_, b| self.refilled(*b, now).left < per_minute);
+        }
+        let bucket = buckets.get(&address).copied().unwrap_or(full);
+        let mut bucket = self.refilled(bucket, now);
+        bucket.left = (bucket.left - 1.0).max(0.0);
+        buckets.insert(address, bucket);
+    }
+}
+
+/// IPv4 addresses count one by one; IPv6 ones by their /64, which one host usually
+/// holds whole.
+fn key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// The address a request came from: the connection's peer (unspecified when the
+/// router is called without a server, as in unit tests).
+pub(super) struct Peer(pub(super) IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let address = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        Ok(Peer(address))
+    }
+}
+
+/// When a caller refused a stream is told to try again.
+const STREAM_RETRY: Duration = Duration::from_secs(10);
+
+/// Event streams open at once: in all, and per key (an instance, a link page).
+#[derive(Debug)]
+pub struct StreamSlots {
+    total: usize,
+    per_key: usize,
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One open stream; its slot is given back when it is dropped (the stream ended).
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    key: String,
+}
+
+impl StreamSlots {
+    pub fn new(total: usize, per_key: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_key,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A slot for a stream of `key`, or the 429 the caller gets.
+    pub fn take(self: &Arc<Self>, key: &str) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let of_key = open.1.get(key).copied().unwrap_or(0);
+        let refused = if open.0 >= self.total {
+            Some("The gateway has as many event streams open as it allows; try again later")
+        } else if of_key >= self.per_key {
+            Some("Too many event streams are open for this; close one and try again")
+        } else {
+            None
+        };
+        if let Some(message) = refused {
+            return Err(
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).retry_after(STREAM_RETRY)
+            );
+        }
+        open.0 += 1;
+        open.1.insert(key.to_owned(), of_key + 1);
+        Ok(StreamSlot {
+            slots: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Streams open now, in all.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_refused_once_its_failures_are_spent_and_again_allowed_as_they_refill() {
+        let limit = FailedAuth::new(3);
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limit.check_at(a, t0).is_ok());
+            limit.failed_at(a, t0);
+        }
+        let TooManyFailures(wait) = limit.check_at(a, t0).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(20));
+        // Others are not held back.
+        assert!(limit.check_at(b, t0).is_ok());
+        // One failure refills every 20 s.
+        assert!(limit.check_at(a, t0 + Duration::from_secs(19)).is_err());
+        assert!(limit.check_at(a, t0 + Duration::from_secs(20)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let same: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(key(one), key(same));
+        assert_ne!(key(one), key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn stream_slots_are_bounded_in_all_and_per_key_and_come_back_when_dropped() {
+        let slots = StreamSlots::new(3, 2);
+        let a1 = slots.take("a").unwrap();
+        let _a2 = slots.take("a").unwrap();
+        assert_eq!(
+            slots.take("a").unwrap_err().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        let _b1 = slots.take("b").unwrap();
+        assert!(slots.take("c").is_err(), "three open in all");
+        drop(a1);
+        assert_eq!(slots.open(), 2);
+        assert!(slots.take("c").is_ok());
+    }
+}
