@@ -1,6 +1,7 @@
 //! Where webhooks may go without `--webhook-allow-private`: an address that is private,
 //! or a name that resolves only to private addresses, is refused at the first attempt
-//! and settled (not retried), and the deliveries list says why.
+//! and settled (not retried), and the deliveries list says why; a URL with an IPv6
+//! zone id is refused when it is set.
 
 mod common;
 
@@ -111,4 +112,47 @@ async fn private_addresses_and_names_resolving_only_to_them_are_refused_once_and
         None,
         "nothing retried"
     );
+}
+
+#[tokio::test]
+async fn a_url_with_an_ipv6_zone_id_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("zoned").await;
+    let kept = "https://hooks.example.com/connected";
+    let (status, body) = gw
+        .api
+        .set_webhook(&inst, "update-webhook-connected", kept)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (route, url, zone) in [
+        (
+            "update-webhook-connected",
+            "https://[fe80::1%25eth0]/x",
+            "%25eth0",
+        ),
+        (
+            "update-webhook-connected",
+            "https://[fe80::1%eth0]:8443/x",
+            "%eth0",
+        ),
+        ("update-every-webhooks", "https://[fe80::1%251]/x", "%251"),
+    ] {
+        let (status, body) = gw.api.set_webhook(&inst, route, url).await;
+        assert_eq!(
+            (status, body),
+            (
+                400,
+                json!({
+                    "error": format!(
+                        "value: the host has an IPv6 zone id ({zone}), which names a network interface of this machine; a webhook URL cannot carry one"
+                    )
+                })
+            ),
+            "{url}"
+        );
+    }
+    let (_, me) = gw.api.me(&inst).await;
+    assert_eq!(me["connectedCallbackUrl"], json!(kept), "{me}");
+    assert_eq!(me["disconnectedCallbackUrl"], json!(null), "{me}");
 }
