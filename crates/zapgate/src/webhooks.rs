@@ -6,13 +6,15 @@
 //!
 //! Requests carry `X-Zapgate-Event-Id` (stable: the receiver deduplicates with it),
 //! `X-Zapgate-Timestamp` and, with a secret, `X-Zapgate-Signature: sha256=<hex HMAC
-//! of "timestamp.body">`. Unless private addresses are allowed, a URL whose host
-//! resolves to a loopback, private, link-local or metadata address is refused, checked
-//! on the address actually connected to. Redirects are not followed; response bodies
-//! are not read.
+//! of "timestamp.body">`. Unless private addresses are allowed, loopback, private,
+//! link-local, metadata and every other non-public address is refused, checked on the
+//! address actually connected to: a URL whose host is one, or a name that resolves only
+//! to such, is refused for good at the first attempt (a name that does not resolve is
+//! tried again). Redirects are not followed; response bodies are not read.
+
+mod addresses;
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,7 +61,7 @@ pub fn start(
         .no_proxy()
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RESPONSE_TIMEOUT)
-        .dns_resolver(Arc::new(Resolver {
+        .dns_resolver(Arc::new(addresses::Resolver {
             allow_private: config.allow_private,
         }))
         .user_agent(concat!("zapgate/", env!("CARGO_PKG_VERSION")))
@@ -193,19 +195,18 @@ async fn deliver(
         request = request.header("X-Zapgate-Signature", format!("sha256={signature}"));
     }
     let started = std::time::Instant::now();
-    let refused = check_literal_host(&entry.url, config.allow_private).err();
-    let result = match &refused {
-        Some(why) => Err(why.clone()),
-        None => request
+    let result = match addresses::check_literal_host(&entry.url, config.allow_private) {
+        Err(why) => Err(Failure::Refused(why)),
+        Ok(()) => request
             .body(entry.body.clone())
             .send()
             .await
-            .map_err(|e| describe(&e)),
+            .map_err(|e| Failure::of(&e)),
     };
     let now = crate::unix_millis();
     let attempt = match result {
         // An address that is refused stays refused: not tried again.
-        Err(why) if refused.is_some() => Attempt::Done {
+        Err(Failure::Refused(why)) => Attempt::Done {
             outcome: "refused",
             status: None,
             error: Some(why),
@@ -227,7 +228,7 @@ async fn deliver(
             Some(i64::from(response.status().as_u16())),
             format!("the receiver answered {}", response.status()),
         ),
-        Err(why) => retry(config, &entry, now, None, why),
+        Err(Failure::Failed(why)) => retry(config, &entry, now, None, why),
     };
     tracing::info!(
         instance.id = %entry.instance_id,
@@ -301,6 +302,21 @@ fn retry(
     }
 }
 
+/// Why a request got no answer: refused for good, or failed for now.
+enum Failure {
+    Refused(String),
+    Failed(String),
+}
+
+impl Failure {
+    fn of(error: &reqwest::Error) -> Self {
+        match addresses::OnlyPrivate::cause_of(error) {
+            Some(refused) => Failure::Refused(refused.to_string()),
+            None => Failure::Failed(describe(error)),
+        }
+    }
+}
+
 fn describe(error: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut text = error.to_string();
@@ -325,101 +341,6 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Addresses no webhook may reach without `--webhook-allow-private`: loopback,
-/// private, link-local (cloud metadata among them), unspecified, shared and
-/// unique-local ranges.
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || a == 0
-                || a >= 224 // multicast and reserved
-                || (a == 100 && (64..128).contains(&b)) // shared address space
-                || (a == 198 && (b == 18 || b == 19)) // benchmarking
-                || (a == 192 && b == 0 && c == 0) // protocol assignments
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let v4 = |hi: u16, lo: u16| {
-                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
-            };
-            // An IPv4 address carried inside: mapped, compatible, NAT64, 6to4.
-            let embedded = if let Some(mapped) = v6.to_ipv4_mapped() {
-                Some(mapped)
-            } else if s[..6] == [0; 6] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                Some(v4(s[6], s[7]))
-            } else if s[0] == 0x2002 {
-                Some(v4(s[1], s[2]))
-            } else {
-                None
-            };
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] & 0xff00) == 0xff00
-                || embedded.is_some_and(|v4| is_private(IpAddr::V4(v4)))
-        }
-    }
-}
-
-/// A URL whose host is an address (no name to resolve) is checked here.
-fn check_literal_host(url: &str, allow_private: bool) -> Result<(), String> {
-    if allow_private {
-        return Ok(());
-    }
-    // Parsed as the HTTP client parses it: `2130706433` and `127.1` are addresses too.
-    let host = reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
-    match host.and_then(|h| h.parse::<IpAddr>().ok()) {
-        Some(ip) if is_private(ip) => Err(format!(
-            "refused: {ip} is a private address (--webhook-allow-private allows it)"
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Resolves names as the system does, then keeps only the addresses webhooks may
-/// reach: the check is on what is actually connected to.
-struct Resolver {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for Resolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = found
-                .iter()
-                .copied()
-                .filter(|a| allow_private || !is_private(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                let why = format!(
-                    "refused: {host} resolves only to private addresses ({}); --webhook-allow-private allows them",
-                    found
-                        .iter()
-                        .map(|a| a.ip().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                return Err(why.into());
-            }
-            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
-            Ok(addrs)
-        })
-    }
 }
 
 #[cfg(test)]
@@ -447,42 +368,5 @@ mod tests {
             sign(b"Jefe", 7, "x"),
             "90855e9032d6166b9ee389b66d32d3423879e259ee44a45208c6599dd22283b2"
         );
-    }
-
-    #[test]
-    fn private_and_metadata_addresses_are_refused() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fc00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "224.0.0.1",
-            "198.18.0.1",
-            "64:ff9b::7f00:1",
-            "2002:7f00:1::",
-        ] {
-            assert!(is_private(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
-            assert!(!is_private(ip.parse().unwrap()), "{ip}");
-        }
-        assert!(check_literal_host("https://127.0.0.1/x", false).is_err());
-        assert!(check_literal_host("https://[::1]/x", false).is_err());
-        assert!(check_literal_host("https://127.0.0.1/x", true).is_ok());
-        for numeric in [
-            "https://2130706433/x",
-            "https://127.1/x",
-            "https://0x7f.0.0.1/x",
-        ] {
-            assert!(check_literal_host(numeric, false).is_err(), "{numeric}");
-        }
-        assert!(check_literal_host("https://hooks.example.com/x", false).is_ok());
     }
 }

@@ -154,8 +154,21 @@ pub(super) fn checked_url(
     if authority.as_str().contains('@') {
         return refuse("the URL must not carry credentials (user:password@)".into());
     }
-    if authority.host().is_empty() {
+    let host = authority.host();
+    if host.is_empty() {
         return refuse("the URL has no host".into());
+    }
+    if let Some(zone) = host
+        .strip_prefix('[')
+        .and_then(|h| h.find('%').map(|at| h[at..].trim_end_matches(']')))
+    {
+        return refuse(format!(
+            "the host has an IPv6 zone id ({zone}), which names a network interface of this machine; a webhook URL cannot carry one"
+        ));
+    }
+    // What the delivery's client cannot parse could never be delivered.
+    if reqwest::Url::parse(url).is_err() {
+        return refuse(format!("{url:?} is not a URL"));
     }
     Ok(Some(url.to_owned()))
 }
@@ -282,6 +295,19 @@ mod tests {
         assert!(check(public, "https://user:pw@hooks.example.com").is_err());
         assert!(check(public, "https:///path").is_err());
         assert!(check(public, "not a url").is_err());
+        for zoned in [
+            "https://[fe80::1%25eth0]/x",
+            "https://[fe80::1%eth0]:8443/x",
+            "https://[fe80::1%251]",
+        ] {
+            assert_eq!(
+                check(public, zoned),
+                Err(StatusCode::BAD_REQUEST),
+                "{zoned}"
+            );
+            assert_eq!(check(open, zoned), Err(StatusCode::BAD_REQUEST), "{zoned}");
+        }
+        assert!(check(public, "https://[2606:4700::1111]/x").is_ok());
         let long = format!("https://hooks.example.com/{}", "a".repeat(MAX_URL));
         assert!(check(public, &long).is_err());
     }

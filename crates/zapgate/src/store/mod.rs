@@ -115,7 +115,7 @@ pub struct OutboxEntry {
 /// How one delivery attempt went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attempt {
-    /// Settled: `outcome` is delivered, gone, or expired.
+    /// Settled: `outcome` is delivered, gone, refused, or expired.
     Done {
         outcome: &'static str,
         status: Option<i64>,
