@@ -120,10 +120,15 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
-    /// Seconds a client has to send a request's headers, from its connect or from the
-    /// previous response: also how long a keep-alive connection may idle.
+    /// Seconds a client has to send a request's headers, from their first byte (from
+    /// the connect, for a connection's first request).
     #[arg(long, env = "ZAPGATE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
+
+    /// Seconds a keep-alive connection may idle between requests. Longer than clients
+    /// keep idle connections pooled (90 s is common), so they close first.
+    #[arg(long, env = "ZAPGATE_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    pub idle_timeout_secs: u64,
 
     /// Event streams (server-sent events) open at once, in all; more get 429. Default:
     /// half the HTTP connections, so streams never hold every connection.
@@ -193,6 +198,9 @@ impl Config {
                 "--header-timeout-secs (ZAPGATE_HEADER_TIMEOUT_SECS) must be 1 to 300".into(),
             );
         }
+        if !(1..=3600).contains(&self.idle_timeout_secs) {
+            return Err("--idle-timeout-secs (ZAPGATE_IDLE_TIMEOUT_SECS) must be 1 to 3600".into());
+        }
         if self.max_connections == Some(0) || self.max_event_streams == Some(0) {
             return Err("--max-connections (ZAPGATE_MAX_CONNECTIONS) and --max-event-streams (ZAPGATE_MAX_EVENT_STREAMS) must be at least 1".into());
         }
@@ -219,6 +227,10 @@ impl Config {
 
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs(self.header_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
     }
 
     pub fn webhook_retry_for(&self) -> Duration {

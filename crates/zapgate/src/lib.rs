@@ -56,6 +56,7 @@ pub async fn run(
     let limits = server::Limits {
         max_connections,
         header_timeout: config.header_timeout(),
+        idle_timeout: config.idle_timeout(),
     };
     let max_streams = config
         .max_event_streams
@@ -113,6 +114,7 @@ pub async fn run(
         http.connections = max_connections,
         http.event_streams = max_streams,
         http.header_timeout_secs = config.header_timeout_secs,
+        http.idle_timeout_secs = config.idle_timeout_secs,
         "HTTP limits"
     );
     server::serve(listener, app, limits, shutdown.clone())

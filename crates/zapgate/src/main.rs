@@ -108,6 +108,7 @@ mod demo {
             webhook_retry_hours: 24,
             max_connections: None,
             header_timeout_secs: 10,
+            idle_timeout_secs: 120,
             max_event_streams: None,
             auth_failures_per_minute: 10,
             log_json: false,

@@ -8,14 +8,18 @@
 //!   headers): the oldest such of the address holding the most connections, so one
 //!   address flooding the gateway makes room from its own. When every one is busy, the
 //!   new connection gets a 503 and is closed;
-//! - a request's headers must arrive within `header_timeout`, counted from the connect or
-//!   from the previous response, so it is also how long a keep-alive connection may idle.
+//! - a request's headers must arrive within `header_timeout` of its first byte (or of the
+//!   connect, for the first request), so a client trickling them is closed;
+//! - a keep-alive connection may idle `idle_timeout` between requests: longer than
+//!   common clients keep idle connections pooled (90 s), so the client is the one that
+//!   closes and never sends a request into a connection the gateway is closing. Idle
+//!   connections make room for new ones at the cap anyway.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,9 +28,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -36,6 +41,7 @@ use tower::ServiceExt as _;
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// Connections being answered 503 at once; more are closed without an answer.
@@ -48,8 +54,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A live connection, as the cap sees it.
 struct Entry {
     address: IpAddr,
-    /// Requests in flight, bodies included (an event stream is in flight while open).
-    busy: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
     /// Cancelled to make room for a newer connection.
     evict: CancellationToken,
 }
@@ -68,7 +73,7 @@ impl Connections {
         &mut self,
         max: usize,
         address: IpAddr,
-    ) -> Option<(u64, Arc<AtomicUsize>, CancellationToken)> {
+    ) -> Option<(u64, Arc<Activity>, CancellationToken)> {
         if self.live.len() >= max {
             let idle = self.idle_to_evict()?;
             if let Some(entry) = self.live.remove(&idle) {
@@ -78,10 +83,10 @@ impl Connections {
         self.next += 1;
         let entry = Entry {
             address,
-            busy: Arc::new(AtomicUsize::new(0)),
+            activity: Arc::new(Activity::new()),
             evict: CancellationToken::new(),
         };
-        let handles = (self.next, entry.busy.clone(), entry.evict.clone());
+        let handles = (self.next, entry.activity.clone(), entry.evict.clone());
         self.live.insert(self.next, entry);
         Some(handles)
     }
@@ -95,7 +100,7 @@ impl Connections {
         }
         let mut oldest_idle: HashMap<IpAddr, u64> = HashMap::new();
         for (id, entry) in &self.live {
-            if entry.busy.load(Ordering::Acquire) == 0 {
+            if !entry.activity.busy() {
                 oldest_idle.entry(entry.address).or_insert(*id);
             }
         }
@@ -136,7 +141,7 @@ pub async fn serve(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .admit(limits.max_connections, peer.ip());
-        let Some((id, busy, evict)) = admitted else {
+        let Some((id, activity, evict)) = admitted else {
             // Refusals hold a file for a moment too: a few at a time, the rest dropped.
             if let Ok(permit) = refusals.clone().try_acquire_owned() {
                 tracker.spawn(async move {
@@ -162,7 +167,7 @@ pub async fn serve(
                     () = shutdown.cancelled() => {}
                 }
             };
-            serve_connection(stream, peer, app, busy, limits, closing).await;
+            serve_connection(stream, peer, app, activity, limits, closing).await;
             connections
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -204,14 +209,14 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: Router,
-    busy: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
     limits: Limits,
     closing: impl Future<Output = ()>,
 ) {
-    let in_flight = busy.clone();
+    let in_flight = activity.clone();
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        let in_flight = InFlight::new(busy.clone());
+        let in_flight = InFlight::new(in_flight.clone());
         let app = app.clone();
         async move {
             let response = app.oneshot(request.map(Body::new)).await?;
@@ -223,21 +228,30 @@ async fn serve_connection(
             }))
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+    let io = Watched {
+        stream,
+        activity: activity.clone(),
+    };
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = pin!(connection);
     let mut closing = pin!(closing);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = closing.as_mut() => {}
+    loop {
+        let deadline = activity.deadline(&limits);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = closing.as_mut() => break,
+            () = tokio::time::sleep_until(deadline) => {
+                // Overdue with nothing in flight: headers too slow, or idle too long.
+                if activity.deadline(&limits) <= Instant::now() && !activity.busy() {
+                    return;
+                }
+            }
+        }
     }
     // Told to close. With nothing in flight, at once: its file is wanted now.
-    if in_flight.load(Ordering::Acquire) == 0 {
+    if !activity.busy() {
         return;
     }
     // A request in flight may finish, briefly.
@@ -245,19 +259,136 @@ async fn serve_connection(
     let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
 }
 
+/// What a connection is doing, as its reads and its requests tell.
+struct Activity {
+    opened: Instant,
+    /// Requests in flight, bodies included (an event stream is in flight while open).
+    busy: AtomicUsize,
+    /// Milliseconds from `opened` to the first byte of a request not yet dispatched,
+    /// plus one; 0 when none has begun.
+    request_began: AtomicU64,
+    /// Milliseconds from `opened` to when the last request ended; `u64::MAX` before
+    /// any request.
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            busy: AtomicUsize::new(0),
+            request_began: AtomicU64::new(0),
+            idle_since: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire) > 0
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    /// When the connection is to be closed if nothing changes: headers begun are due
+    /// `header_timeout` after their first byte, the first request that long after the
+    /// connect, the next one `idle_timeout` after the last. Busy: checked again later.
+    fn deadline(&self, limits: &Limits) -> Instant {
+        if self.busy() {
+            return Instant::now() + limits.header_timeout;
+        }
+        match (
+            self.request_began.load(Ordering::Acquire),
+            self.idle_since.load(Ordering::Acquire),
+        ) {
+            (began, _) if began > 0 => self.at(began - 1) + limits.header_timeout,
+            (_, u64::MAX) => self.opened + limits.header_timeout,
+            (_, idle) => self.at(idle) + limits.idle_timeout,
+        }
+    }
+
+    /// Bytes came in: with no request in flight, a new one has begun.
+    fn read(&self) {
+        if !self.busy() && self.request_began.load(Ordering::Acquire) == 0 {
+            self.request_began
+                .store(self.now_ms() + 1, Ordering::Release);
+        }
+    }
+}
+
 /// Counts a request as in flight until its response body is done with.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn new(busy: Arc<AtomicUsize>) -> Self {
-        busy.fetch_add(1, Ordering::AcqRel);
-        Self(busy)
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        activity.request_began.store(0, Ordering::Release);
+        Self(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let activity = &self.0;
+        activity
+            .idle_since
+            .store(activity.now_ms(), Ordering::Release);
+        activity.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connection's socket, telling its [`Activity`] when bytes come in.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.read();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 
@@ -298,9 +429,9 @@ mod tests {
     #[test]
     fn at_the_cap_the_oldest_idle_connection_makes_room() {
         let mut connections = Connections::default();
-        let (first, first_busy, first_evict) = connections.admit(2, ip(1)).unwrap();
+        let (first, first_activity, first_evict) = connections.admit(2, ip(1)).unwrap();
         let (_, _, second_evict) = connections.admit(2, ip(1)).unwrap();
-        first_busy.fetch_add(1, Ordering::AcqRel);
+        let _busy = InFlight::new(first_activity);
         // The first is busy: the second, idle, goes.
         let (third, _, _) = connections.admit(2, ip(1)).unwrap();
         assert!(second_evict.is_cancelled() && !first_evict.is_cancelled());
@@ -309,7 +440,7 @@ mod tests {
             [first, third]
         );
         // Every one busy: no room.
-        connections.live[&third].busy.fetch_add(1, Ordering::AcqRel);
+        let _busy = InFlight::new(connections.live[&third].activity.clone());
         assert!(connections.admit(2, ip(1)).is_none());
         assert_eq!(connections.live.len(), 2);
     }

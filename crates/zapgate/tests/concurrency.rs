@@ -253,8 +253,11 @@ async fn a_server_that_cannot_prove_it_is_whatsapp_is_named() {
 #[tokio::test]
 async fn sessions_beyond_the_open_file_limit_are_refused_saying_so() {
     let world = World::new().await;
-    // 270 open files: 256 kept for the gateway, 2 per session, so room for 7.
-    let gw = world.gateway_with(&[(common::NOFILE, "270")]).await;
+    // 286 open files: 256 kept for the gateway, 16 for HTTP connections, 2 per
+    // session, so room for 7.
+    let gw = world
+        .gateway_with(&[(common::NOFILE, "286"), ("ZAPGATE_MAX_CONNECTIONS", "16")])
+        .await;
     gw.log.wait_for("open-file limit", 1).await;
     assert!(gw.log.text().contains("sessions=7"), "{}", gw.log.text());
     let fds = || {

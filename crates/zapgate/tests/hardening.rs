@@ -142,10 +142,13 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 }
 
 #[tokio::test]
-async fn headers_that_never_end_and_idle_keep_alives_are_closed_after_the_header_timeout() {
+async fn headers_that_never_end_and_idle_keep_alives_are_closed_in_time() {
     let world = World::new().await;
     let gw = world
-        .gateway_with(&[("ZAPGATE_HEADER_TIMEOUT_SECS", "1")])
+        .gateway_with(&[
+            ("ZAPGATE_HEADER_TIMEOUT_SECS", "1"),
+            ("ZAPGATE_IDLE_TIMEOUT_SECS", "2"),
+        ])
         .await;
     let addr = address(&gw);
 
@@ -174,7 +177,15 @@ async fn headers_that_never_end_and_idle_keep_alives_are_closed_after_the_header
         "a connection trickling its headers stayed open 10 s"
     );
 
-    // A keep-alive connection that asks once and then says nothing.
+    // A connection that never sends a byte.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "a silent connection stayed open"
+    );
+
+    // A keep-alive connection that asks once and then says nothing: it may idle, then
+    // it is closed.
     let mut idle = TcpStream::connect(&addr).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -182,9 +193,15 @@ async fn headers_that_never_end_and_idle_keep_alives_are_closed_after_the_header
     let mut answer = vec![0u8; 512];
     let n = idle.read(&mut answer).await.unwrap();
     assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200 OK"));
+    let answered = tokio::time::Instant::now();
     assert!(
-        closed_within(&mut idle, Duration::from_secs(5)).await,
+        closed_within(&mut idle, Duration::from_secs(6)).await,
         "an idle keep-alive connection stayed open"
+    );
+    assert!(
+        answered.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}: the idle time is not the header time",
+        answered.elapsed()
     );
     gw.stop().await;
 }
