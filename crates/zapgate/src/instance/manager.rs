@@ -50,7 +50,8 @@ pub struct ManagerConfig {
 impl Manager {
     /// Starts a task for every stored instance, finishes interrupted cancels, sets
     /// aside sessions no instance claims, and reconnects the linked ones in the
-    /// background, at most `restore_concurrency` handshakes at a time, with jitter.
+    /// background, at most `restore_concurrency` handshakes at a time, with jitter;
+    /// beside them, removes at WhatsApp the devices set-aside sessions left linked.
     pub async fn start(
         store: Arc<dyn Store>,
         config: ManagerConfig,
@@ -82,6 +83,13 @@ impl Manager {
         });
         let records = store.all_instances().await?;
         let stored = set_aside_unclaimed(&*manager.ctx.factory.sessions, &records).await;
+        // Linked instances whose session is not there: a set-aside one may be it.
+        let missing = records
+            .iter()
+            .filter(|r| r.cancelled_at.is_none())
+            .filter(|r| !stored.as_ref().is_ok_and(|s| s.contains(&r.id)))
+            .filter_map(|r| Some((r.id.clone(), r.link.as_ref()?.phone.clone())))
+            .collect();
         let mut linked = Vec::new();
         for record in records {
             let cancelled = record.cancelled_at.is_some();
@@ -113,12 +121,20 @@ impl Manager {
             linked = linked.len(),
             "instances loaded"
         );
+        // Restores and the removal of devices left linked share the pace: at most
+        // `restore_concurrency` logins at once between them.
+        let slots = Arc::new(Semaphore::new(config.restore_concurrency.max(1)));
         manager.ctx.tracker.spawn(restore_paced(
             manager.ctx.tracker.clone(),
             linked,
-            config.restore_concurrency.max(1),
+            slots.clone(),
             manager.shutdown.clone(),
         ));
+        let ctx = manager.ctx.clone();
+        manager
+            .ctx
+            .tracker
+            .spawn(super::ghosts::remove_all(ctx, slots, missing));
         Ok(manager)
     }
 
@@ -197,9 +213,9 @@ impl Manager {
 }
 
 /// A session with no recorded link holds nothing a user linked for sure (a window that
-/// never completed, or a crash before its link was stored), but it is set aside, never
-/// deleted, at start. Returns the sessions the instances keep, or why they could not be
-/// listed.
+/// never completed, or a crash before its link was stored), but it is set aside, not
+/// deleted, at start (`ghosts` then removes a device it left linked at WhatsApp).
+/// Returns the sessions the instances keep, or why they could not be listed.
 async fn set_aside_unclaimed(
     sessions: &dyn crate::store::SessionStore,
     records: &[InstanceRecord],
@@ -231,16 +247,15 @@ async fn set_aside_unclaimed(
     Ok(kept)
 }
 
-/// Restores sessions so that at most `concurrency` are mid-handshake at once: each
-/// holds a slot until it has reached WhatsApp, stops, or [`RESTORE_SLOT`] passes. The
-/// app-state sync that follows the login does not hold a slot.
+/// Restores sessions so that at most as many as `slots` are mid-handshake at once:
+/// each holds a slot until it has reached WhatsApp, stops, or [`RESTORE_SLOT`] passes.
+/// The app-state sync that follows the login does not hold a slot.
 async fn restore_paced(
     tracker: TaskTracker,
     linked: Vec<InstanceHandle>,
-    concurrency: usize,
+    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(concurrency));
     for handle in linked {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {

@@ -1,10 +1,12 @@
 //! Instances: one task per WhatsApp number owning its client and taking every decision
 //! about it (`actor`, with its linking flows in `linking` and its slow work in `work`),
-//! the registry of them (`manager`), the pure state machine (`state`) and the clients
-//! and the clients on their sessions (`session`). No HTTP types here.
+//! the registry of them (`manager`), the pure state machine (`state`), the clients on
+//! their sessions (`session`), and the removal of devices set-aside sessions left
+//! linked at WhatsApp (`ghosts`). No HTTP types here.
 
 mod actor;
 pub mod events;
+mod ghosts;
 mod linking;
 mod manager;
 mod session;

@@ -18,7 +18,9 @@ use whatsapp_rust::client::Client;
 use whatsapp_rust::transport::{
     TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
 };
-use whatsapp_rust::types::events::{Event, EventKind};
+use whatsapp_rust::types::events::{
+    ConnectFailureReason, Event, EventHandler, EventInterest, EventKind,
+};
 
 use super::Cause;
 use crate::store::SessionStore;
@@ -177,6 +179,9 @@ impl ClientFactory {
             // task waits only on its database (seconds at most, when it is busy), so
             // waiting here only paces the client's own mailbox.
             .with_event_delivery(EventDelivery::Ordered { capacity: 256 })
+            // Inline, before the run loop can end: whoever sees the client stop can
+            // already tell whether WhatsApp had dropped the device.
+            .with_event_handler(RemovedWatch(diagnosis.clone()))
             .on_event_for(INSTANCE_EVENTS, move |event, _client| {
                 let events = events.clone();
                 async move {
@@ -245,6 +250,8 @@ impl ClientFactory {
 #[derive(Default)]
 pub(crate) struct Diagnosis {
     last: Mutex<Option<Cause>>,
+    /// WhatsApp said the device is not linked (a `401` at login, or removed since).
+    removed: AtomicBool,
 }
 
 impl Diagnosis {
@@ -252,8 +259,32 @@ impl Diagnosis {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether WhatsApp said this device is not linked (any more): nothing is left to
+    /// remove there.
+    pub(crate) fn removed_at_whatsapp(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
     fn record(&self, cause: Cause) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
+    }
+}
+
+/// Notes, as the client dispatches it, that WhatsApp logged the device out because
+/// it is not linked (not for an account locked or another refusal).
+struct RemovedWatch(Arc<Diagnosis>);
+
+impl EventHandler for RemovedWatch {
+    fn handle_event(&self, event: Arc<Event>) {
+        if let Event::LoggedOut(out) = &*event {
+            if out.reason == ConnectFailureReason::LoggedOut {
+                self.0.removed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn interest(&self) -> EventInterest {
+        EventInterest::of(&[EventKind::LoggedOut])
     }
 }
 
@@ -276,14 +307,17 @@ impl TransportFactory for WatchedFactory {
             }
         };
         let watch = Arc::new(Watch::default());
-        // Pass the transport's events on, noting whether the server spoke and whether
-        // it closed the connection itself.
+        // Pass the transport's events on, counting the server's frames and noting
+        // whether it closed the connection itself.
         let (tx, rx) = async_channel::bounded(events.capacity().unwrap_or(64).max(1));
         let seen = watch.clone();
         self.tracker.spawn(async move {
+            let mut frames = Frames::default();
             while let Ok(event) = events.recv().await {
                 match &event {
-                    TransportEvent::DataReceived(_) => seen.received.store(true, Ordering::Relaxed),
+                    TransportEvent::DataReceived(data) => {
+                        seen.frames.fetch_add(frames.count(data), Ordering::Relaxed);
+                    }
                     TransportEvent::Disconnected(_) => {
                         seen.server_closed.store(true, Ordering::Relaxed)
                     }
@@ -306,8 +340,42 @@ impl TransportFactory for WatchedFactory {
 #[derive(Default)]
 struct Watch {
     sends: AtomicU32,
-    received: AtomicBool,
+    /// Whole frames the server sent.
+    frames: AtomicU32,
     server_closed: AtomicBool,
+}
+
+/// Counts the frames in the server's byte stream: each is a 3-byte big-endian length
+/// and that many bytes, however websocket messages cut them.
+#[derive(Default)]
+struct Frames {
+    /// How many bytes of the next frame's length are read (0 to 2), and their value.
+    header: (u8, usize),
+    /// Bytes of the current frame still to come.
+    left: usize,
+}
+
+impl Frames {
+    /// How many frames `data` completes.
+    fn count(&mut self, data: &[u8]) -> u32 {
+        let (mut done, mut at) = (0, 0);
+        while at < data.len() {
+            if self.left > 0 {
+                let take = self.left.min(data.len() - at);
+                (self.left, at) = (self.left - take, at + take);
+                done += u32::from(self.left == 0);
+                continue;
+            }
+            let (read, value) = &mut self.header;
+            (*read, *value, at) = (*read + 1, *value << 8 | usize::from(data[at]), at + 1);
+            if *read == 3 {
+                self.left = std::mem::take(value);
+                *read = 0;
+                done += u32::from(self.left == 0);
+            }
+        }
+        done
+    }
 }
 
 struct Watched {
@@ -323,16 +391,37 @@ impl Transport for Watched {
         self.inner.send(data).await
     }
 
-    /// The client hangs up after its hello only when the server's hello, which carries
-    /// the certificate chain, did not verify: the handshake's one fatal outcome.
+    /// The client hangs up after its hello and the server's, with nothing more said,
+    /// only when the server's hello, which carries the certificate chain, did not
+    /// verify: the handshake's one fatal outcome. A login WhatsApp refuses (a
+    /// `<failure>` after a one-message IK handshake) is a second frame.
     async fn disconnect(&self) {
         let w = &self.watch;
         if w.sends.load(Ordering::Relaxed) == 1
-            && w.received.load(Ordering::Relaxed)
+            && w.frames.load(Ordering::Relaxed) == 1
             && !w.server_closed.load(Ordering::Relaxed)
         {
             self.diagnosis.record(Cause::CertificateRefused);
         }
         self.inner.disconnect().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    #[test]
+    fn frames_are_counted_however_the_messages_cut_them() {
+        let mut frames = Frames::default();
+        // A server hello alone: one frame.
+        assert_eq!(frames.count(&[0, 0, 4, 1, 2, 3, 4]), 1);
+        // A failure after it, in two messages cut inside its length and its body.
+        assert_eq!(frames.count(&[0]), 0);
+        assert_eq!(frames.count(&[0, 3, 9]), 0);
+        assert_eq!(frames.count(&[9, 9]), 1);
+        // Two frames in one message, an empty one among them.
+        assert_eq!(frames.count(&[0, 0, 0, 0, 0, 1, 7]), 2);
+        assert_eq!(frames.count(&[]), 0);
     }
 }

@@ -275,22 +275,33 @@ impl Actor {
 }
 
 /// Waits until the client has logged in (WhatsApp answers a device's requests only
-/// then), leaving a moment before `deadline` for the request itself.
-async fn wait_for_login(client: &Arc<Client>, deadline: Instant) {
+/// then), leaving a moment before `deadline` for the request itself; or until it has
+/// stopped, or WhatsApp said the device is not linked.
+async fn wait_for_login(running: &Running, deadline: Instant) {
     let left = deadline.saturating_duration_since(Instant::now());
     let by = deadline - Duration::from_secs(1).min(left);
-    while !client.is_logged_in() && Instant::now() < by {
+    let client = &running.client;
+    while !client.is_logged_in()
+        && !running.diagnosis.removed_at_whatsapp()
+        && !running.ended.is_cancelled()
+        && Instant::now() < by
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Removes the device at WhatsApp once its client is logged in, trying again while
 /// time is left if the connection turns over meanwhile (a link's first login restarts
-/// the stream, for one).
-async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
+/// the stream, for one). A device WhatsApp no longer has (it refused the login with a
+/// `401`, or dropped the device meanwhile) is removed already.
+pub(super) async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
     let client = &running.client;
+    let removed = || running.diagnosis.removed_at_whatsapp();
     loop {
-        wait_for_login(client, deadline).await;
+        wait_for_login(running, deadline).await;
+        if removed() {
+            return Unlinked::Told;
+        }
         let Some(jid) = client.pn().filter(|_| client.is_logged_in()) else {
             let cause = running.diagnosis.cause().unwrap_or(Cause::NoAnswer);
             return Unlinked::NotTold(cause.to_string());
@@ -302,6 +313,7 @@ async fn remove_device(running: &Running, deadline: Instant) -> Unlinked {
         .await
         {
             Ok(Ok(())) => return Unlinked::Told,
+            Ok(Err(_)) if removed() => return Unlinked::Told,
             Ok(Err(_)) if !client.is_logged_in() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

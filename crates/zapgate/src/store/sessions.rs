@@ -32,6 +32,23 @@ pub trait SessionStore: Send + Sync {
     /// Keeps the instance's session apart, where an operator can still recover it, and
     /// leaves the instance with none. Returns the name it is kept under.
     async fn set_aside(&self, instance: &str) -> Result<String, StoreError>;
+    /// Every session, the set-aside ones too, by the name it is kept under, with the
+    /// device it paired as.
+    async fn pairings(&self) -> Result<Vec<(String, Pairing)>, StoreError>;
+}
+
+/// Names a set-aside session is kept under start with this.
+pub const SET_ASIDE: &str = "set-aside/";
+
+/// What a session holds of a device linked at WhatsApp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pairing {
+    /// It never paired: no device of it was ever linked to a number we know.
+    Never,
+    /// It paired as this device, `phone:device` (`5511999990001:3`).
+    As(String),
+    /// Its device does not read.
+    Unreadable(String),
 }
 
 /// Writes wait this long for the one writing connection before they fail as busy.
@@ -125,13 +142,44 @@ impl SessionStore for SqliteSessions {
     }
 
     async fn set_aside(&self, instance: &str) -> Result<String, StoreError> {
-        let name = format!("set-aside/{instance}/{}", crate::unix_millis());
+        let name = format!("{SET_ASIDE}{instance}/{}", crate::unix_millis());
         sqlx::query("UPDATE session SET instance = ? WHERE instance = ?")
             .bind(&name)
             .bind(instance)
             .execute(&self.db.write)
             .await?;
         Ok(name)
+    }
+
+    async fn pairings(&self) -> Result<Vec<(String, Pairing)>, StoreError> {
+        // Only the device's number, not its keys: the whole device is kilobytes.
+        let rows: Vec<(String, Option<bool>, Option<String>)> = sqlx::query_as(
+            "SELECT instance, json_valid(CAST(device AS TEXT)), \
+             CASE WHEN json_valid(CAST(device AS TEXT)) \
+             THEN json_extract(CAST(device AS TEXT), '$.pn') END \
+             FROM session ORDER BY id",
+        )
+        .fetch_all(&self.db.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, valid, pn)| (name, pairing(valid, pn.as_deref())))
+            .collect())
+    }
+}
+
+/// What a session's device says of its pairing: `valid` is whether it is JSON (`None`:
+/// there is no device), `pn` its `pn` field, as JSON.
+fn pairing(valid: Option<bool>, pn: Option<&str>) -> Pairing {
+    let pn = match (valid, pn) {
+        (Some(false), _) => return Pairing::Unreadable("its device is not JSON".into()),
+        (None, _) | (Some(true), None) => return Pairing::Never,
+        (Some(true), Some(pn)) => pn,
+    };
+    match serde_json::from_str::<whatsapp_rust::Jid>(pn) {
+        Ok(jid) if !jid.user.is_empty() => Pairing::As(format!("{}:{}", jid.user, jid.device)),
+        Ok(_) => Pairing::Unreadable("a device number without a phone".into()),
+        Err(e) => Pairing::Unreadable(e.to_string()),
     }
 }
 
@@ -160,7 +208,7 @@ mod tests {
     use whatsapp_rust::wacore::store::Device;
     use whatsapp_rust::wacore::store::traits::*;
 
-    use super::{SessionStore, SqliteSessions};
+    use super::{Pairing, SessionStore, SqliteSessions};
 
     async fn open(dir: &std::path::Path) -> SqliteSessions {
         SqliteSessions::open(&dir.join("sessions.db"), &dir.join("sessions"))
@@ -380,6 +428,41 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn pairings_tell_which_sessions_paired_and_as_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).await;
+        let mut paired = Device::new();
+        paired.pn = Some("5511999990001:7@s.whatsapp.net".parse().unwrap());
+        sessions
+            .open("A")
+            .await
+            .unwrap()
+            .save(&paired)
+            .await
+            .unwrap();
+        let fresh = sessions.open("B").await.unwrap();
+        fresh.create().await.unwrap();
+        sessions.open("C").await.unwrap(); // no device at all yet
+        let aside = sessions.set_aside("A").await.unwrap();
+        sqlx::query("INSERT INTO session (instance, created_at, device) VALUES ('D', 0, x'7b')")
+            .execute(&sessions.db.write)
+            .await
+            .unwrap();
+        assert_eq!(
+            sessions.pairings().await.unwrap(),
+            [
+                (aside, Pairing::As("5511999990001:7".into())),
+                ("B".into(), Pairing::Never),
+                ("C".into(), Pairing::Never),
+                (
+                    "D".into(),
+                    Pairing::Unreadable("its device is not JSON".into())
+                ),
+            ]
         );
     }
 
