@@ -101,12 +101,16 @@ impl World {
         inst
     }
 
-    /// A number linked on a first gateway, then taken over by a second gateway on the
-    /// same data: the first needs restoring, the second is connected.
+    /// A number linked on a first gateway, then taken over by a second gateway on a
+    /// copy of its data (one data directory takes one gateway; a copy, as a backup
+    /// restored elsewhere, logs in the same device): the first needs restoring, the
+    /// second is connected.
     pub async fn taken_over(&self, name: &str, phone: &str) -> (Gateway, Gateway, Instance) {
         let first = self.gateway().await;
         let inst = self.linked_instance(&first, name, phone).await;
-        let second = self.gateway().await;
+        let copy = self.dir.path().join("copy");
+        copy_data(&self.data_dir(), &copy).await;
+        let second = Gateway::start(&self.sim.ws_url(), &copy, &[]).await;
         second.api.wait_connected(&inst).await;
         first
             .api
@@ -123,6 +127,24 @@ impl World {
         let (status, body) = self.wa.scan(qr, Some(phone)).await.unwrap();
         assert_eq!(status, 200, "{body}");
         gw.api.wait_connected(inst).await;
+    }
+}
+
+/// A consistent copy of a running gateway's databases (`VACUUM INTO`), into `to`.
+pub async fn copy_data(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in ["zapgate.db", "sessions.db"] {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(from.join(name))
+            .read_only(true);
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .unwrap();
+        sqlx::query("VACUUM INTO ?")
+            .bind(to.join(name).to_str().unwrap())
+            .execute(&mut db)
+            .await
+            .unwrap();
     }
 }
 
