@@ -3,7 +3,7 @@
 //! included. Two gateways on one directory would log in the same devices and knock each
 //! other off, and both deliver the outbox.
 
-use std::fs::{File, TryLockError};
+use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,12 +31,12 @@ impl DataDirLock {
             .with_context(|| format!("opening {}", path.display()))?;
         let deadline = Instant::now() + WAIT;
         loop {
-            match file.try_lock() {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(TryLockError::WouldBlock) => {
+                Err(rustix::io::Errno::WOULDBLOCK) => {
                     let mut holder = String::new();
                     let _ = file.read_to_string(&mut holder);
                     let holder = match holder.trim() {
@@ -48,8 +48,9 @@ impl DataDirLock {
                         data_dir.display()
                     );
                 }
-                Err(TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                Err(e) => {
+                    return Err(std::io::Error::from(e))
+                        .with_context(|| format!("locking {}", path.display()));
                 }
             }
         }
