@@ -637,7 +637,27 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         .wait_for("document.body.dataset.state === 'connected'", WAIT)
         .await;
 
-    // A link page from the panel, opened on a phone-sized screen.
+    // No link page while the number is linked: it would link another after a
+    // disconnect.
+    click(&mut browser, "make-link").await;
+    let said = browser
+        .wait_for("document.getElementById('error').textContent", WAIT)
+        .await;
+    assert_eq!(
+        said,
+        json!("This instance's number is linked: disconnect it before making a link page.")
+    );
+
+    // Disconnect, after a confirmation: the phone no longer lists the device.
+    click(&mut browser, "disconnect").await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    let said = browser.eval("window.said[0]").await;
+    assert!(said.as_str().unwrap().contains("unlinked"), "{said}");
+    assert!(world.wa.devices().await.unwrap().is_empty());
+
+    // Now a link page from the panel, opened on a phone-sized screen.
     click(&mut browser, "make-link").await;
     let url = browser
         .wait_for(
@@ -656,7 +676,7 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         .await;
     phone.open(&url).await;
     phone
-        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
         .await;
     assert_eq!(
         phone
@@ -665,16 +685,6 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         json!(true),
         "nothing overflows a phone's screen"
     );
-    assert!(phone.text().await.contains(PHONE));
-
-    // Disconnect, after a confirmation: the phone no longer lists the device.
-    click(&mut browser, "disconnect").await;
-    browser
-        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
-        .await;
-    let said = browser.eval("window.said[0]").await;
-    assert!(said.as_str().unwrap().contains("unlinked"), "{said}");
-    assert!(world.wa.devices().await.unwrap().is_empty());
 
     // Cancel from the list: the confirmation says the number will be unlinked, then the
     // instance is gone.

@@ -382,7 +382,9 @@ function linkPage() {
   const error = $('error');
   const flow = linking(base, error);
   follow(base, flow, error, (data, linked) => {
+    // The number shows only to the page it was linked through.
     if (linked) $('phone').textContent = data.phone ?? '';
+    show($('phone-said'), linked && Boolean(data.phone));
   });
 }
 
