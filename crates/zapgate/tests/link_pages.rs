@@ -112,7 +112,11 @@ async fn a_link_page_stops_only_the_linking_it_started() {
     let (status, _, body) = page_post(&gw, &second, "stop-linking", None).await;
     assert_eq!((status, body), (409, not_yours.clone()));
     let (status, _, again) = page_post(&gw, &first, "qr-code", None).await;
-    assert_eq!((status, &again), (200, &qr), "the same window");
+    assert_eq!(
+        (status, &again["value"]),
+        (200, &qr["value"]),
+        "the same window"
+    );
     let (status, _, body) = page_post(&gw, &first, "stop-linking", None).await;
     assert_eq!((status, body), (200, json!({ "value": true })));
 
@@ -187,7 +191,8 @@ async fn a_link_page_shows_only_the_number_linked_through_it() {
         json!({ "state": "connected", "connected": true, "phone": null })
     );
 
-    // Through a page, that page sees the number; another page does not.
+    // Through a page, that page sees the number; another page does not, nor the
+    // codes of a window it did not ask in.
     let (status, body) = gw.api.disconnect(&inst).await;
     assert_eq!(status, 200, "{body}");
     let (through, watching) = (link_page(&gw, &inst).await, link_page(&gw, &inst).await);
@@ -196,20 +201,64 @@ async fn a_link_page_shows_only_the_number_linked_through_it() {
     let code = page_phone_code(&gw, &through, OTHER).await;
     let (status, body) = world.wa.link_code(OTHER, &code).await.unwrap();
     assert_eq!(status, 200, "{body}");
-    for (stream, phone) in [
-        (&mut through_events, json!(OTHER)),
-        (&mut watching_events, json!(null)),
-    ] {
-        let linked = loop {
-            let event = stream.until("state").await;
-            if event.data["connected"] == json!(true) {
-                break event.data;
-            }
-        };
-        assert_eq!(
-            linked,
-            json!({ "state": "connected", "connected": true, "phone": phone })
-        );
+    let seen = until_connected(&mut through_events).await;
+    assert!(seen.contains(&"pairing-code".to_owned()), "{seen:?}");
+    assert_eq!(seen.last().unwrap(), &format!("connected {OTHER}"));
+    assert_eq!(
+        until_connected(&mut watching_events).await,
+        ["state noSession", "state linking", "connected null"]
+    );
+}
+
+/// The names of the stream's events up to the first that says connected, and then
+/// the phone that one shows.
+async fn until_connected(events: &mut common::EventStream) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let event = events.next().await;
+        if event.data["connected"] == json!(true) {
+            seen.push(format!(
+                "connected {}",
+                event.data["phone"].as_str().unwrap_or("null")
+            ));
+            return seen;
+        }
+        match event.name.as_str() {
+            "state" => seen.push(format!("state {}", event.data["state"].as_str().unwrap())),
+            name => seen.push(name.to_owned()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_window_two_pages_asked_in_shows_neither_the_number() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("Shared").await;
+    let (first, second) = (link_page(&gw, &inst).await, link_page(&gw, &inst).await);
+    let mut first_events = gw.api.link_events(&first).await;
+    let mut second_events = gw.api.link_events(&second).await;
+    let (status, _, qr) = page_post(&gw, &first, "qr-code", None).await;
+    assert_eq!(status, 200, "{qr}");
+    // The second page joins the window: it is handed the code as its event shows it.
+    let (status, _, joined) = page_post(&gw, &second, "qr-code", None).await;
+    assert_eq!((status, &joined["value"]), (200, &qr["value"]));
+    assert!(
+        joined["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,")
+    );
+    assert!(joined["expiresIn"].as_u64().unwrap() > 0);
+    let (status, body) = world
+        .wa
+        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    for events in [&mut first_events, &mut second_events] {
+        let seen = until_connected(events).await;
+        assert_eq!(seen.last().unwrap(), "connected null", "{seen:?}");
     }
 }
 

@@ -420,6 +420,55 @@ async fn the_number_s_owner_links_it_on_the_link_page_with_the_keyboard_alone() 
 }
 
 #[tokio::test]
+async fn a_link_page_shows_another_s_window_only_once_asked_and_then_not_the_number() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("Two pages").await;
+    let (first, second) = (
+        link_page(&gw, &inst, None).await,
+        link_page(&gw, &inst, None).await,
+    );
+    let mut browser = Browser::start().await;
+    browser.open(&second).await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    // The first page's holder opens a window: the second page does not show its code.
+    let opened = gw
+        .api
+        .http
+        .post(format!("{first}/qr-code"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status().as_u16(), 200);
+    let value = opened.json::<serde_json::Value>().await.unwrap()["value"].clone();
+    browser
+        .wait_for("document.body.dataset.state === 'linking'", WAIT)
+        .await;
+    assert_eq!(
+        browser.eval("document.getElementById('qr').hidden").await,
+        json!(true)
+    );
+    // Asked on the second page, the window's code shows at once.
+    click(&mut browser, "start").await;
+    assert_eq!(json!(shown_qr(&mut browser, "").await), value);
+    // Scanned: two pages were handed it, so neither names the number.
+    let (status, body) = world
+        .wa
+        .scan(value.as_str().unwrap(), Some(PHONE))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+    let text = browser.text().await;
+    assert!(text.contains("Linked. You can close this page."), "{text}");
+    assert!(!text.contains(PHONE), "{text}");
+}
+
+#[tokio::test]
 async fn expired_revoked_and_unknown_link_pages_say_so() {
     let world = World::new().await;
     let gw = world.gateway().await;

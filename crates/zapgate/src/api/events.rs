@@ -74,6 +74,7 @@ pub(super) fn body(
                 loop {
                     match receiver.recv().await {
                         Ok(event) if event.id <= seen => continue,
+                        Ok(event) if !shown(&event.kind, &view, &instance.snapshot()) => continue,
                         Ok(event) => {
                             let sent = vec![sse(event.id, &event.kind, &view)];
                             return Some((sent, (Some(receiver), event.id, instance)));
@@ -110,13 +111,27 @@ fn current(snapshot: &Snapshot, view: &View) -> Vec<Sse> {
         },
         view,
     )];
-    if let Some(qr) = &snapshot.qr {
-        sent.push(sse(id, &EventKind::Qr(qr.clone()), view));
-    }
-    if let Some(code) = &snapshot.pair_code {
-        sent.push(sse(id, &EventKind::PairCode(code.clone()), view));
+    let codes = [
+        snapshot.qr.clone().map(EventKind::Qr),
+        snapshot.pair_code.clone().map(EventKind::PairCode),
+    ];
+    for code in codes.into_iter().flatten() {
+        if shown(&code, view, snapshot) {
+            sent.push(sse(id, &code, view));
+        }
     }
     sent
+}
+
+/// Whether the reader sees the event: a link page sees a window's codes only once it
+/// was handed them (it asked), not those of a window someone else is linking with.
+fn shown(kind: &EventKind, view: &View, snapshot: &Snapshot) -> bool {
+    match (kind, view) {
+        (EventKind::Qr(_) | EventKind::PairCode(_), View::Page(page)) => {
+            snapshot.pages_handed.contains(page)
+        }
+        _ => true,
+    }
 }
 
 fn sse(id: u64, kind: &EventKind, view: &View) -> Sse {

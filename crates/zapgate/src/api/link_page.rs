@@ -330,13 +330,19 @@ fn public_reply(result: Result<Value, crate::instance::LinkError>) -> Response {
     super::ApiError::new(status, message).into_response()
 }
 
+/// The QR code as its event gives it: a page that joins a window someone else opened
+/// missed that event (its stream shows a window's codes only once it asked).
 async fn qr_code(Linkable(instance, _, by): Linkable) -> Response {
-    public_reply(
-        instance
-            .qr_code(by)
-            .await
-            .map(|qr| json!({ "value": qr.value })),
-    )
+    public_reply(instance.qr_code(by).await.map(|qr| {
+        let left = qr
+            .expires
+            .saturating_duration_since(tokio::time::Instant::now());
+        json!({
+            "value": qr.value,
+            "image": qr.image_data_url(),
+            "expiresIn": left.as_secs(),
+        })
+    }))
 }
 
 async fn phone_code(

@@ -152,6 +152,7 @@ pub(crate) fn spawn(
         socket_up: false,
         problem: None,
         event_id: 0,
+        pages_handed: Arc::new([]),
     });
     let (events, _) = broadcast::channel(super::events::BACKLOG);
     let mut actor = Actor {
@@ -810,6 +811,10 @@ impl Actor {
         let linking = self.state == State::Linking;
         let qr = self.window.qr().filter(|_| linking);
         let pair_code = self.window.pair_code().filter(|_| linking);
+        let pages_handed = match linking {
+            true => self.window.pages_handed(),
+            false => Arc::new([]),
+        };
         let events = self.published.changes(
             self.state,
             device.as_ref(),
@@ -827,6 +832,7 @@ impl Actor {
             s.device = device;
             s.problem = self.problem.clone();
             s.event_id = event_id;
+            s.pages_handed = pages_handed;
             if self.client.is_none() {
                 s.socket_up = false;
             }

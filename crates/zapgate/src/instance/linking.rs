@@ -105,11 +105,21 @@ impl Window {
         self.opened_by = Some(by);
     }
 
-    /// `by` is handed the window's codes (or waits for them).
-    fn hand(&mut self, by: &Requester) {
-        if !self.handed.iter().any(|h| h.is(by)) {
+    /// `by` is handed the window's codes (or waits for them); true if it is new.
+    fn hand(&mut self, by: &Requester) -> bool {
+        let new = !self.handed.iter().any(|h| h.is(by));
+        if new {
             self.handed.push(by.clone());
         }
+        new
+    }
+
+    /// The link pages handed the window's codes.
+    pub(super) fn pages_handed(&self) -> Arc<[Arc<str>]> {
+        self.handed
+            .iter()
+            .filter_map(|h| h.page().cloned())
+            .collect()
     }
 
     /// The link page a link in this window came through: the one page handed its
@@ -278,7 +288,7 @@ impl Actor {
             return;
         }
         if self.state == State::Linking {
-            self.window.hand(&by);
+            self.handed(&by);
             match self.window.qr() {
                 Some(qr) => drop(reply.send(Ok(qr))),
                 None if self.window.held_until.is_some() => {
@@ -307,11 +317,11 @@ impl Actor {
             match &flow.code {
                 Some(code) if code.expires > Instant::now() + Duration::from_secs(1) => {
                     let _ = reply.send(Ok(code.code.clone()));
-                    return self.window.hand(&by);
+                    return self.handed(&by);
                 }
                 None => {
                     flow.waiters.push(deadline, reply);
-                    return self.window.hand(&by);
+                    return self.handed(&by);
                 }
                 Some(_) => {} // expired: ask WhatsApp again
             }
@@ -343,6 +353,13 @@ impl Actor {
         } else {
             self.window.begin(by);
             self.apply(Input::OpenLink).await;
+        }
+    }
+
+    /// `by` joined the open window: its stream shows the window's codes from now on.
+    fn handed(&mut self, by: &Requester) {
+        if self.window.hand(by) {
+            self.publish();
         }
     }
 

@@ -125,6 +125,9 @@ pub struct Snapshot {
     pub problem: Option<Problem>,
     /// The id of the last event published with this snapshot.
     pub event_id: u64,
+    /// The link pages (by their tokens' hashes) handed the open window's codes: only
+    /// their event streams show them.
+    pub pages_handed: Arc<[Arc<str>]>,
 }
 
 /// Something the user must hear about, beyond the state.
