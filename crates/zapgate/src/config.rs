@@ -85,8 +85,9 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_LINK_WAIT_SECS", default_value_t = 20)]
     pub link_wait_secs: u64,
 
-    /// New linking windows plus pairing-code requests one instance may send WhatsApp per
-    /// minute; more get 429 with Retry-After.
+    /// New linking windows plus pairing-code requests the operator (API and panel) may
+    /// ask of one instance per minute; more get 429 with Retry-After. Each link page has
+    /// a budget of its own of the same size, and 10 pairing codes over its life.
     #[arg(long, env = "ZAPGATE_LINK_RATE_PER_MINUTE", default_value_t = 6)]
     pub link_rate_per_minute: u32,
 
@@ -95,7 +96,8 @@ pub struct Config {
     pub restore_concurrency: usize,
 
     /// The address users reach the gateway at, like https://wa.example.com: the base of
-    /// the link pages' URLs. When unset, the address of the request that makes one.
+    /// the link pages' URLs (when unset, the listen address, over http). When https,
+    /// the panel's session cookie is marked Secure.
     #[arg(long, env = "ZAPGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
 

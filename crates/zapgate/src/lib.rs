@@ -93,6 +93,9 @@ pub async fn run(
         &deliveries,
         shutdown.clone(),
     );
+    let listen_addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let app = api::router(api::AppState {
         manager: manager.clone(),
         store,
@@ -102,6 +105,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         simulator: config.simulator.clone(),
         public_url: config.public_url(),
+        listen_addr,
         webhook_policy: api::WebhookPolicy {
             allow_private: config.webhook_allow_private,
         },

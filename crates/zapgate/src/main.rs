@@ -21,9 +21,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Without `RUST_LOG`, only the gateway's own lines below warnings: the WhatsApp
+/// library logs phone numbers and pairing codes at info, under targets of its own
+/// (`Client/PairCode`) that name no crate.
+const DEFAULT_LOG_FILTER: &str = "warn,zapgate=info";
+
 fn logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn,wa_sim=warn".into());
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     // Colours only on a terminal: a log file or collector gets plain lines.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

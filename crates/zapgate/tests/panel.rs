@@ -420,6 +420,55 @@ async fn the_number_s_owner_links_it_on_the_link_page_with_the_keyboard_alone() 
 }
 
 #[tokio::test]
+async fn a_link_page_shows_another_s_window_only_once_asked_and_then_not_the_number() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = gw.api.create_instance("Two pages").await;
+    let (first, second) = (
+        link_page(&gw, &inst, None).await,
+        link_page(&gw, &inst, None).await,
+    );
+    let mut browser = Browser::start().await;
+    browser.open(&second).await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    // The first page's holder opens a window: the second page does not show its code.
+    let opened = gw
+        .api
+        .http
+        .post(format!("{first}/qr-code"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status().as_u16(), 200);
+    let value = opened.json::<serde_json::Value>().await.unwrap()["value"].clone();
+    browser
+        .wait_for("document.body.dataset.state === 'linking'", WAIT)
+        .await;
+    assert_eq!(
+        browser.eval("document.getElementById('qr').hidden").await,
+        json!(true)
+    );
+    // Asked on the second page, the window's code shows at once.
+    click(&mut browser, "start").await;
+    assert_eq!(json!(shown_qr(&mut browser, "").await), value);
+    // Scanned: two pages were handed it, so neither names the number.
+    let (status, body) = world
+        .wa
+        .scan(value.as_str().unwrap(), Some(PHONE))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    browser
+        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .await;
+    let text = browser.text().await;
+    assert!(text.contains("Linked. You can close this page."), "{text}");
+    assert!(!text.contains(PHONE), "{text}");
+}
+
+#[tokio::test]
 async fn expired_revoked_and_unknown_link_pages_say_so() {
     let world = World::new().await;
     let gw = world.gateway().await;
@@ -637,7 +686,27 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         .wait_for("document.body.dataset.state === 'connected'", WAIT)
         .await;
 
-    // A link page from the panel, opened on a phone-sized screen.
+    // No link page while the number is linked: it would link another after a
+    // disconnect.
+    click(&mut browser, "make-link").await;
+    let said = browser
+        .wait_for("document.getElementById('error').textContent", WAIT)
+        .await;
+    assert_eq!(
+        said,
+        json!("This instance's number is linked: disconnect it before making a link page.")
+    );
+
+    // Disconnect, after a confirmation: the phone no longer lists the device.
+    click(&mut browser, "disconnect").await;
+    browser
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
+        .await;
+    let said = browser.eval("window.said[0]").await;
+    assert!(said.as_str().unwrap().contains("unlinked"), "{said}");
+    assert!(world.wa.devices().await.unwrap().is_empty());
+
+    // Now a link page from the panel, opened on a phone-sized screen.
     click(&mut browser, "make-link").await;
     let url = browser
         .wait_for(
@@ -656,7 +725,7 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         .await;
     phone.open(&url).await;
     phone
-        .wait_for("document.body.dataset.state === 'connected'", WAIT)
+        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
         .await;
     assert_eq!(
         phone
@@ -665,16 +734,6 @@ async fn a_linked_number_is_managed_from_its_page_and_a_cancel_says_it_unlinks()
         json!(true),
         "nothing overflows a phone's screen"
     );
-    assert!(phone.text().await.contains(PHONE));
-
-    // Disconnect, after a confirmation: the phone no longer lists the device.
-    click(&mut browser, "disconnect").await;
-    browser
-        .wait_for("document.body.dataset.state === 'noSession'", WAIT)
-        .await;
-    let said = browser.eval("window.said[0]").await;
-    assert!(said.as_str().unwrap().contains("unlinked"), "{said}");
-    assert!(world.wa.devices().await.unwrap().is_empty());
 
     // Cancel from the list: the confirmation says the number will be unlinked, then the
     // instance is gone.

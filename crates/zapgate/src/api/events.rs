@@ -4,6 +4,7 @@
 //! client that reconnects, with `Last-Event-ID` or not, is up to date at once.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::sse::{Event as Sse, KeepAlive};
@@ -45,11 +46,12 @@ pub(super) fn holding<S: Stream>(slot: StreamSlot, stream: S) -> impl Stream<Ite
 }
 
 /// Who reads a stream: the instance's own API client or operator, or the holder of a
-/// link page, who learns only what linking needs.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// link page (by its token's hash), who learns only what linking needs, and the linked
+/// number only when it was linked through that page.
+#[derive(Clone, PartialEq, Eq)]
 pub(super) enum View {
     Full,
-    Public,
+    Page(Arc<str>),
 }
 
 /// The instance's events from now on, after its state as it stands. The stream ends
@@ -78,25 +80,30 @@ pub(super) fn body(
     view: View,
 ) -> impl Stream<Item = Result<Sse, Infallible>> + Send + 'static {
     let (receiver, snapshot) = instance.subscribe();
-    let first = current(&snapshot, view);
+    let first = current(&snapshot, &view);
     let rest = stream::unfold(
         (receiver, snapshot.event_id, instance),
-        move |(receiver, seen, instance)| async move {
-            let mut receiver = receiver?;
-            loop {
-                match receiver.recv().await {
-                    Ok(event) if event.id <= seen => continue,
-                    Ok(event) => {
-                        let sent = vec![sse(event.id, &event.kind, view)];
-                        return Some((sent, (Some(receiver), event.id, instance)));
+        move |(receiver, seen, instance)| {
+            let view = view.clone();
+            async move {
+                let mut receiver = receiver?;
+                loop {
+                    match receiver.recv().await {
+                        Ok(event) if event.id <= seen => continue,
+                        Ok(event) if !shown(&event.kind, &view, &instance.snapshot()) => continue,
+                        Ok(event) => {
+                            let sent = vec![sse(event.id, &event.kind, &view)];
+                            return Some((sent, (Some(receiver), event.id, instance)));
+                        }
+                        // Too far behind: start again from the state as it stands.
+                        Err(RecvError::Lagged(_)) => {
+                            let snapshot = instance.snapshot();
+                            let sent = current(&snapshot, &view);
+                            let next = (Some(receiver), snapshot.event_id, instance);
+                            return Some((sent, next));
+                        }
+                        Err(RecvError::Closed) => return None,
                     }
-                    // Too far behind: start again from the state as it stands.
-                    Err(RecvError::Lagged(_)) => {
-                        let snapshot = instance.snapshot();
-                        let sent = current(&snapshot, view);
-                        return Some((sent, (Some(receiver), snapshot.event_id, instance)));
-                    }
-                    Err(RecvError::Closed) => return None,
                 }
             }
         },
@@ -109,7 +116,7 @@ pub(super) fn body(
 }
 
 /// The state as it stands, and the code showing now.
-fn current(snapshot: &Snapshot, view: View) -> Vec<Sse> {
+fn current(snapshot: &Snapshot, view: &View) -> Vec<Sse> {
     let id = snapshot.event_id;
     let mut sent = vec![sse(
         id,
@@ -120,37 +127,58 @@ fn current(snapshot: &Snapshot, view: View) -> Vec<Sse> {
         },
         view,
     )];
-    if let Some(qr) = &snapshot.qr {
-        sent.push(sse(id, &EventKind::Qr(qr.clone()), view));
-    }
-    if let Some(code) = &snapshot.pair_code {
-        sent.push(sse(id, &EventKind::PairCode(code.clone()), view));
+    let codes = [
+        snapshot.qr.clone().map(EventKind::Qr),
+        snapshot.pair_code.clone().map(EventKind::PairCode),
+    ];
+    for code in codes.into_iter().flatten() {
+        if shown(&code, view, snapshot) {
+            sent.push(sse(id, &code, view));
+        }
     }
     sent
 }
 
-fn sse(id: u64, kind: &EventKind, view: View) -> Sse {
-    let (name, data) = match kind {
-        EventKind::State { state, device, .. } if view == View::Public => {
+/// Whether the reader sees the event: a link page sees a window's codes only once it
+/// was handed them (it asked), not those of a window someone else is linking with.
+fn shown(kind: &EventKind, view: &View, snapshot: &Snapshot) -> bool {
+    match (kind, view) {
+        (EventKind::Qr(_) | EventKind::PairCode(_), View::Page(page)) => {
+            snapshot.pages_handed.contains(page)
+        }
+        _ => true,
+    }
+}
+
+fn sse(id: u64, kind: &EventKind, view: &View) -> Sse {
+    let (name, data) = match (kind, view) {
+        (EventKind::State { state, device, .. }, View::Page(page)) => {
             let connected = *state == State::Connected;
+            let phone = device
+                .as_ref()
+                .filter(|d| connected && d.linked_through.as_ref() == Some(page))
+                .map(|d| &d.phone);
             (
                 "state",
                 json!({
                     "state": state_name(*state),
                     "connected": connected,
-                    "phone": device.as_ref().filter(|_| connected).map(|d| &d.phone),
+                    "phone": phone,
                 }),
             )
         }
-        EventKind::State {
-            state,
-            device,
-            problem,
-        } => (
+        (
+            EventKind::State {
+                state,
+                device,
+                problem,
+            },
+            View::Full,
+        ) => (
             "state",
             state_body(*state, device.as_ref(), problem.as_ref()),
         ),
-        EventKind::Qr(qr) => (
+        (EventKind::Qr(qr), _) => (
             "qr",
             json!({
                 "value": qr.value,
@@ -158,19 +186,19 @@ fn sse(id: u64, kind: &EventKind, view: View) -> Sse {
                 "expiresIn": seconds_left(qr.expires),
             }),
         ),
-        EventKind::ConnectionError(cause) => (
+        (EventKind::ConnectionError(cause), _) => (
             "connection-error",
-            if view == View::Full {
+            if *view == View::Full {
                 json!({ "cause": cause.kind(), "error": cause.to_string() })
             } else {
                 json!({ "error": "WhatsApp cannot be reached right now: try again in a moment." })
             },
         ),
-        EventKind::PairCode(code) => (
+        (EventKind::PairCode(code), _) => (
             "pairing-code",
             json!({
                 // Whoever asked typed this number; a link page's holder is not told it.
-                "phone": Some(&code.phone).filter(|_| view == View::Full),
+                "phone": Some(&code.phone).filter(|_| *view == View::Full),
                 "code": code.code,
                 "expiresIn": seconds_left(code.expires),
             }),

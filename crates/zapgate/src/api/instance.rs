@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::auth::Instance;
 use super::{ApiError, AppState, partner};
-use crate::instance::{LinkError, Problem, State, Unlinked};
+use crate::instance::{LinkError, Problem, Requester, State, Unlinked};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -47,14 +47,14 @@ fn link_reply(result: Result<Value, LinkError>) -> Response {
 async fn qr_code(Instance(instance): Instance) -> Response {
     link_reply(
         instance
-            .qr_code()
+            .qr_code(Requester::Operator)
             .await
             .map(|qr| json!({ "value": qr.value })),
     )
 }
 
 async fn qr_code_image(Instance(instance): Instance) -> Response {
-    match instance.qr_code().await {
+    match instance.qr_code(Requester::Operator).await {
         Ok(qr) => match qr.image_data_url() {
             Some(image) => Json(json!({ "value": image })).into_response(),
             None => ApiError::new(
@@ -78,7 +78,7 @@ async fn phone_code(
     match crate::phone::normalize(raw) {
         Ok(phone) => link_reply(
             instance
-                .phone_code(&phone)
+                .phone_code(&phone, Requester::Operator)
                 .await
                 .map(|code| json!({ "code": code })),
         ),

@@ -7,7 +7,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State as AxumState};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,8 +19,8 @@ use super::auth::{Admin, Instance};
 use super::events::View;
 use super::panel::{LINKING, html};
 use super::{ApiError, AppState};
-use crate::instance::InstanceHandle;
-use crate::store::LinkPage;
+use crate::instance::{InstanceHandle, Requester};
+use crate::store::{LinkPage, LinkPageMade};
 
 /// A link page lives a day unless asked otherwise, and 30 days at most.
 const DEFAULT_LIFE_SECS: u64 = 24 * 3600;
@@ -55,25 +55,27 @@ fn hash(token: &str) -> String {
         .collect()
 }
 
-/// Where link pages are reached: `--public-url` when set, else the address the caller
-/// reached the gateway at.
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+/// Where link pages are reached: `--public-url` when set, else the address the gateway
+/// listens on; never what a request says (its Host could name anyone's server).
+fn base_url(state: &AppState) -> String {
     if let Some(url) = &state.public_url {
         return url.clone();
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    format!("http://{host}")
+    if state.listen_addr.ip().is_unspecified() {
+        tracing::warn!(
+            listen = %state.listen_addr,
+            "a link page's URL names the listen address, which names no host: set --public-url (ZAPGATE_PUBLIC_URL)"
+        );
+    }
+    format!("http://{}", state.listen_addr)
 }
 
-/// Makes a link page for `instance` living `life_secs`: `{"url", "expiresAt"}`.
+/// Makes a link page for `instance` living `life_secs`: `{"url", "expiresAt"}`. None
+/// is made while the number is linked: it would link another number after a disconnect.
 pub(super) async fn create(
     state: &AppState,
     instance: &InstanceHandle,
     life_secs: u64,
-    headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
     if !(1..=MAX_LIFE_SECS).contains(&life_secs) {
         return Err(ApiError::new(
@@ -90,19 +92,26 @@ pub(super) async fn create(
         expires_at: now + (life_secs * 1000) as i64,
         revoked_at: None,
         used_at: None,
+        pair_codes: 0,
     };
-    if !state
+    let made = state
         .store
         .insert_link_page(&page, now - KEEP_DEAD_MS, MAX_LIVE)
-        .await?
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("this instance already has {MAX_LIVE} live link pages: revoke them first"),
-        ));
+        .await?;
+    let refused = match made {
+        LinkPageMade::Made => None,
+        LinkPageMade::TooMany => Some(format!(
+            "this instance already has {MAX_LIVE} live link pages: revoke them first"
+        )),
+        LinkPageMade::Linked => Some(
+            "This instance's number is linked: disconnect it before making a link page.".into(),
+        ),
+    };
+    if let Some(why) = refused {
+        return Err(ApiError::new(StatusCode::CONFLICT, why));
     }
     Ok(json!({
-        "url": format!("{}/link/{token}", base_url(state, headers)),
+        "url": format!("{}/link/{token}", base_url(state)),
         "expiresAt": crate::iso_time(page.expires_at),
     }))
 }
@@ -127,11 +136,10 @@ async fn create_route(
     _: Admin,
     AxumState(state): AxumState<AppState>,
     Instance(instance): Instance,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let life = life_from(&body)?;
-    Ok(Json(create(&state, &instance, life, &headers).await?))
+    Ok(Json(create(&state, &instance, life).await?))
 }
 
 async fn revoke_route(
@@ -176,8 +184,11 @@ impl Dead {
     }
 }
 
-/// The instance a live link page links.
-async fn live(state: &AppState, token: &str) -> Result<Result<InstanceHandle, Dead>, ApiError> {
+/// The instance a live link page links, and the page.
+async fn live(
+    state: &AppState,
+    token: &str,
+) -> Result<Result<(InstanceHandle, LinkPage), Dead>, ApiError> {
     let Some(page) = state.store.link_page(&hash(token)).await? else {
         return Ok(Err(Dead::Unknown));
     };
@@ -190,11 +201,15 @@ async fn live(state: &AppState, token: &str) -> Result<Result<InstanceHandle, De
     if page.expires_at <= crate::unix_millis() {
         return Ok(Err(Dead::Expired));
     }
-    Ok(state.manager.get(&page.instance_id).ok_or(Dead::Unknown))
+    Ok(match state.manager.get(&page.instance_id) {
+        Some(instance) => Ok((instance, page)),
+        None => Err(Dead::Unknown),
+    })
 }
 
-/// The instance of the link page in the path, for its JSON and event routes.
-struct Linkable(InstanceHandle, String);
+/// The instance of the link page in the path, for its JSON and event routes, with the
+/// page's token and the page as a requester.
+struct Linkable(InstanceHandle, String, Requester);
 
 impl FromRequestParts<AppState> for Linkable {
     type Rejection = ApiError;
@@ -207,7 +222,13 @@ impl FromRequestParts<AppState> for Linkable {
             .await
             .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, Dead::Unknown.message()))?;
         match live(state, &token).await? {
-            Ok(instance) => Ok(Linkable(instance, token)),
+            Ok((instance, page)) => {
+                let by = Requester::Page {
+                    id: page.token_hash.into(),
+                    pair_codes: page.pair_codes,
+                };
+                Ok(Linkable(instance, token, by))
+            }
             Err(dead) => Err(ApiError::new(dead.status(), dead.message())),
         }
     }
@@ -215,7 +236,7 @@ impl FromRequestParts<AppState> for Linkable {
 
 async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) -> Response {
     let instance = match live(&state, &token).await {
-        Ok(Ok(instance)) => instance,
+        Ok(Ok((instance, _))) => instance,
         Ok(Err(dead)) => {
             let body = format!(
                 r#"<h1>Link WhatsApp</h1><p class="error" role="alert">{}</p>"#,
@@ -237,7 +258,7 @@ async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) 
 <p class="error" role="alert" id="error" hidden></p>
 {LINKING}
 <section id="linked" hidden class="card center">
-<p class="done">Linked: <strong id="phone"></strong>. You can close this page.</p>
+<p class="done">Linked<span id="phone-said" hidden>: <strong id="phone"></strong></span>. You can close this page.</p>
 </section>"#
     );
     html(
@@ -250,14 +271,15 @@ async fn page(AxumState(state): AxumState<AppState>, Path(token): Path<String>) 
     .into_response()
 }
 
-/// The link page's events, in the public view; the stream ends when the page dies
+/// The link page's events, in the page's view; the stream ends when the page dies
 /// (expired, revoked, used), checked at least every 10 s.
 async fn events(
     AxumState(state): AxumState<AppState>,
-    Linkable(instance, token): Linkable,
+    Linkable(instance, token, _): Linkable,
 ) -> Result<Response, ApiError> {
     let slot = state.streams.take(&format!("link/{}", hash(&token)))?;
-    let body = super::events::body(instance, state.shutdown.clone(), View::Public);
+    let view = View::Page(hash(&token).into());
+    let body = super::events::body(instance, state.shutdown.clone(), view);
     let dies = async move {
         loop {
             tokio::time::sleep(RECHECK).await;
@@ -291,7 +313,18 @@ fn public_reply(result: Result<Value, crate::instance::LinkError>) -> Response {
         E::SessionStored | E::Problem(_) | E::Unlinking => {
             "This number cannot be linked from here right now: ask whoever sent the link."
         }
-        E::RateLimited(_) | E::WindowClosed | E::QrCodesRanOut => {
+        E::RateLimited(wait) => {
+            // The page's own budget: the operator's is never spent by pages.
+            let secs = crate::instance::whole_seconds(*wait);
+            let message = format!("Too many requests from this link: try again in {secs} s.");
+            let mut response =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return response;
+        }
+        E::WindowClosed | E::QrCodesRanOut | E::PageCodesUsedUp | E::NotStartedHere => {
             return super::ApiError::link(error);
         }
     };
@@ -299,33 +332,39 @@ fn public_reply(result: Result<Value, crate::instance::LinkError>) -> Response {
     super::ApiError::new(status, message).into_response()
 }
 
-async fn qr_code(Linkable(instance, _): Linkable) -> Response {
-    public_reply(
-        instance
-            .qr_code()
-            .await
-            .map(|qr| json!({ "value": qr.value })),
-    )
+/// The QR code as its event gives it: a page that joins a window someone else opened
+/// missed that event (its stream shows a window's codes only once it asked).
+async fn qr_code(Linkable(instance, _, by): Linkable) -> Response {
+    public_reply(instance.qr_code(by).await.map(|qr| {
+        let left = qr
+            .expires
+            .saturating_duration_since(tokio::time::Instant::now());
+        json!({
+            "value": qr.value,
+            "image": qr.image_data_url(),
+            "expiresIn": left.as_secs(),
+        })
+    }))
 }
 
 async fn phone_code(
-    Linkable(instance, _): Linkable,
+    Linkable(instance, _, by): Linkable,
     super::JsonBody(body): super::JsonBody<super::panel::PhoneBody>,
 ) -> Result<Response, ApiError> {
     let phone = crate::phone::normalize(&body.phone)
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
     Ok(public_reply(
         instance
-            .phone_code(&phone)
+            .phone_code(&phone, by)
             .await
             .map(|code| json!({ "code": code })),
     ))
 }
 
-async fn stop_linking(Linkable(instance, _): Linkable) -> Response {
+async fn stop_linking(Linkable(instance, _, by): Linkable) -> Response {
     public_reply(
         instance
-            .stop_linking()
+            .stop_linking(by)
             .await
             .map(|()| json!({ "value": true })),
     )

@@ -48,8 +48,12 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The control API of the demo's simulated WhatsApp, whose phone the panel offers.
     pub simulator: Option<String>,
-    /// Where users reach the gateway (`--public-url`), for the link pages' URLs.
+    /// Where users reach the gateway (`--public-url`), for the link pages' URLs and
+    /// whether the panel's cookie is `Secure`.
     pub public_url: Option<String>,
+    /// The address the gateway listens on, for the link pages' URLs without
+    /// `--public-url`.
+    pub listen_addr: std::net::SocketAddr,
     /// Which webhook URLs are accepted.
     pub webhook_policy: WebhookPolicy,
     /// Wakes the webhook delivery worker.
@@ -234,9 +238,10 @@ impl From<LinkError> for ApiError {
             | LinkError::QrCodesRanOut
             | LinkError::Replaced(_)
             | LinkError::Unlinking
+            | LinkError::NotStartedHere
             | LinkError::Problem(_) => StatusCode::CONFLICT,
             LinkError::Refused(_) => StatusCode::BAD_GATEWAY,
-            LinkError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            LinkError::RateLimited(_) | LinkError::PageCodesUsedUp => StatusCode::TOO_MANY_REQUESTS,
             LinkError::AlreadyConnected | LinkError::SessionStored => StatusCode::OK,
         };
         Self::new(status, e.to_string())

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::{ApiError, AppState, JsonBody};
-use crate::instance::{InstanceHandle, LinkError, NewInstance, Unlinked};
+use crate::instance::{InstanceHandle, LinkError, NewInstance, Requester, Unlinked};
 
 const COOKIE: &str = "zapgate_panel";
 /// A session lasts this long from sign-in.
@@ -345,10 +345,22 @@ async fn sign_in(
     }
     let (id, _) = state.panel.open();
     let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        SESSION_TTL.as_secs()
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        secure(&state)
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/panel")).into_response()
+}
+
+/// The cookie's `Secure` attribute when users reach the gateway over https (it is then
+/// never sent over plain http).
+fn secure(state: &AppState) -> &'static str {
+    let https = state
+        .public_url
+        .as_deref()
+        .and_then(|url| url.get(..8))
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if https { "; Secure" } else { "" }
 }
 
 #[derive(Deserialize)]
@@ -374,7 +386,10 @@ async fn sign_out(
         }
         state.panel.close(&id);
     }
-    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    let cookie = format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure(&state)
+    );
     (
         [(header::SET_COOKIE, cookie)],
         Redirect::to("/panel/sign-in"),
@@ -687,7 +702,7 @@ pub(super) fn linked(result: Result<Value, LinkError>) -> Response {
 pub(super) async fn ask_qr(instance: &InstanceHandle) -> Response {
     linked(
         instance
-            .qr_code()
+            .qr_code(Requester::Operator)
             .await
             .map(|qr| json!({ "value": qr.value })),
     )
@@ -707,7 +722,7 @@ pub(super) async fn ask_phone_code(
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
     Ok(linked(
         instance
-            .phone_code(&phone)
+            .phone_code(&phone, Requester::Operator)
             .await
             .map(|code| json!({ "code": code })),
     ))
@@ -717,7 +732,7 @@ pub(super) async fn ask_phone_code(
 pub(super) async fn stop(instance: &InstanceHandle) -> Response {
     linked(
         instance
-            .stop_linking()
+            .stop_linking(Requester::Operator)
             .await
             .map(|()| json!({ "value": true })),
     )
@@ -752,13 +767,12 @@ async fn create_link_page(
     _: Operator,
     AxumState(state): AxumState<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let instance = found(&state, &id)?;
     let life = super::link_page::life_from(&body)?;
     Ok(Json(
-        super::link_page::create(&state, &instance, life, &headers).await?,
+        super::link_page::create(&state, &instance, life).await?,
     ))
 }
 

@@ -20,17 +20,19 @@ use super::linking::Window;
 use super::session::{ClientFactory, Running, Signal, SignalKind};
 use super::state::{self, Action, Input, State};
 use super::work::{self, StartError, Work};
-use super::{Cause, Device, InstanceHandle, LinkError, Problem, Snapshot, Unlinked};
+use super::{Cause, Device, InstanceHandle, LinkError, Problem, Requester, Snapshot, Unlinked};
 use crate::store::{InstanceRecord, Link, Store};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, LinkError>>;
 
 pub(crate) enum Command {
     QrCode {
+        by: Requester,
         reply: Reply<Arc<super::QrCode>>,
     },
     PairCode {
         phone: String,
+        by: Requester,
         reply: Reply<String>,
     },
     Restart {
@@ -47,8 +49,10 @@ pub(crate) enum Command {
         reply: Reply<Unlinked>,
     },
     /// Close the linking window, if one is open and nothing is linked yet: WhatsApp
-    /// hears nothing more. Never unlinks a number that just linked.
+    /// hears nothing more. Never unlinks a number that just linked. A link page
+    /// closes only a window it opened.
     StopLinking {
+        by: Requester,
         reply: Reply<()>,
     },
 }
@@ -91,6 +95,8 @@ pub(super) struct Actor {
     pub(super) ctx: Arc<Context>,
     pub(super) state: State,
     pub(super) link: Option<Link>,
+    /// The link page the number was linked through, if it was one alone.
+    linked_through: Option<Arc<str>>,
     /// The current client's generation; anything about another one is stale.
     pub(super) generation: u64,
     pub(super) client: Option<Running>,
@@ -146,10 +152,12 @@ pub(crate) fn spawn(
         socket_up: false,
         problem: None,
         event_id: 0,
+        pages_handed: Arc::new([]),
     });
     let (events, _) = broadcast::channel(super::events::BACKLOG);
     let mut actor = Actor {
         link: record.link.clone(),
+        linked_through: None,
         state: State::NoSession,
         window: Window::new(ctx.link_rate_per_minute),
         record: record.clone(),
@@ -419,17 +427,12 @@ impl Actor {
             return command.refuse(LinkError::Gone);
         }
         match command {
-            Command::QrCode { reply } => self.ask_qr(reply).await,
-            Command::PairCode { phone, reply } => self.ask_pair(phone, reply).await,
+            Command::QrCode { by, reply } => self.ask_qr(by, reply).await,
+            Command::PairCode { phone, by, reply } => self.ask_pair(phone, by, reply).await,
             Command::Restart { reply } => self.restart(Input::Restart, reply).await,
             Command::Restore { reply } => self.restart(Input::Restore, reply).await,
             Command::Disconnect { reply } => self.disconnect(reply).await,
-            Command::StopLinking { reply } => {
-                if self.state == State::Linking && self.link.is_none() {
-                    self.apply(Input::Disconnect).await;
-                }
-                let _ = reply.send(Ok(()));
-            }
+            Command::StopLinking { by, reply } => self.stop_linking(by, reply).await,
             Command::Cancel { reply } => {
                 self.cancelling = true;
                 self.disconnect(reply).await;
@@ -695,6 +698,7 @@ impl Actor {
             Ok(()) => {
                 tracing::info!(instance.id = %self.record.id, "number linked");
                 self.link = Some(link);
+                self.linked_through = self.window.linked_through();
                 self.window.on_paired();
                 self.publish();
             }
@@ -768,6 +772,7 @@ impl Actor {
             Action::Unlink => self.unlink(),
             Action::Forget => {
                 self.link = None;
+                self.linked_through = None;
                 if self.problem == Some(Problem::SessionMissing) {
                     self.problem = None;
                 }
@@ -798,6 +803,7 @@ impl Actor {
                     device_id: client.and_then(|c| c.pn()).map(|j| j.device),
                     platform: link.platform.clone(),
                     linked_at: link.linked_at,
+                    linked_through: self.linked_through.clone(),
                 })
             }
             _ => None,
@@ -805,6 +811,10 @@ impl Actor {
         let linking = self.state == State::Linking;
         let qr = self.window.qr().filter(|_| linking);
         let pair_code = self.window.pair_code().filter(|_| linking);
+        let pages_handed = match linking {
+            true => self.window.pages_handed(),
+            false => Arc::new([]),
+        };
         let events = self.published.changes(
             self.state,
             device.as_ref(),
@@ -822,6 +832,7 @@ impl Actor {
             s.device = device;
             s.problem = self.problem.clone();
             s.event_id = event_id;
+            s.pages_handed = pages_handed;
             if self.client.is_none() {
                 s.socket_up = false;
             }
@@ -837,11 +848,11 @@ impl Actor {
 impl Command {
     fn refuse(self, error: LinkError) {
         match self {
-            Command::QrCode { reply } => drop(reply.send(Err(error))),
+            Command::QrCode { reply, .. } => drop(reply.send(Err(error))),
             Command::PairCode { reply, .. } => drop(reply.send(Err(error))),
             Command::Restart { reply }
             | Command::Restore { reply }
-            | Command::StopLinking { reply } => drop(reply.send(Err(error))),
+            | Command::StopLinking { reply, .. } => drop(reply.send(Err(error))),
             Command::Disconnect { reply } | Command::Cancel { reply } => {
                 drop(reply.send(Err(error)))
             }

@@ -1,16 +1,17 @@
 //! A linking window as the instance's task sees it: the code valid now, the callers
 //! waiting for one, the pairing-code request (one phone at a time, coalesced), the
-//! deadlines, and the rate at which windows and pairing codes may be asked for.
+//! deadlines, who opened it and who was handed its codes, and the budgets (`budget`)
+//! of windows and pairing codes each requester may ask for.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::actor::{Actor, Reply};
+use super::budget::Budgets;
 use super::state::{Input, State};
-use super::{Cause, LinkError, PairCode, Problem, QrCode, work};
+use super::{Cause, LinkError, PairCode, Problem, QrCode, Requester, work};
 
 /// How long WhatsApp accepts a pairing code (the client's own constant).
 const PAIR_CODE_VALID: Duration = Duration::from_secs(180);
@@ -73,7 +74,10 @@ pub(super) struct Window {
     in_flight: bool,
     /// The last code the client announced, with its validity.
     announced: Option<(String, Instant)>,
-    rate: Rate,
+    /// Who opened the window, and everyone handed its codes since (the opener too).
+    opened_by: Option<Requester>,
+    handed: Vec<Requester>,
+    budgets: Budgets,
 }
 
 impl Window {
@@ -89,7 +93,41 @@ impl Window {
             requests: 0,
             in_flight: false,
             announced: None,
-            rate: Rate::new(per_minute),
+            opened_by: None,
+            handed: Vec::new(),
+            budgets: Budgets::new(per_minute),
+        }
+    }
+
+    /// `by` is opening a new window: it is the window's, and handed its codes.
+    fn begin(&mut self, by: Requester) {
+        self.handed = vec![by.clone()];
+        self.opened_by = Some(by);
+    }
+
+    /// `by` is handed the window's codes (or waits for them); true if it is new.
+    fn hand(&mut self, by: &Requester) -> bool {
+        let new = !self.handed.iter().any(|h| h.is(by));
+        if new {
+            self.handed.push(by.clone());
+        }
+        new
+    }
+
+    /// The link pages handed the window's codes.
+    pub(super) fn pages_handed(&self) -> Arc<[Arc<str>]> {
+        self.handed
+            .iter()
+            .filter_map(|h| h.page().cloned())
+            .collect()
+    }
+
+    /// The link page a link in this window came through: the one page handed its
+    /// codes, when nobody else was.
+    pub(super) fn linked_through(&self) -> Option<Arc<str>> {
+        match self.handed.as_slice() {
+            [only] => only.page().cloned(),
+            _ => None,
         }
     }
 
@@ -113,6 +151,8 @@ impl Window {
         self.registered = false;
         self.first_code_by = None;
         self.held_until = None;
+        self.opened_by = None;
+        self.handed.clear();
     }
 
     pub(super) fn fail(&mut self, error: LinkError) {
@@ -215,35 +255,6 @@ impl Window {
     }
 }
 
-/// At most `per_minute` events in any minute.
-struct Rate {
-    per_minute: usize,
-    recent: VecDeque<Instant>,
-}
-
-impl Rate {
-    fn new(per_minute: u32) -> Self {
-        Self {
-            per_minute: per_minute.max(1) as usize,
-            recent: VecDeque::new(),
-        }
-    }
-
-    /// Counts one event, or says how long until one is allowed.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        const MINUTE: Duration = Duration::from_secs(60);
-        while self.recent.front().is_some_and(|t| now - *t >= MINUTE) {
-            self.recent.pop_front();
-        }
-        if self.recent.len() >= self.per_minute {
-            let oldest = self.recent[0];
-            return Err(MINUTE - (now - oldest));
-        }
-        self.recent.push_back(now);
-        Ok(())
-    }
-}
-
 /// WhatsApp shows pairing codes as two groups of four: `ABCD-EFGH`.
 pub(super) fn group_code(code: &str) -> String {
     if code.len() == 8 && code.is_ascii() {
@@ -271,12 +282,13 @@ impl Actor {
         Instant::now() + self.ctx.link_wait
     }
 
-    pub(super) async fn ask_qr(&mut self, reply: Reply<Arc<QrCode>>) {
+    pub(super) async fn ask_qr(&mut self, by: Requester, reply: Reply<Arc<QrCode>>) {
         if let Some(refused) = self.link_refusal() {
             let _ = reply.send(Err(refused));
             return;
         }
         if self.state == State::Linking {
+            self.handed(&by);
             match self.window.qr() {
                 Some(qr) => drop(reply.send(Ok(qr))),
                 None if self.window.held_until.is_some() => {
@@ -286,15 +298,16 @@ impl Actor {
             }
             return;
         }
-        if let Err(wait) = self.window.rate.take(Instant::now()) {
-            let _ = reply.send(Err(LinkError::RateLimited(wait)));
+        if let Err(refused) = self.window.budgets.take(&by, false, Instant::now()) {
+            let _ = reply.send(Err(refused));
             return;
         }
+        self.window.begin(by);
         self.window.qr_waiters.push(self.deadline(), reply);
         self.apply(Input::OpenLink).await;
     }
 
-    pub(super) async fn ask_pair(&mut self, phone: String, reply: Reply<String>) {
+    pub(super) async fn ask_pair(&mut self, phone: String, by: Requester, reply: Reply<String>) {
         if let Some(refused) = self.link_refusal() {
             let _ = reply.send(Err(refused));
             return;
@@ -304,15 +317,21 @@ impl Actor {
             match &flow.code {
                 Some(code) if code.expires > Instant::now() + Duration::from_secs(1) => {
                     let _ = reply.send(Ok(code.code.clone()));
-                    return;
+                    return self.handed(&by);
                 }
-                None => return flow.waiters.push(deadline, reply),
+                None => {
+                    flow.waiters.push(deadline, reply);
+                    return self.handed(&by);
+                }
                 Some(_) => {} // expired: ask WhatsApp again
             }
         }
-        if let Err(wait) = self.window.rate.take(Instant::now()) {
-            let _ = reply.send(Err(LinkError::RateLimited(wait)));
-            return;
+        match self.window.budgets.take(&by, true, Instant::now()) {
+            Ok(counted) => self.store_page_codes(counted),
+            Err(refused) => {
+                let _ = reply.send(Err(refused));
+                return;
+            }
         }
         if let Some(mut previous) = self.window.pair.take() {
             previous
@@ -328,11 +347,50 @@ impl Actor {
         flow.waiters.push(deadline, reply);
         self.window.pair = Some(flow);
         if self.state == State::Linking {
+            self.window.hand(&by);
             self.request_pair_code();
             self.publish();
         } else {
+            self.window.begin(by);
             self.apply(Input::OpenLink).await;
         }
+    }
+
+    /// `by` joined the open window: its stream shows the window's codes from now on.
+    fn handed(&mut self, by: &Requester) {
+        if self.window.hand(by) {
+            self.publish();
+        }
+    }
+
+    /// Records, in the background, the pairing codes a link page was given.
+    fn store_page_codes(&self, counted: Option<(Arc<str>, u32)>) {
+        let Some((page, codes)) = counted else { return };
+        let (store, instance) = (self.ctx.store.clone(), self.record.id.clone());
+        self.ctx.tracker.spawn(async move {
+            let stored = tokio::time::timeout(
+                work::STORE_TIMEOUT,
+                store.count_link_page_codes(&page, codes),
+            )
+            .await;
+            if !matches!(stored, Ok(Ok(()))) {
+                tracing::error!(instance.id = %instance, outcome = ?stored, "could not record a link page's pairing codes; it may get more after a restart");
+            }
+        });
+    }
+
+    /// Closes the linking window, if one is open and nothing is linked yet; a link page
+    /// may close only a window it opened.
+    pub(super) async fn stop_linking(&mut self, by: Requester, reply: Reply<()>) {
+        if self.state == State::Linking && self.link.is_none() {
+            let opener = self.window.opened_by.as_ref();
+            if by.page().is_some() && !opener.is_some_and(|o| o.is(&by)) {
+                let _ = reply.send(Err(LinkError::NotStartedHere));
+                return;
+            }
+            self.apply(Input::Disconnect).await;
+        }
+        let _ = reply.send(Ok(()));
     }
 
     /// Asks WhatsApp for the pending pairing code once the window's client is
@@ -415,16 +473,25 @@ mod tests {
         assert_eq!(group_code("ABC"), "ABC");
     }
 
+    fn page(id: &str, pair_codes: u32) -> Requester {
+        Requester::Page {
+            id: id.into(),
+            pair_codes,
+        }
+    }
+
     #[test]
-    fn the_rate_allows_so_many_a_minute_and_says_how_long_to_wait() {
-        let mut rate = Rate::new(2);
-        let t0 = Instant::now();
-        assert!(rate.take(t0).is_ok());
-        assert!(rate.take(t0 + Duration::from_secs(10)).is_ok());
-        assert_eq!(
-            rate.take(t0 + Duration::from_secs(15)),
-            Err(Duration::from_secs(45))
-        );
-        assert!(rate.take(t0 + Duration::from_secs(60)).is_ok());
+    fn a_link_is_through_a_page_only_when_that_page_alone_was_handed_codes() {
+        let mut window = Window::new(1);
+        window.begin(page("a", 0));
+        window.hand(&page("a", 3));
+        assert_eq!(window.linked_through(), Some("a".into()));
+        window.hand(&Requester::Operator);
+        assert_eq!(window.linked_through(), None);
+        window.begin(Requester::Operator);
+        assert_eq!(window.linked_through(), None);
+        window.begin(page("b", 0));
+        window.hand(&page("a", 0));
+        assert_eq!(window.linked_through(), None);
     }
 }

@@ -1,10 +1,12 @@
 //! Instances: one task per WhatsApp number owning its client and taking every decision
-//! about it (`actor`, with its linking flows in `linking` and its slow work in `work`),
-//! the registry of them (`manager`), the pure state machine (`state`), the clients on
-//! their sessions (`session`), and the removal of devices set-aside sessions left
-//! linked at WhatsApp (`ghosts`). No HTTP types here.
+//! about it (`actor`, with its linking flows in `linking`, what each requester may ask
+//! for in `budget`, and its slow work in `work`), the registry of them (`manager`), the
+//! pure state machine (`state`), the clients on their sessions (`session`), and the
+//! removal of devices set-aside sessions left linked at WhatsApp (`ghosts`). No HTTP
+//! types here.
 
 mod actor;
+mod budget;
 pub mod events;
 mod ghosts;
 mod linking;
@@ -76,6 +78,40 @@ pub struct Device {
     pub platform: Option<String>,
     /// When the number was linked (unix milliseconds).
     pub linked_at: i64,
+    /// The link page (its token's hash) the number was linked through: set only when
+    /// that page alone was handed codes in the window that linked.
+    pub linked_through: Option<Arc<str>>,
+}
+
+/// Pairing codes one link page may be given over its life.
+pub const PAGE_PAIR_CODES: u32 = 10;
+
+/// Who asks for linking: the operator (the API and the panel), or the holder of a link
+/// page, who has budgets of their own and may stop only the linking they started.
+#[derive(Clone, Debug)]
+pub enum Requester {
+    Operator,
+    Page {
+        /// The page's token's hash.
+        id: Arc<str>,
+        /// Pairing codes the page was given so far, as stored.
+        pair_codes: u32,
+    },
+}
+
+impl Requester {
+    /// The link page asking, if it is one.
+    fn page(&self) -> Option<&Arc<str>> {
+        match self {
+            Requester::Operator => None,
+            Requester::Page { id, .. } => Some(id),
+        }
+    }
+
+    /// The same operator or page (whatever its count said).
+    fn is(&self, other: &Requester) -> bool {
+        self.page() == other.page()
+    }
 }
 
 /// What an instance looks like right now; read without waiting on its task.
@@ -91,6 +127,9 @@ pub struct Snapshot {
     pub problem: Option<Problem>,
     /// The id of the last event published with this snapshot.
     pub event_id: u64,
+    /// The link pages (by their tokens' hashes) handed the open window's codes: only
+    /// their event streams show them.
+    pub pages_handed: Arc<[Arc<str>]>,
 }
 
 /// Something the user must hear about, beyond the state.
@@ -167,6 +206,14 @@ pub enum LinkError {
     Unlinking,
     #[error("too many linking requests for this instance; try again in {} s", whole_seconds(*.0))]
     RateLimited(Duration),
+    /// Said to a link page's holder.
+    #[error(
+        "This link has given all the pairing codes it may ({PAGE_PAIR_CODES}): link with the QR code instead, or ask whoever sent the link for a new one."
+    )]
+    PageCodesUsedUp,
+    /// Said to a link page's holder who asked to stop linking that someone else started.
+    #[error("This linking was not started from this link, so it stays open.")]
+    NotStartedHere,
     #[error("the instance is shutting down")]
     Gone,
 }
@@ -209,9 +256,10 @@ impl InstanceHandle {
         (events, self.snapshot())
     }
 
-    /// Closes the linking window if one is open and nothing is linked yet.
-    pub async fn stop_linking(&self) -> Result<(), LinkError> {
-        self.ask(|reply| Command::StopLinking { reply }).await
+    /// Closes the linking window if one is open and nothing is linked yet; a link page
+    /// closes only a window it opened.
+    pub async fn stop_linking(&self, by: Requester) -> Result<(), LinkError> {
+        self.ask(|reply| Command::StopLinking { by, reply }).await
     }
 
     /// A receiver of every new snapshot, for waiting on a change.
@@ -245,15 +293,16 @@ impl InstanceHandle {
     }
 
     /// The QR code valid now, opening a linking window if none is open.
-    pub async fn qr_code(&self) -> Result<Arc<QrCode>, LinkError> {
-        self.ask(|reply| Command::QrCode { reply }).await
+    pub async fn qr_code(&self, by: Requester) -> Result<Arc<QrCode>, LinkError> {
+        self.ask(|reply| Command::QrCode { by, reply }).await
     }
 
     /// A pairing code for `phone` (already validated), opening a window if needed. The
     /// same phone in the same window gets the same code.
-    pub async fn phone_code(&self, phone: &str) -> Result<String, LinkError> {
+    pub async fn phone_code(&self, phone: &str, by: Requester) -> Result<String, LinkError> {
         let phone = phone.to_owned();
-        self.ask(|reply| Command::PairCode { phone, reply }).await
+        self.ask(|reply| Command::PairCode { phone, by, reply })
+            .await
     }
 
     /// Unlinks, deletes the session, then the instance; the row is already marked.

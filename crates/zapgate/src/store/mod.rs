@@ -147,6 +147,19 @@ pub struct LinkPage {
     pub revoked_at: Option<i64>,
     /// When the number linked while the page lived: the page is spent.
     pub used_at: Option<i64>,
+    /// Pairing codes asked through the page over its life.
+    pub pair_codes: u32,
+}
+
+/// How making a link page went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPageMade {
+    Made,
+    /// The instance has as many live pages as it may.
+    TooMany,
+    /// The instance's number is linked: a page would link nothing, or another number
+    /// once it is disconnected.
+    Linked,
 }
 
 #[derive(Debug)]
@@ -237,16 +250,24 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_cancelled(&self, id: &str, at: i64) -> Result<(), StoreError>;
     /// The last step of a cancel, once the session is unlinked and deleted.
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError>;
-    /// Records a link page unless the instance already has `max_live` live ones (then
-    /// returns false), and forgets its pages that expired or were revoked before
-    /// `forget_before`.
+    /// Records a link page unless the instance already has `max_live` live ones or its
+    /// number is linked (checked in the same statement, so a link recorded at the same
+    /// moment either comes first or spends the page), and forgets its pages that
+    /// expired or were revoked before `forget_before`.
     async fn insert_link_page(
         &self,
         page: &LinkPage,
         forget_before: i64,
         max_live: u64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<LinkPageMade, StoreError>;
     async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError>;
+    /// Records that the page was given `pair_codes` pairing codes so far (a count never
+    /// goes down).
+    async fn count_link_page_codes(
+        &self,
+        token_hash: &str,
+        pair_codes: u32,
+    ) -> Result<(), StoreError>;
     /// Revokes every live link page of the instance (not expired, revoked or used);
     /// returns how many.
     async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError>;

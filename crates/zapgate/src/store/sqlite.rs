@@ -9,8 +9,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row};
 
 use super::{
-    Attempt, InstanceRecord, Link, LinkPage, OutboxEntry, Page, Store, StoreError, WebhookEvent,
-    WebhookKind, Webhooks,
+    Attempt, InstanceRecord, Link, LinkPage, LinkPageMade, OutboxEntry, Page, Store, StoreError,
+    WebhookEvent, WebhookKind, Webhooks,
 };
 
 pub struct SqliteStore {
@@ -527,7 +527,7 @@ impl Store for SqliteStore {
         page: &LinkPage,
         forget_before: i64,
         max_live: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<LinkPageMade, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM link_pages WHERE expires_at < ? OR revoked_at < ? OR used_at < ?")
             .bind(forget_before)
@@ -538,7 +538,8 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(
             "INSERT INTO link_pages (token_hash, instance_id, created_at, expires_at, revoked_at) \
              SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM link_pages WHERE instance_id = ? \
-             AND revoked_at IS NULL AND used_at IS NULL AND expires_at > ?) < ?",
+             AND revoked_at IS NULL AND used_at IS NULL AND expires_at > ?) < ? \
+             AND (SELECT phone FROM instances WHERE id = ?) IS NULL",
         )
         .bind(&page.token_hash)
         .bind(&page.instance_id)
@@ -548,16 +549,31 @@ impl Store for SqliteStore {
         .bind(&page.instance_id)
         .bind(page.created_at)
         .bind(max_live as i64)
+        .bind(&page.instance_id)
         .execute(&mut *tx)
         .await?;
+        let made = if inserted.rows_affected() == 1 {
+            LinkPageMade::Made
+        } else {
+            let linked: Option<bool> =
+                sqlx::query_scalar("SELECT phone IS NOT NULL FROM instances WHERE id = ?")
+                    .bind(&page.instance_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if linked == Some(true) {
+                LinkPageMade::Linked
+            } else {
+                LinkPageMade::TooMany
+            }
+        };
         tx.commit().await?;
-        Ok(inserted.rows_affected() == 1)
+        Ok(made)
     }
 
     async fn link_page(&self, token_hash: &str) -> Result<Option<LinkPage>, StoreError> {
         let row = sqlx::query(
-            "SELECT token_hash, instance_id, created_at, expires_at, revoked_at, used_at \
-             FROM link_pages WHERE token_hash = ?",
+            "SELECT token_hash, instance_id, created_at, expires_at, revoked_at, used_at, \
+             pair_codes FROM link_pages WHERE token_hash = ?",
         )
         .bind(token_hash)
         .fetch_optional(&self.pool)
@@ -570,9 +586,23 @@ impl Store for SqliteStore {
                 expires_at: row.try_get("expires_at")?,
                 revoked_at: row.try_get("revoked_at")?,
                 used_at: row.try_get("used_at")?,
+                pair_codes: row.try_get("pair_codes")?,
             })
         })
         .transpose()
+    }
+
+    async fn count_link_page_codes(
+        &self,
+        token_hash: &str,
+        pair_codes: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE link_pages SET pair_codes = MAX(pair_codes, ?) WHERE token_hash = ?")
+            .bind(pair_codes)
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError> {
@@ -724,26 +754,15 @@ mod tests {
             expires_at,
             revoked_at: None,
             used_at: None,
+            pair_codes: 0,
         };
-        assert!(
-            store
-                .insert_link_page(&page("h1", 100, 200), 0, 2)
-                .await
-                .unwrap()
-        );
-        assert!(
-            store
-                .insert_link_page(&page("h2", 150, 300), 0, 2)
-                .await
-                .unwrap()
-        );
+        let insert = async |p: LinkPage, forget_before: i64| {
+            store.insert_link_page(&p, forget_before, 2).await.unwrap()
+        };
+        assert_eq!(insert(page("h1", 100, 200), 0).await, LinkPageMade::Made);
+        assert_eq!(insert(page("h2", 150, 300), 0).await, LinkPageMade::Made);
         // Two live already: a third is refused.
-        assert!(
-            !store
-                .insert_link_page(&page("hx", 160, 300), 0, 2)
-                .await
-                .unwrap()
-        );
+        assert_eq!(insert(page("hx", 160, 300), 0).await, LinkPageMade::TooMany);
         assert_eq!(store.link_page("hx").await.unwrap(), None);
         assert_eq!(
             store.link_page("h1").await.unwrap(),
@@ -751,14 +770,13 @@ mod tests {
         );
         assert_eq!(store.link_page("nope").await.unwrap(), None);
         // Expired pages are forgotten once they are old enough; live ones stay.
-        assert!(
-            store
-                .insert_link_page(&page("h3", 250, 400), 201, 2)
-                .await
-                .unwrap()
-        );
+        assert_eq!(insert(page("h3", 250, 400), 201).await, LinkPageMade::Made);
         assert_eq!(store.link_page("h1").await.unwrap(), None);
-        // Linking the number spends its pages; revoking counts only live ones.
+        // The codes a page was given only ever grow.
+        store.count_link_page_codes("h3", 2).await.unwrap();
+        store.count_link_page_codes("h3", 1).await.unwrap();
+        assert_eq!(store.link_page("h3").await.unwrap().unwrap().pair_codes, 2);
+        // Linking the number spends its pages, and none is made while it is linked.
         let link = Link {
             phone: "5511".into(),
             linked_at: 255,
@@ -769,12 +787,11 @@ mod tests {
             store.link_page("h3").await.unwrap().unwrap().used_at,
             Some(255)
         );
-        assert!(
-            store
-                .insert_link_page(&page("h4", 256, 500), 0, 2)
-                .await
-                .unwrap()
-        );
+        assert_eq!(insert(page("h4", 256, 500), 0).await, LinkPageMade::Linked);
+        assert_eq!(store.link_page("h4").await.unwrap(), None);
+        // Unlinked again: a new page; revoking counts only live ones.
+        store.set_link("A", None).await.unwrap();
+        assert_eq!(insert(page("h4", 256, 500), 0).await, LinkPageMade::Made);
         assert_eq!(store.revoke_link_pages("A", 260).await.unwrap(), 1);
         assert_eq!(
             store.link_page("h4").await.unwrap().unwrap().revoked_at,

@@ -543,6 +543,23 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Opens a link page's event stream (`page` is the page's URL).
+    pub async fn link_events(&self, page: &str) -> EventStream {
+        let response = self
+            .http
+            .get(format!("{page}/events"))
+            .send()
+            .await
+            .expect("gateway answers");
+        assert_eq!(response.status().as_u16(), 200);
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+}
+
 impl EventStream {
     /// The next event (keep-alive comments skipped), within `within`.
     pub async fn next_within(&mut self, within: Duration) -> Sse {

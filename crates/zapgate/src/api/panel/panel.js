@@ -166,7 +166,9 @@ function linking(base, error) {
     show($('stopped'), false);
     show($('start'), false);
     try {
-      await api('POST', `${base}/qr-code`);
+      const answer = await api('POST', `${base}/qr-code`);
+      // A link page joining a window opened elsewhere: its code came before it asked.
+      if (answer?.image) showQr(answer);
     } catch (e) {
       say(error, e.message);
       show($('start'), true);
@@ -218,22 +220,24 @@ function linking(base, error) {
     show($('code-box'), true);
   }
 
+  function showQr(data) {
+    if (pairing || stopped) return;
+    codes.add(data.value);
+    if (codes.size > MAX_CODES) {
+      stop();
+      return;
+    }
+    if ($('sim-scan')) show($('sim-scan'), true);
+    $('qr').src = data.image;
+    $('qr').dataset.value = data.value;
+    show($('qr'), true);
+    show($('start'), false);
+    show($('stopped'), false);
+    countdown(data.expiresIn);
+  }
+
   return {
-    qr(data) {
-      if (pairing || stopped) return;
-      codes.add(data.value);
-      if (codes.size > MAX_CODES) {
-        stop();
-        return;
-      }
-      if ($('sim-scan')) show($('sim-scan'), true);
-      $('qr').src = data.image;
-      $('qr').dataset.value = data.value;
-      show($('qr'), true);
-      show($('start'), false);
-      show($('stopped'), false);
-      countdown(data.expiresIn);
-    },
+    qr: showQr,
     pairingCode(data) {
       showCode(data.code);
     },
@@ -382,7 +386,9 @@ function linkPage() {
   const error = $('error');
   const flow = linking(base, error);
   follow(base, flow, error, (data, linked) => {
+    // The number shows only to the page it was linked through.
     if (linked) $('phone').textContent = data.phone ?? '';
+    show($('phone-said'), linked && Boolean(data.phone));
   });
 }
 
