@@ -92,22 +92,35 @@ impl Connections {
     }
 
     /// The oldest idle connection of the address that holds the most connections
-    /// among those with one idle.
+    /// among those with one idle (IPv6 addresses counted by their /64).
     fn idle_to_evict(&self) -> Option<u64> {
         let mut held: HashMap<IpAddr, usize> = HashMap::new();
         for entry in self.live.values() {
-            *held.entry(entry.address).or_default() += 1;
+            *held.entry(address_key(entry.address)).or_default() += 1;
         }
         let mut oldest_idle: HashMap<IpAddr, u64> = HashMap::new();
         for (id, entry) in &self.live {
             if !entry.activity.busy() {
-                oldest_idle.entry(entry.address).or_insert(*id);
+                oldest_idle.entry(address_key(entry.address)).or_insert(*id);
             }
         }
         oldest_idle
             .into_iter()
             .max_by_key(|(address, id)| (held[address], std::cmp::Reverse(*id)))
             .map(|(_, id)| id)
+    }
+}
+
+/// The address a client is counted by: IPv4 addresses one by one, IPv6 ones by their
+/// /64, which one host usually holds whole (an IPv4 address written in IPv6 is that
+/// IPv4 address).
+pub(crate) fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -161,10 +174,12 @@ pub async fn serve(
         let app = app.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            // Made room for another: a moment to finish. The gateway stopping: what
+            // the shutdown allows.
             let closing = async {
                 tokio::select! {
-                    () = evict.cancelled() => {}
-                    () = shutdown.cancelled() => {}
+                    () = evict.cancelled() => CLOSE_GRACE,
+                    () = shutdown.cancelled() => SHUTDOWN_GRACE,
                 }
             };
             serve_connection(stream, peer, app, activity, limits, closing).await;
@@ -211,7 +226,7 @@ async fn serve_connection(
     app: Router,
     activity: Arc<Activity>,
     limits: Limits,
-    closing: impl Future<Output = ()>,
+    closing: impl Future<Output = Duration>,
 ) {
     let in_flight = activity.clone();
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
@@ -237,11 +252,13 @@ async fn serve_connection(
         .with_upgrades();
     let mut connection = pin!(connection);
     let mut closing = pin!(closing);
-    loop {
+    let grace = loop {
         let deadline = activity.deadline(&limits);
         tokio::select! {
             _ = connection.as_mut() => return,
-            () = closing.as_mut() => break,
+            grace = closing.as_mut() => break grace,
+            // A request began: its header deadline counts from now.
+            () = activity.began.notified() => {}
             () = tokio::time::sleep_until(deadline) => {
                 // Overdue with nothing in flight: headers too slow, or idle too long.
                 if activity.deadline(&limits) <= Instant::now() && !activity.busy() {
@@ -249,14 +266,14 @@ async fn serve_connection(
                 }
             }
         }
-    }
+    };
     // Told to close. With nothing in flight, at once: its file is wanted now.
     if !activity.busy() {
         return;
     }
-    // A request in flight may finish, briefly.
+    // A request in flight may finish, within the grace.
     connection.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+    let _ = tokio::time::timeout(grace, connection).await;
 }
 
 /// What a connection is doing, as its reads and its requests tell.
@@ -270,6 +287,8 @@ struct Activity {
     /// Milliseconds from `opened` to when the last request ended; `u64::MAX` before
     /// any request.
     idle_since: AtomicU64,
+    /// Told when a request begins, so its header deadline is watched from then.
+    began: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -279,6 +298,7 @@ impl Activity {
             busy: AtomicUsize::new(0),
             request_began: AtomicU64::new(0),
             idle_since: AtomicU64::new(u64::MAX),
+            began: tokio::sync::Notify::new(),
         }
     }
 
@@ -302,12 +322,12 @@ impl Activity {
             return Instant::now() + limits.header_timeout;
         }
         match (
-            self.request_began.load(Ordering::Acquire),
             self.idle_since.load(Ordering::Acquire),
+            self.request_began.load(Ordering::Acquire),
         ) {
-            (began, _) if began > 0 => self.at(began - 1) + limits.header_timeout,
-            (_, u64::MAX) => self.opened + limits.header_timeout,
-            (_, idle) => self.at(idle) + limits.idle_timeout,
+            (u64::MAX, _) => self.opened + limits.header_timeout,
+            (_, began) if began > 0 => self.at(began - 1) + limits.header_timeout,
+            (idle, _) => self.at(idle) + limits.idle_timeout,
         }
     }
 
@@ -316,6 +336,7 @@ impl Activity {
         if !self.busy() && self.request_began.load(Ordering::Acquire) == 0 {
             self.request_began
                 .store(self.now_ms() + 1, Ordering::Release);
+            self.began.notify_one();
         }
     }
 }

@@ -259,3 +259,38 @@ async fn a_device_left_linked_is_kept_while_whatsapp_is_unreachable_and_removed_
     assert_eq!(world.wa.devices().await.unwrap(), Vec::<Value>::new());
     assert_eq!(world.sessions_of(&inst).await, Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_gateway_started_on_the_wrong_instance_database_removes_no_device() {
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let inst = world.linked_instance(&gw, "kept", PHONE).await;
+    gw.stop().await;
+
+    // An operator's slip: a database URL naming a new, empty instance database. Its
+    // session has no link there, but nothing says a crash left it: it is set aside,
+    // the device stays linked, and nothing is deleted.
+    let wrong = world.dir.path().join("elsewhere.db");
+    let url = format!("sqlite://{}?mode=rwc", wrong.display());
+    let slip = world
+        .gateway_with(&[("ZAPGATE_DATABASE_URL", url.as_str())])
+        .await;
+    slip.log
+        .wait_for("a session without a recorded link was set aside", 1)
+        .await;
+    slip.log.wait_for("set-aside sessions checked", 1).await;
+    assert!(
+        slip.log.text().contains("to_unlink=0"),
+        "{}",
+        slip.log.text()
+    );
+    slip.stop().await;
+    assert_eq!(world.wa.devices().await.unwrap().len(), 1, "still linked");
+    let kept = world.sessions_of(&inst).await;
+    assert!(
+        kept.len() == 1 && kept[0].starts_with(&format!("set-aside/{}/", inst.id)),
+        "{kept:?}"
+    );
+    assert!(!kept[0].ends_with("/unlink"), "{kept:?}");
+    assert_eq!(world.stat("loginFailures").await, 0);
+}

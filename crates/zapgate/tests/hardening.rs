@@ -204,6 +204,39 @@ async fn headers_that_never_end_and_idle_keep_alives_are_closed_in_time() {
         answered.elapsed()
     );
     gw.stop().await;
+
+    // A second request trickled on a keep-alive connection gets the header time from
+    // its first byte, not the idle time.
+    let gw = world
+        .gateway_with(&[
+            ("ZAPGATE_HEADER_TIMEOUT_SECS", "1"),
+            ("ZAPGATE_IDLE_TIMEOUT_SECS", "60"),
+        ])
+        .await;
+    let mut kept = TcpStream::connect(address(&gw)).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = kept.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200 OK"));
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let trickle = async {
+        while kept.write_all(b"a").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut byte = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), kept.read(&mut byte)).await
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), trickle)
+        .await
+        .expect("a trickled second request was closed within the header time, not the idle time");
+    gw.stop().await;
 }
 
 #[tokio::test]

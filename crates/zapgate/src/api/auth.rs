@@ -40,19 +40,19 @@ impl FromRequestParts<AppState> for Admin {
         let Peer(peer) = Peer::from_request_parts(parts, state)
             .await
             .unwrap_or_else(|e| match e {});
-        state.failed_auth.check(peer)?;
         let given = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(bearer)
             .unwrap_or_default();
-        if same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
-            Ok(Admin)
-        } else {
-            state.failed_auth.failed(peer);
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized"))
-        }
+        state.failed_auth.verify(peer, || {
+            if same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
+                Ok(Admin)
+            } else {
+                Err(ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized"))
+            }
+        })?
     }
 }
 
@@ -73,40 +73,49 @@ impl FromRequestParts<AppState> for Instance {
         let Peer(peer) = Peer::from_request_parts(parts, state)
             .await
             .unwrap_or_else(|e| match e {});
-        state.failed_auth.check(peer)?;
-        // The account token first: without it nothing is revealed about instances.
-        if let Some(expected) = &state.client_token {
-            match parts.headers.get("client-token") {
-                None => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "null not allowed")),
-                Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
-                Some(_) => {
-                    state.failed_auth.failed(peer);
-                    return Err(ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "Client-Token not allowed",
-                    ));
+        let client_token = parts.headers.get("client-token").cloned();
+        let path = Path::<HashMap<String, String>>::from_request_parts(parts, state).await;
+        // A failure of the credentials counts against the address; a path that does
+        // not parse (the inner error) does not.
+        let found = state.failed_auth.verify(peer, || {
+            // The account token first: without it nothing is revealed about instances.
+            if let Some(expected) = &state.client_token {
+                match &client_token {
+                    None => {
+                        return Ok(Err(ApiError::new(
+                            StatusCode::UNAUTHORIZED,
+                            "null not allowed",
+                        )));
+                    }
+                    Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
+                    Some(_) => {
+                        return Err(ApiError::new(
+                            StatusCode::UNAUTHORIZED,
+                            "Client-Token not allowed",
+                        ));
+                    }
                 }
             }
-        }
-        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "The path is not valid UTF-8"))?;
-        let (id, token) = match (params.get("id"), params.get("token")) {
-            (Some(id), Some(token)) => (id, token),
-            _ => return Err(ApiError::instance_not_found()),
-        };
-        let handle = state.manager.get(id);
-        let expected = handle
-            .as_ref()
-            .map_or(NO_TOKEN, |h| h.record.token.as_str());
-        let token_matches = same(token.as_bytes(), expected.as_bytes());
-        match handle {
-            Some(handle) if token_matches => Ok(Instance(handle)),
-            _ => {
-                state.failed_auth.failed(peer);
-                Err(ApiError::instance_not_found())
+            let Ok(Path(params)) = &path else {
+                return Ok(Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "The path is not valid UTF-8",
+                )));
+            };
+            let (Some(id), Some(token)) = (params.get("id"), params.get("token")) else {
+                return Err(ApiError::instance_not_found());
+            };
+            let handle = state.manager.get(id);
+            let expected = handle
+                .as_ref()
+                .map_or(NO_TOKEN, |h| h.record.token.as_str());
+            let token_matches = same(token.as_bytes(), expected.as_bytes());
+            match handle {
+                Some(handle) if token_matches => Ok(Ok(Instance(handle))),
+                _ => Err(ApiError::instance_not_found()),
             }
-        }
+        })?;
+        found?
     }
 }
 

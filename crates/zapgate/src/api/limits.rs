@@ -22,7 +22,8 @@ const MAX_ADDRESSES: usize = 100_000;
 /// stops until the bucket refills, right guesses included.
 pub struct FailedAuth {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// The buckets, and when the full table was last pruned.
+    buckets: Mutex<(HashMap<IpAddr, Bucket>, Option<Instant>)>,
 }
 
 #[derive(Clone, Copy)]
@@ -59,7 +60,7 @@ impl FailedAuth {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute: per_minute.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new((HashMap::new(), None)),
         }
     }
 
@@ -76,61 +77,57 @@ impl FailedAuth {
         }
     }
 
-    /// Whether `address` may try to authenticate now.
-    pub fn check(&self, address: IpAddr) -> Result<(), TooManyFailures> {
-        self.check_at(key(address), Instant::now())
+    /// Runs `authenticate` for a caller from `address`, unless the address is over its
+    /// limit; counts it when it fails. One lock around both, so callers at once can
+    /// never fail more often than the limit allows.
+    pub fn verify<T, E>(
+        &self,
+        address: IpAddr,
+        authenticate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, TooManyFailures> {
+        self.verify_at(
+            crate::server::address_key(address),
+            Instant::now(),
+            authenticate,
+        )
     }
 
-    fn check_at(&self, address: IpAddr, now: Instant) -> Result<(), TooManyFailures> {
-        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        match buckets.get(&address) {
-            Some(bucket) => {
-                let bucket = self.refilled(*bucket, now);
-                if bucket.left >= 1.0 {
-                    Ok(())
-                } else {
-                    let wait = self.refill_every().mul_f64(1.0 - bucket.left);
-                    Err(TooManyFailures(wait))
+    fn verify_at<T, E>(
+        &self,
+        address: IpAddr,
+        now: Instant,
+        authenticate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, TooManyFailures> {
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (buckets, pruned) = &mut *guard;
+        let bucket = buckets.get(&address).map(|b| self.refilled(*b, now));
+        if let Some(bucket) = bucket.filter(|b| b.left < 1.0) {
+            return Err(TooManyFailures(
+                self.refill_every().mul_f64(1.0 - bucket.left),
+            ));
+        }
+        let outcome = authenticate();
+        if outcome.is_err() {
+            let full = f64::from(self.per_minute);
+            if bucket.is_none() && buckets.len() >= MAX_ADDRESSES {
+                // Forget those that have nothing left to count, at most once a second;
+                // while it stays full, a new address is not counted.
+                if pruned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                    buckets.retain(|_, b| self.refilled(*b, now).left < full);
+                    *pruned = Some(now);
+                }
+                if buckets.len() >= MAX_ADDRESSES {
+                    return Ok(outcome);
                 }
             }
-            None => Ok(()),
+            let mut bucket = bucket.unwrap_or(Bucket {
+                left: full,
+                at: now,
+            });
+            bucket.left = (bucket.left - 1.0).max(0.0);
+            buckets.insert(address, bucket);
         }
-    }
-
-    /// Counts a failed authentication from `address`.
-    pub fn failed(&self, address: IpAddr) {
-        self.failed_at(key(address), Instant::now());
-    }
-
-    fn failed_at(&self, address: IpAddr, now: Instant) {
-        let full = Bucket {
-            left: f64::from(self.per_minute),
-            at: now,
-        };
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&address) {
-            let per_minute = f64::from(self.per_minute);
-            buckets.retain(|_, b| self.refilled(*b, now).left < per_minute);
-        }
-        let bucket = buckets.get(&address).copied().unwrap_or(full);
-        let mut bucket = self.refilled(bucket, now);
-        bucket.left = (bucket.left - 1.0).max(0.0);
-        buckets.insert(address, bucket);
-    }
-}
-
-/// IPv4 addresses count one by one; IPv6 ones by their /64, which one host usually
-/// holds whole.
-fn key(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(bits.into())
-            }
-        },
-        v4 => v4,
+        Ok(outcome)
     }
 }
 
@@ -229,17 +226,29 @@ mod tests {
         let limit = FailedAuth::new(3);
         let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let t0 = Instant::now();
+        let wrong = || Err::<(), ()>(());
         for _ in 0..3 {
-            assert!(limit.check_at(a, t0).is_ok());
-            limit.failed_at(a, t0);
+            assert!(matches!(limit.verify_at(a, t0, wrong), Ok(Err(()))));
         }
-        let TooManyFailures(wait) = limit.check_at(a, t0).unwrap_err();
+        // Refused without even trying: a right guess is not told.
+        let mut tried = false;
+        let refused = limit.verify_at(a, t0, || {
+            tried = true;
+            Ok::<(), ()>(())
+        });
+        let TooManyFailures(wait) = refused.unwrap_err();
         assert_eq!(wait, Duration::from_secs(20));
-        // Others are not held back.
-        assert!(limit.check_at(b, t0).is_ok());
+        assert!(!tried);
+        // Others are not held back, and a success counts nothing.
+        assert!(matches!(
+            limit.verify_at(b, t0, || Ok::<(), ()>(())),
+            Ok(Ok(()))
+        ));
         // One failure refills every 20 s.
-        assert!(limit.check_at(a, t0 + Duration::from_secs(19)).is_err());
-        assert!(limit.check_at(a, t0 + Duration::from_secs(20)).is_ok());
+        let later = |secs| t0 + Duration::from_secs(secs);
+        assert!(limit.verify_at(a, later(19), wrong).is_err());
+        assert!(matches!(limit.verify_at(a, later(20), wrong), Ok(Err(()))));
+        assert!(limit.verify_at(a, later(21), wrong).is_err());
     }
 
     #[test]
@@ -247,6 +256,7 @@ mod tests {
         let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let same: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
         let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let key = crate::server::address_key;
         assert_eq!(key(one), key(same));
         assert_ne!(key(one), key(other));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();

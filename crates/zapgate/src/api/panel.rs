@@ -331,17 +331,25 @@ async fn sign_in(
     super::limits::Peer(peer): super::limits::Peer,
     Form(form): Form<SignInForm>,
 ) -> Response {
-    if let Err(refused) = state.failed_auth.check(peer) {
-        let page = sign_in_form(Some(&refused.message()));
-        let retry = [(header::RETRY_AFTER, refused.secs().to_string())];
-        return (StatusCode::TOO_MANY_REQUESTS, retry, page).into_response();
-    }
     let given = form.token.trim();
-    if !super::auth::same(given.as_bytes(), state.admin_token.expose().as_bytes()) {
-        state.failed_auth.failed(peer);
-        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
-        let page = sign_in_form(Some("That is not the admin token."));
-        return (StatusCode::UNAUTHORIZED, page).into_response();
+    let admin = state.admin_token.expose().as_bytes();
+    let checked = state.failed_auth.verify(peer, || {
+        super::auth::same(given.as_bytes(), admin)
+            .then_some(())
+            .ok_or(())
+    });
+    match checked {
+        Ok(Ok(())) => {}
+        Ok(Err(())) => {
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            let page = sign_in_form(Some("That is not the admin token."));
+            return (StatusCode::UNAUTHORIZED, page).into_response();
+        }
+        Err(refused) => {
+            let page = sign_in_form(Some(&refused.message()));
+            let retry = [(header::RETRY_AFTER, refused.secs().to_string())];
+            return (StatusCode::TOO_MANY_REQUESTS, retry, page).into_response();
+        }
     }
     let (id, _) = state.panel.open();
     let cookie = format!(

@@ -1,8 +1,10 @@
 //! Devices linked at WhatsApp that no instance owns: a gateway that died between a
 //! pairing and the write of its link leaves the device linked, and its session is set
-//! aside at the next start. Each set-aside session that paired logs in once more and
-//! removes its device at WhatsApp, as `/disconnect` does; only then is it deleted. One
-//! WhatsApp cannot be told about is kept, and tried again at the next start.
+//! aside at the next start, marked to unlink (see `manager::set_aside_unclaimed` for
+//! which are). Each marked session that paired logs in once more and removes its device
+//! at WhatsApp, as `/disconnect` does; only then is it deleted. One WhatsApp cannot be
+//! told about is kept, and tried again at the next start. Set-aside sessions not marked
+//! are never touched.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tokio::time::Instant;
 use super::Unlinked;
 use super::actor::Context;
 use super::work::{STOP_TIMEOUT, remove_device};
-use crate::store::{Pairing, SET_ASIDE};
+use crate::store::{Pairing, SET_ASIDE, TO_UNLINK};
 
 /// Removes, in the background, every device the set-aside sessions paired as, at most
 /// as many logging in at once as `slots` allows (shared with the restores). Devices an
@@ -43,7 +45,8 @@ pub(super) async fn remove_all(
     // Copies of one device are removed one after another: the first removes it, the
     // next hear it is gone.
     let mut ghosts: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (name, pairing) in pairings.iter().filter(|(n, _)| n.starts_with(SET_ASIDE)) {
+    let marked = |n: &str| n.starts_with(SET_ASIDE) && n.ends_with(TO_UNLINK);
+    for (name, pairing) in pairings.iter().filter(|(n, _)| marked(n)) {
         match pairing {
             Pairing::Never => match sessions.wipe(name).await {
                 Ok(()) => {
@@ -65,6 +68,7 @@ pub(super) async fn remove_all(
             Pairing::As(device) => ghosts.entry(device).or_default().push(name),
         }
     }
+    tracing::info!(to_unlink = ghosts.len(), "set-aside sessions checked");
     for (device, names) in ghosts {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {

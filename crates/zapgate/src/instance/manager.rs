@@ -214,7 +214,12 @@ impl Manager {
 
 /// A session with no recorded link holds nothing a user linked for sure (a window that
 /// never completed, or a crash before its link was stored), but it is set aside, not
-/// deleted, at start (`ghosts` then removes a device it left linked at WhatsApp).
+/// deleted, at start. One of an instance that is there and unlinked is marked for
+/// `ghosts` to remove the device it left linked at WhatsApp; but when more sessions
+/// than a crash could leave have no link (more than [`UNCLAIMED_AT_MOST`], and a tenth
+/// of them all), the instance database is likely not the one the sessions belong with
+/// (a wrong `--database-url`, a backup restored on one side only): none is marked, and
+/// every one is kept.
 /// Returns the sessions the instances keep, or why they could not be listed.
 async fn set_aside_unclaimed(
     sessions: &dyn crate::store::SessionStore,
@@ -227,14 +232,28 @@ async fn set_aside_unclaimed(
             return Err(e.to_string());
         }
     };
+    let unclaimed = |id: &String| !records.iter().any(|r| &r.id == id && r.link.is_some());
+    let count = stored.iter().filter(|id| unclaimed(id)).count();
+    let mismatch = count > UNCLAIMED_AT_MOST && count * 10 > stored.len();
+    if mismatch {
+        tracing::error!(
+            sessions = stored.len(),
+            unclaimed = count,
+            "most sessions have no recorded link: is this the instance database they belong with (--database-url)? They are set aside and kept; no device is removed at WhatsApp"
+        );
+    }
     let mut kept = std::collections::HashSet::new();
     for id in stored {
-        let claimed = records.iter().any(|r| r.id == id && r.link.is_some());
-        if claimed {
+        if !unclaimed(&id) {
             kept.insert(id);
             continue;
         }
-        match sessions.set_aside(&id).await {
+        // Only an instance that is there, unlinked, had a linking window to crash in.
+        let to_unlink = !mismatch
+            && records
+                .iter()
+                .any(|r| r.id == id && r.link.is_none() && r.cancelled_at.is_none());
+        match sessions.set_aside(&id, to_unlink).await {
             Ok(to) => tracing::warn!(
                 instance.id = %id, kept_as = %to,
                 "a session without a recorded link was set aside"
@@ -246,6 +265,10 @@ async fn set_aside_unclaimed(
     }
     Ok(kept)
 }
+
+/// Sessions without a link a crash may leave at one start (the windows open then),
+/// before the instance database is doubted.
+const UNCLAIMED_AT_MOST: usize = 32;
 
 /// Restores sessions so that at most as many as `slots` are mid-handshake at once:
 /// each holds a slot until it has reached WhatsApp, stops, or [`RESTORE_SLOT`] passes.

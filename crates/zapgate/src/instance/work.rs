@@ -80,7 +80,7 @@ async fn start(
     match (fresh, factory.sessions.exists(id).await) {
         // Whatever an earlier window left (or a link whose record was lost) is moved
         // aside, never deleted: nothing linked is wiped by a new window.
-        (true, Ok(true)) => match factory.sessions.set_aside(id).await {
+        (true, Ok(true)) => match factory.sessions.set_aside(id, false).await {
             Ok(to) => {
                 tracing::warn!(instance.id = %id, kept_as = %to, "an unlinked session was set aside")
             }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions};
+pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions, TO_UNLINK};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -30,8 +30,10 @@ pub trait SessionStore: Send + Sync {
     /// The instances that have a session.
     async fn stored(&self) -> Result<Vec<String>, StoreError>;
     /// Keeps the instance's session apart, where an operator can still recover it, and
-    /// leaves the instance with none. Returns the name it is kept under.
-    async fn set_aside(&self, instance: &str) -> Result<String, StoreError>;
+    /// leaves the instance with none. Returns the name it is kept under. `to_unlink`
+    /// marks it for the removal of the device it holds at WhatsApp (its name ends with
+    /// [`TO_UNLINK`]); any other is kept as it is.
+    async fn set_aside(&self, instance: &str, to_unlink: bool) -> Result<String, StoreError>;
     /// Every session, the set-aside ones too, by the name it is kept under, with the
     /// device it paired as.
     async fn pairings(&self) -> Result<Vec<(String, Pairing)>, StoreError>;
@@ -39,6 +41,8 @@ pub trait SessionStore: Send + Sync {
 
 /// Names a set-aside session is kept under start with this.
 pub const SET_ASIDE: &str = "set-aside/";
+/// A set-aside session whose device is to be removed at WhatsApp ends with this.
+pub const TO_UNLINK: &str = "/unlink";
 
 /// What a session holds of a device linked at WhatsApp.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,8 +145,9 @@ impl SessionStore for SqliteSessions {
         .await?)
     }
 
-    async fn set_aside(&self, instance: &str) -> Result<String, StoreError> {
-        let name = format!("{SET_ASIDE}{instance}/{}", crate::unix_millis());
+    async fn set_aside(&self, instance: &str, to_unlink: bool) -> Result<String, StoreError> {
+        let mark = if to_unlink { TO_UNLINK } else { "" };
+        let name = format!("{SET_ASIDE}{instance}/{}{mark}", crate::unix_millis());
         sqlx::query("UPDATE session SET instance = ? WHERE instance = ?")
             .bind(&name)
             .bind(instance)
@@ -413,8 +418,9 @@ mod tests {
         let sessions = open(dir.path()).await;
         let device = Device::new();
         fill(&*sessions.open("A").await.unwrap(), &device).await;
-        let name = sessions.set_aside("A").await.unwrap();
+        let name = sessions.set_aside("A", false).await.unwrap();
         assert!(name.starts_with("set-aside/A/"), "{name}");
+        assert!(!name.ends_with(super::TO_UNLINK), "{name}");
         assert!(!sessions.exists("A").await.unwrap());
         assert!(sessions.stored().await.unwrap().is_empty());
         // Whoever recovers it finds every key.
@@ -447,7 +453,8 @@ mod tests {
         let fresh = sessions.open("B").await.unwrap();
         fresh.create().await.unwrap();
         sessions.open("C").await.unwrap(); // no device at all yet
-        let aside = sessions.set_aside("A").await.unwrap();
+        let aside = sessions.set_aside("A", true).await.unwrap();
+        assert!(aside.ends_with(super::TO_UNLINK), "{aside}");
         sqlx::query("INSERT INTO session (instance, created_at, device) VALUES ('D', 0, x'7b')")
             .execute(&sessions.db.write)
             .await
