@@ -122,6 +122,12 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// HTTP connections one client address (an IPv6 /64) may hold at once; default: a
+    /// quarter of --max-connections. Behind a reverse proxy every client shares its
+    /// address: set it to --max-connections there.
+    #[arg(long, env = "ZAPGATE_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+
     /// Seconds a client has to send a request's headers, from their first byte (from
     /// the connect, for a connection's first request).
     #[arg(long, env = "ZAPGATE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
@@ -203,8 +209,24 @@ impl Config {
         if !(1..=3600).contains(&self.idle_timeout_secs) {
             return Err("--idle-timeout-secs (ZAPGATE_IDLE_TIMEOUT_SECS) must be 1 to 3600".into());
         }
-        if self.max_connections == Some(0) || self.max_event_streams == Some(0) {
-            return Err("--max-connections (ZAPGATE_MAX_CONNECTIONS) and --max-event-streams (ZAPGATE_MAX_EVENT_STREAMS) must be at least 1".into());
+        let at_least_one = [
+            (
+                "--max-connections (ZAPGATE_MAX_CONNECTIONS)",
+                self.max_connections,
+            ),
+            (
+                "--max-event-streams (ZAPGATE_MAX_EVENT_STREAMS)",
+                self.max_event_streams,
+            ),
+            (
+                "--max-connections-per-address (ZAPGATE_MAX_CONNECTIONS_PER_ADDRESS)",
+                self.max_connections_per_address,
+            ),
+        ];
+        for (flag, value) in at_least_one {
+            if value.is_some_and(|n| !(1..=1_000_000).contains(&n)) {
+                return Err(format!("{flag} must be 1 to 1000000"));
+            }
         }
         if self.auth_failures_per_minute == 0 {
             return Err(

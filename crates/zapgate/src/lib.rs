@@ -52,9 +52,13 @@ pub async fn run(
         .await
         .context("opening the sessions database")?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (max_sessions, max_connections) = open_file_room(config.max_connections);
+    let (max_sessions, max_connections) = open_file_room(config.max_connections)?;
     let limits = server::Limits {
         max_connections,
+        per_address: config
+            .max_connections_per_address
+            .unwrap_or(max_connections / 4)
+            .clamp(1, max_connections),
         header_timeout: config.header_timeout(),
         idle_timeout: config.idle_timeout(),
     };
@@ -146,7 +150,7 @@ const STREAMS_PER_INSTANCE: usize = 16;
 /// Raises the soft open-file limit to the hard one, and shares it out: the HTTP
 /// connections (`configured`, or the default) come off first, so sessions never
 /// compete with them. Returns how many sessions and HTTP connections fit.
-fn open_file_room(configured: Option<usize>) -> (usize, usize) {
+fn open_file_room(configured: Option<usize>) -> anyhow::Result<(usize, usize)> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let before = limit.current;
@@ -164,6 +168,11 @@ fn open_file_room(configured: Option<usize>) -> (usize, usize) {
         Some(n) => n as u64,
         None => DEFAULT_HTTP_CONNECTIONS.min(now / 4).max(16),
     };
+    if configured.is_some() && http + FILES_RESERVED + FILES_PER_SESSION > now {
+        bail!(
+            "--max-connections (ZAPGATE_MAX_CONNECTIONS) {http} leaves no room for WhatsApp sessions under the open-file limit ({now}, of which {FILES_RESERVED} are kept for the gateway): lower it, or raise the limit (ulimit -n, or LimitNOFILE= under systemd)"
+        );
+    }
     let room = now.saturating_sub(FILES_RESERVED).saturating_sub(http) / FILES_PER_SESSION;
     let room = usize::try_from(room)
         .unwrap_or(usize::MAX)
@@ -175,7 +184,7 @@ fn open_file_room(configured: Option<usize>) -> (usize, usize) {
         http.connections = http,
         "open-file limit"
     );
-    (room, usize::try_from(http).unwrap_or(usize::MAX))
+    Ok((room, usize::try_from(http).unwrap_or(usize::MAX)))
 }
 
 /// A sandbox build skips the check of WhatsApp's certificate chain, so it may only talk

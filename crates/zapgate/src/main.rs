@@ -112,6 +112,7 @@ mod demo {
             webhook_secret: None,
             webhook_retry_hours: 24,
             max_connections: None,
+            max_connections_per_address: None,
             header_timeout_secs: 10,
             idle_timeout_secs: 120,
             max_event_streams: None,

@@ -40,6 +40,8 @@ use tower::ServiceExt as _;
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections one address (an IPv6 /64) may hold, busy or not.
+    pub per_address: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -67,14 +69,26 @@ struct Connections {
 }
 
 impl Connections {
-    /// Admits a connection from `address`: under the cap, or in place of an idle one
-    /// (see the module's comment). `None` when every connection is busy.
+    /// Admits a connection from `address`: under the caps, or in place of an idle one
+    /// (see the module's comment): its own, when the address holds as many as it may.
+    /// `None` when there is no room.
     fn admit(
         &mut self,
-        max: usize,
+        limits: &Limits,
         address: IpAddr,
     ) -> Option<(u64, Arc<Activity>, CancellationToken)> {
-        if self.live.len() >= max {
+        let key = address_key(address);
+        let own = || {
+            self.live
+                .iter()
+                .filter(|(_, e)| address_key(e.address) == key)
+        };
+        if own().count() >= limits.per_address {
+            let idle = own().find(|(_, e)| !e.activity.busy()).map(|(id, _)| *id)?;
+            if let Some(entry) = self.live.remove(&idle) {
+                entry.evict.cancel();
+            }
+        } else if self.live.len() >= limits.max_connections {
             let idle = self.idle_to_evict()?;
             if let Some(entry) = self.live.remove(&idle) {
                 entry.evict.cancel();
@@ -153,7 +167,7 @@ pub async fn serve(
         let admitted = connections
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .admit(limits.max_connections, peer.ip());
+            .admit(&limits, peer.ip());
         let Some((id, activity, evict)) = admitted else {
             // Refusals hold a file for a moment too: a few at a time, the rest dropped.
             if let Ok(permit) = refusals.clone().try_acquire_owned() {
@@ -247,9 +261,9 @@ async fn serve_connection(
         stream,
         activity: activity.clone(),
     };
-    let connection = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    // No upgrades: a socket taken out of the connection would escape the cap.
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
     let mut connection = pin!(connection);
     let mut closing = pin!(closing);
     let grace = loop {
@@ -447,14 +461,23 @@ mod tests {
         IpAddr::from([192, 0, 2, last])
     }
 
+    fn limits(max_connections: usize, per_address: usize) -> Limits {
+        Limits {
+            max_connections,
+            per_address,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+
     #[test]
     fn at_the_cap_the_oldest_idle_connection_makes_room() {
         let mut connections = Connections::default();
-        let (first, first_activity, first_evict) = connections.admit(2, ip(1)).unwrap();
-        let (_, _, second_evict) = connections.admit(2, ip(1)).unwrap();
+        let (first, first_activity, first_evict) = connections.admit(&limits(2, 2), ip(1)).unwrap();
+        let (_, _, second_evict) = connections.admit(&limits(2, 2), ip(1)).unwrap();
         let _busy = InFlight::new(first_activity);
         // The first is busy: the second, idle, goes.
-        let (third, _, _) = connections.admit(2, ip(1)).unwrap();
+        let (third, _, _) = connections.admit(&limits(2, 2), ip(1)).unwrap();
         assert!(second_evict.is_cancelled() && !first_evict.is_cancelled());
         assert_eq!(
             connections.live.keys().copied().collect::<Vec<_>>(),
@@ -462,23 +485,42 @@ mod tests {
         );
         // Every one busy: no room.
         let _busy = InFlight::new(connections.live[&third].activity.clone());
-        assert!(connections.admit(2, ip(1)).is_none());
+        assert!(connections.admit(&limits(2, 2), ip(1)).is_none());
         assert_eq!(connections.live.len(), 2);
+    }
+
+    #[test]
+    fn an_address_holding_its_share_makes_room_from_its_own_or_is_refused() {
+        let mut connections = Connections::default();
+        let limits = limits(10, 2);
+        let (_, first_activity, first_evict) = connections.admit(&limits, ip(1)).unwrap();
+        let (_, second_activity, second_evict) = connections.admit(&limits, ip(1)).unwrap();
+        let _busy = InFlight::new(first_activity);
+        // Its idle one goes, far below the cap.
+        let (_, _, third_evict) = connections.admit(&limits, ip(1)).unwrap();
+        assert!(second_evict.is_cancelled() && !first_evict.is_cancelled());
+        drop(second_activity);
+        // Both busy (a slow body, say): refused, while others still get in.
+        let third = connections.live.values().last().unwrap().activity.clone();
+        let _busy_too = InFlight::new(third);
+        assert!(connections.admit(&limits, ip(1)).is_none());
+        assert!(!third_evict.is_cancelled());
+        assert!(connections.admit(&limits, ip(2)).is_some());
     }
 
     #[test]
     fn the_address_holding_the_most_connections_makes_room_from_its_own() {
         let mut connections = Connections::default();
-        let (_, _, newcomer) = connections.admit(4, ip(2)).unwrap();
+        let (_, _, newcomer) = connections.admit(&limits(4, 4), ip(2)).unwrap();
         let flood: Vec<_> = (0..3)
-            .map(|_| connections.admit(4, ip(1)).unwrap())
+            .map(|_| connections.admit(&limits(4, 4), ip(1)).unwrap())
             .collect();
         // At the cap, the flooding address loses its oldest idle connection, not the
         // older connection of the other address.
-        connections.admit(4, ip(1)).unwrap();
+        connections.admit(&limits(4, 4), ip(1)).unwrap();
         assert!(flood[0].2.is_cancelled());
         assert!(!newcomer.is_cancelled());
-        connections.admit(4, ip(3)).unwrap();
+        connections.admit(&limits(4, 4), ip(3)).unwrap();
         assert!(flood[1].2.is_cancelled());
         assert!(!newcomer.is_cancelled());
     }

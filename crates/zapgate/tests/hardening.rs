@@ -127,6 +127,38 @@ async fn a_flood_of_idle_and_slow_connections_neither_blocks_the_api_nor_takes_w
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn one_address_keeping_requests_busy_cannot_take_every_connection() {
+    let world = World::new().await;
+    let gw = world
+        .gateway_with(&[("ZAPGATE_MAX_CONNECTIONS", "32")])
+        .await;
+    let inst = gw.api.create_instance("busy").await;
+    // Whole headers, then a body that never comes: each of these requests is in flight
+    // until the request time runs out.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut stream = TcpStream::connect(address(&gw)).await.unwrap();
+        let _ = stream
+            .write_all(b"POST /panel/sign-in HTTP/1.1\r\nHost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 60000\r\n\r\ntoken=")
+            .await;
+        held.push(stream);
+    }
+    // The address holds a quarter of the connections at most: another gets in.
+    let status_url = format!(
+        "{}/instances/{}/token/{}/status",
+        gw.api.base, inst.id, inst.token
+    );
+    let response = fresh_client()
+        .get(&status_url)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    drop(held);
+    gw.stop().await;
+}
+
 /// Reads from `stream` until the peer closes it; how long that took.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut sink = [0u8; 1024];
