@@ -109,6 +109,14 @@ impl Browser {
     /// Sends a command (to the tab, once attached) and waits for its result; events
     /// that arrive meanwhile are dropped.
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        match self.try_call(method, params).await {
+            Ok(result) => result,
+            Err(error) => panic!("{method} failed: {error}"),
+        }
+    }
+
+    /// [`Self::call`], with DevTools' error as the caller's to judge.
+    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({ "id": id, "method": method, "params": params });
@@ -129,9 +137,9 @@ impl Browser {
             let answer: Value = serde_json::from_str(&text).unwrap();
             if answer["id"] == json!(id) {
                 if let Some(error) = answer.get("error") {
-                    panic!("{method} failed: {error}");
+                    return Err(error.clone());
                 }
-                return answer["result"].clone();
+                return Ok(answer["result"].clone());
             }
         }
     }
@@ -168,7 +176,18 @@ impl Browser {
             "(() => {{ try {{ return ({condition}); }} catch (e) {{ return false; }} }})()"
         );
         loop {
-            let value = self.eval(&guarded).await;
+            let evaluated = self
+                .try_call(
+                    "Runtime.evaluate",
+                    json!({ "expression": guarded, "awaitPromise": true, "returnByValue": true }),
+                )
+                .await;
+            // The page navigating away under the script (a form sent, say) is not yet.
+            let value = match evaluated {
+                Ok(result) => result["result"]["value"].clone(),
+                Err(error) if error.to_string().contains("navigated or closed") => Value::Null,
+                Err(error) => panic!("Runtime.evaluate failed: {error}"),
+            };
             let truthy = !matches!(&value, Value::Null | Value::Bool(false))
                 && value != json!("")
                 && value != json!(0);

@@ -323,10 +323,11 @@ function instancePage() {
         retry.addEventListener('click', async () => {
           try {
             await api('POST', `${base}/webhook-deliveries/${encodeURIComponent(d.eventId)}/retry`);
-            setTimeout(deliveries, 500);
           } catch (e) {
+            // Settled meanwhile, say: the list, loaded again, shows where it stands.
             say(error, e.message);
           }
+          setTimeout(deliveries, 500);
         });
         const answered = d.lastStatus ?? d.lastError ?? '—';
         for (const content of [d.type, d.status, String(d.attempts), String(answered), d.nextAttemptAt ?? '—', retry]) {
