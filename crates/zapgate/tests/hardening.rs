@@ -91,6 +91,7 @@ async fn a_flood_of_idle_and_slow_connections_neither_blocks_the_api_nor_takes_w
     }
     // However many connections are thrown at it, the gateway holds its cap.
     let during = open_files(gw.pid());
+    println!("open files: {before} before the flood, {during} during it");
     assert!(
         during <= before + 32 + 4,
         "{during} open files during the flood, {before} before"
