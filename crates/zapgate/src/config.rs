@@ -128,6 +128,14 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_MAX_CONNECTIONS_PER_ADDRESS")]
     pub max_connections_per_address: Option<usize>,
 
+    /// Reverse proxies in front of the gateway, as addresses or networks
+    /// (`127.0.0.1,10.0.0.0/8`): a request from one is counted by the client address
+    /// it gives in `X-Forwarded-For` (the failed-authentication limit), and the proxy's
+    /// connections are not held to --max-connections-per-address. From anyone else,
+    /// `X-Forwarded-For` is ignored.
+    #[arg(long, env = "ZAPGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Network>,
+
     /// Seconds a client has to send a request's headers, from their first byte (from
     /// the connect, for a connection's first request).
     #[arg(long, env = "ZAPGATE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
@@ -296,6 +304,59 @@ fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
     }
 }
 
+/// An address or a network of them: `10.0.0.0/8`, `fd00::/8`, `192.0.2.7`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    address: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn contains(&self, address: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let address = match address {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+            v4 => v4,
+        };
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let ((ours, width), (theirs, their_width)) = (bits(self.address), bits(address));
+        if width != their_width {
+            return false;
+        }
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        ours & mask == theirs & mask
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (address, prefix) = match s.trim().split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (s.trim(), None),
+        };
+        let address: std::net::IpAddr = address
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or a network like 10.0.0.0/8"))?;
+        let most = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => most,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= most)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {most}"))?,
+        };
+        Ok(Self { address, prefix })
+    }
+}
+
 /// A value that never shows in logs or `Debug` output.
 #[derive(Clone)]
 pub struct Secret(String);
@@ -361,6 +422,27 @@ mod tests {
             assert!(error.starts_with("--link-wait-secs"), "{error}");
         }
         assert!(config(&["--link-rate-per-minute", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn networks_hold_the_addresses_under_their_prefix() {
+        let net: Network = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.200.1.2".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(!net.contains("::a00:1".parse().unwrap()));
+        let one: Network = "fd00::1".parse().unwrap();
+        assert!(one.contains("fd00::1".parse().unwrap()));
+        assert!(!one.contains("fd00::2".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Network>()
+                .unwrap()
+                .contains("192.0.2.1".parse().unwrap())
+        );
+        for bad in ["10.0.0.0/33", "proxy", "10.0.0.0/x"] {
+            assert!(bad.parse::<Network>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub async fn run(
     let (max_sessions, max_connections) = open_file_room(config.max_connections)?;
     let limits = server::Limits {
         max_connections,
+        trusted_proxies: config.trusted_proxies.clone(),
         per_address: config
             .max_connections_per_address
             .unwrap_or(max_connections / 4)
@@ -117,6 +118,7 @@ pub async fn run(
         metrics,
         failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
         streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
+        trusted_proxies: config.trusted_proxies.clone().into(),
     });
     tracing::info!(
         http.connections = max_connections,

@@ -113,6 +113,7 @@ mod demo {
             webhook_retry_hours: 24,
             max_connections: None,
             max_connections_per_address: None,
+            trusted_proxies: Vec::new(),
             header_timeout_secs: 10,
             idle_timeout_secs: 120,
             max_event_streams: None,

@@ -37,11 +37,13 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 /// How the server bounds its connections.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     pub max_connections: usize,
-    /// Connections one address (an IPv6 /64) may hold, busy or not.
+    /// Connections one address (an IPv6 /64) may hold, busy or not; trusted proxies
+    /// are not held to it.
     pub per_address: usize,
+    pub trusted_proxies: Vec<crate::config::Network>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -83,7 +85,8 @@ impl Connections {
                 .iter()
                 .filter(|(_, e)| address_key(e.address) == key)
         };
-        if own().count() >= limits.per_address {
+        let proxy = limits.trusted_proxies.iter().any(|n| n.contains(address));
+        if !proxy && own().count() >= limits.per_address {
             let idle = own().find(|(_, e)| !e.activity.busy()).map(|(id, _)| *id)?;
             if let Some(entry) = self.live.remove(&idle) {
                 entry.evict.cancel();
@@ -185,7 +188,7 @@ pub async fn serve(
             permit = files.clone().acquire_owned() => permit.expect("never closed"),
         };
         let connections = connections.clone();
-        let app = app.clone();
+        let (app, limits) = (app.clone(), limits.clone());
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             // Made room for another: a moment to finish. The gateway stopping: what
@@ -196,7 +199,7 @@ pub async fn serve(
                     () = shutdown.cancelled() => SHUTDOWN_GRACE,
                 }
             };
-            serve_connection(stream, peer, app, activity, limits, closing).await;
+            serve_connection(stream, peer, app, activity, &limits, closing).await;
             connections
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -239,7 +242,7 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Router,
     activity: Arc<Activity>,
-    limits: Limits,
+    limits: &Limits,
     closing: impl Future<Output = Duration>,
 ) {
     let in_flight = activity.clone();
@@ -267,7 +270,7 @@ async fn serve_connection(
     let mut connection = pin!(connection);
     let mut closing = pin!(closing);
     let grace = loop {
-        let deadline = activity.deadline(&limits);
+        let deadline = activity.deadline(limits);
         tokio::select! {
             _ = connection.as_mut() => return,
             grace = closing.as_mut() => break grace,
@@ -275,7 +278,7 @@ async fn serve_connection(
             () = activity.began.notified() => {}
             () = tokio::time::sleep_until(deadline) => {
                 // Overdue with nothing in flight: headers too slow, or idle too long.
-                if activity.deadline(&limits) <= Instant::now() && !activity.busy() {
+                if activity.deadline(limits) <= Instant::now() && !activity.busy() {
                     return;
                 }
             }
@@ -467,6 +470,7 @@ mod tests {
             per_address,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            trusted_proxies: Vec::new(),
         }
     }
 

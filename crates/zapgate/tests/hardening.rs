@@ -396,6 +396,54 @@ async fn guessing_tokens_in_parallel_is_stopped_per_address() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_guesses_are_counted_by_the_forwarded_client() {
+    let world = World::new().await;
+    // The test is the proxy, on 127.0.0.1; 127.0.0.2 is a client reaching the gateway
+    // directly.
+    let gw = world
+        .gateway_with(&[("ZAPGATE_TRUSTED_PROXIES", "127.0.0.1")])
+        .await;
+    let instances = format!("{}/instances", gw.api.base);
+    let ask = |from: &'static str, token: &'static str| {
+        let (http, url) = (gw.api.http.clone(), instances.clone());
+        async move {
+            http.get(url)
+                .header("X-Forwarded-For", from)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for _ in 0..10 {
+        assert_eq!(ask("198.51.100.7", "guess").await, 401);
+    }
+    assert_eq!(ask("198.51.100.7", ADMIN).await, 429);
+    // Another client behind the same proxy is not held back.
+    assert_eq!(ask("198.51.100.8", ADMIN).await, 200);
+    // A client's own X-Forwarded-For is not believed: it cannot dodge the limit.
+    let direct = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    for i in 0..11 {
+        let status = direct
+            .get(&instances)
+            .header("X-Forwarded-For", format!("203.0.113.{i}"))
+            .bearer_auth("guess")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(status, if i < 10 { 401 } else { 429 }, "guess {i}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_gateway_on_the_same_data_directory_refuses_to_start() {
     let world = World::new().await;
     let first = world.gateway().await;

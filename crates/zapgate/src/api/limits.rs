@@ -10,7 +10,8 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 
-use super::ApiError;
+use super::{ApiError, AppState};
+use crate::config::Network;
 
 /// Addresses remembered at most; past it, those that have nothing left to count are
 /// forgotten first.
@@ -132,19 +133,57 @@ impl FailedAuth {
 }
 
 /// The address a request came from: the connection's peer (unspecified when the
-/// router is called without a server, as in unit tests).
+/// router is called without a server, as in unit tests), or, when the peer is a
+/// trusted proxy, the nearest address in `X-Forwarded-For` that is not one.
 pub(super) struct Peer(pub(super) IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
+impl FromRequestParts<AppState> for Peer {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let address = parts
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        Ok(Peer(address))
+        Ok(Peer(client_of(
+            peer,
+            &parts.headers,
+            &state.trusted_proxies,
+        )))
     }
+}
+
+/// Who a request from `peer` is for: `peer` itself unless it is a trusted proxy; then,
+/// reading `X-Forwarded-For` from the right (each proxy appends who it heard from),
+/// the first address that is not a trusted proxy. A header that does not parse counts
+/// as the proxy itself.
+fn client_of(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[Network]) -> IpAddr {
+    let is_trusted = |address: IpAddr| trusted.iter().any(|n| n.contains(address));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for hop in forwarded.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(address) => {
+                client = address;
+                if !is_trusted(address) {
+                    break;
+                }
+            }
+            Err(_) => return peer,
+        }
+    }
+    client
 }
 
 /// When a caller refused a stream is told to try again.
@@ -249,6 +288,31 @@ mod tests {
         assert!(limit.verify_at(a, later(19), wrong).is_err());
         assert!(matches!(limit.verify_at(a, later(20), wrong), Ok(Err(()))));
         assert!(limit.verify_at(a, later(21), wrong).is_err());
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_client_is_the_nearest_untrusted_forwarded_address() {
+        let trusted: Vec<Network> = vec!["10.0.0.0/8".parse().unwrap()];
+        let headers = |value: &str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert("x-forwarded-for", value.parse().unwrap());
+            headers
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.5");
+        // What the client wrote itself (the leftmost) is never believed over a hop.
+        let forwarded = headers("203.0.113.9, 198.51.100.7, 10.0.0.2");
+        assert_eq!(client_of(proxy, &forwarded, &trusted), ip("198.51.100.7"));
+        // Not from a proxy: the header is the caller's own word, ignored.
+        assert_eq!(
+            client_of(ip("192.0.2.1"), &forwarded, &trusted),
+            ip("192.0.2.1")
+        );
+        assert_eq!(client_of(proxy, &headers("junk"), &trusted), proxy);
+        assert_eq!(
+            client_of(proxy, &axum::http::HeaderMap::new(), &trusted),
+            proxy
+        );
     }
 
     #[test]

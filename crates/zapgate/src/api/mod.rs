@@ -63,6 +63,8 @@ pub struct AppState {
     pub failed_auth: Arc<FailedAuth>,
     /// Event streams open, in all and per instance or link page.
     pub streams: Arc<StreamSlots>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<[crate::config::Network]>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).
