@@ -120,6 +120,9 @@ pub async fn run(
         streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
         trusted_proxies: config.trusted_proxies.clone().into(),
     });
+    // Said once the gateway holds its data directory and answers: what a supervisor
+    // (and the tests) wait for.
+    tracing::info!("zapgate listening on http://{}", listener.local_addr()?);
     tracing::info!(
         http.connections = max_connections,
         http.event_streams = max_streams,

@@ -44,7 +44,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!("zapgate listening on http://{}", listener.local_addr()?);
     zapgate::run(config, listener, stop_on_signal()).await
 }
 

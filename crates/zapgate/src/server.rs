@@ -29,7 +29,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,7 @@ pub struct Limits {
 }
 
 /// Connections being answered 503 at once; more are closed without an answer.
-const REFUSING_AT_ONCE: usize = 8;
+const REFUSING_AT_ONCE: usize = 32;
 /// How long a connection told to close may finish the request it is in.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long a gateway shutting down waits for requests in flight.
@@ -230,9 +230,27 @@ async fn refuse(mut stream: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
+    // The request's head is read first (a client that is answered before it has asked
+    // takes the answer for garbage), and what else it sends until it closes: closing
+    // with its request unread would reset the connection, answer and all. A moment at
+    // most.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match stream.read(&mut chunk).await? {
+                0 => break,
+                n => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        stream.write_all(response.as_bytes()).await
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }

@@ -136,15 +136,16 @@ async fn one_address_keeping_requests_busy_cannot_take_every_connection() {
         .await;
     let inst = gw.api.create_instance("busy").await;
     // Whole headers, then a body that never comes: each of these requests is in flight
-    // until the request time runs out.
+    // until the request time runs out. Past the address's share, they are refused.
     let mut held = Vec::new();
+    let mut refused = 0;
     for _ in 0..40 {
-        let mut stream = TcpStream::connect(address(&gw)).await.unwrap();
-        let _ = stream
-            .write_all(b"POST /panel/sign-in HTTP/1.1\r\nHost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 60000\r\n\r\ntoken=")
-            .await;
-        held.push(stream);
+        match busy_from(&gw, [127, 0, 0, 1]).await {
+            Some(stream) => held.push(stream),
+            None => refused += 1,
+        }
     }
+    assert_eq!((held.len(), refused), (8, 32));
     // The address holds a quarter of the connections at most: another gets in.
     let status_url = format!(
         "{}/instances/{}/token/{}/status",
@@ -156,9 +157,58 @@ async fn one_address_keeping_requests_busy_cannot_take_every_connection() {
         .await
         .expect("answered");
     assert_eq!(response.status(), 200);
+
+    // Every connection busy, from four addresses: a newcomer hears so, and is closed.
+    for last in [3, 4, 5] {
+        for _ in 0..8 {
+            held.push(busy_from(&gw, [127, 0, 0, last]).await.expect("in flight"));
+        }
+    }
+    let from_six = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 6]))
+        .build()
+        .unwrap();
+    let response = from_six.get(&status_url).send().await.expect("answered");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap(),
+        json!({ "error": "The gateway is at its limit of HTTP connections; try again in a moment" })
+    );
     drop(held);
     gw.stop().await;
 }
+
+/// A connection from `ip` whose request is in flight: whole headers, then a body that
+/// never comes. Returned once the gateway has asked for the body (`100 Continue`), so
+/// its request is in flight for sure; `None` when the gateway answered 503 instead.
+async fn busy_from(gw: &common::Gateway, ip: [u8; 4]) -> Option<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+    let mut stream = socket.connect(address(gw).parse().unwrap()).await.unwrap();
+    stream.write_all(SLOW_BODY_EXPECTING).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "closed before the body was asked for"
+        );
+        answer.push(byte[0]);
+    }
+    if answer.starts_with(b"HTTP/1.1 503 ") {
+        return None;
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    Some(stream)
+}
+
+const SLOW_BODY_EXPECTING: &[u8] = b"POST /panel/sign-in HTTP/1.1\r\nHost: x\r\nexpect: 100-continue\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 60000\r\n\r\n";
 
 /// Reads from `stream` until the peer closes it; how long that took.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
