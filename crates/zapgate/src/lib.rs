@@ -101,25 +101,28 @@ pub async fn run(
     let listen_addr = listener
         .local_addr()
         .context("reading the listen address")?;
-    let app = api::router(api::AppState {
-        manager: manager.clone(),
-        store,
-        admin_token,
-        client_token: config.client_token.clone(),
-        panel: Default::default(),
-        shutdown: shutdown.clone(),
-        simulator: config.simulator.clone(),
-        public_url: config.public_url(),
-        listen_addr,
-        webhook_policy: api::WebhookPolicy {
-            allow_private: config.webhook_allow_private,
-        },
-        webhooks_due,
-        metrics,
-        failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
-        streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
-        trusted_proxies: config.trusted_proxies.clone().into(),
-    });
+    let app = api::router(
+        api::Shared {
+            manager: manager.clone(),
+            store,
+            admin_token,
+            client_token: config.client_token.clone(),
+            panel: Default::default(),
+            shutdown: shutdown.clone(),
+            simulator: config.simulator.clone(),
+            public_url: config.public_url(),
+            listen_addr,
+            webhook_policy: api::WebhookPolicy {
+                allow_private: config.webhook_allow_private,
+            },
+            webhooks_due,
+            metrics,
+            failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
+            streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
+            trusted_proxies: config.trusted_proxies.clone().into(),
+        }
+        .into(),
+    );
     // Said once the gateway holds its data directory and answers: what a supervisor
     // (and the tests) wait for.
     tracing::info!("zapgate listening on http://{}", listener.local_addr()?);

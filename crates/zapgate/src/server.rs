@@ -193,7 +193,7 @@ pub async fn serve(
         tracker.spawn(async move {
             // Made room for another: a moment to finish. The gateway stopping: what
             // the shutdown allows.
-            let closing = async {
+            let closing = async move {
                 tokio::select! {
                     () = evict.cancelled() => CLOSE_GRACE,
                     () = shutdown.cancelled() => SHUTDOWN_GRACE,
@@ -261,7 +261,7 @@ async fn serve_connection(
     app: Router,
     activity: Arc<Activity>,
     limits: &Limits,
-    closing: impl Future<Output = Duration>,
+    closing: impl Future<Output = Duration> + Send + 'static,
 ) {
     let in_flight = activity.clone();
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
@@ -286,29 +286,70 @@ async fn serve_connection(
     let connection =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
     let mut connection = pin!(connection);
-    let mut closing = pin!(closing);
-    let grace = loop {
-        let deadline = activity.deadline(limits);
-        tokio::select! {
-            _ = connection.as_mut() => return,
-            grace = closing.as_mut() => break grace,
-            // A request began: its header deadline counts from now.
-            () = activity.began.notified() => {}
-            () = tokio::time::sleep_until(deadline) => {
-                // Overdue with nothing in flight: headers too slow, or idle too long.
-                if activity.deadline(limits) <= Instant::now() && !activity.busy() {
-                    return;
-                }
-            }
-        }
+    // The deadlines and the calls to close are watched by a task of their own, so the
+    // connection's every wake-up polls one channel and nothing else.
+    let (close, mut closed) = tokio::sync::oneshot::channel();
+    let watch = AbortOnDrop(tokio::spawn(watch(
+        activity.clone(),
+        limits.clone(),
+        closing,
+        close,
+    )));
+    let grace = tokio::select! {
+        biased;
+        _ = connection.as_mut() => return,
+        grace = &mut closed => grace.unwrap_or(Duration::ZERO),
     };
+    drop(watch);
     // Told to close. With nothing in flight, at once: its file is wanted now.
-    if !activity.busy() {
+    if grace.is_zero() || !activity.busy() {
         return;
     }
     // A request in flight may finish, within the grace.
     connection.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(grace, connection).await;
+}
+
+/// Says when the connection is to close: at once (zero) when it is overdue with
+/// nothing in flight, its headers too slow or its idle too long; with a grace when it
+/// is made to close (`closing`). Wakes at the connection's deadline, and at least once
+/// per header time, so a request begun meanwhile is held to its header deadline within
+/// one more header time, without waking for every request.
+async fn watch(
+    activity: Arc<Activity>,
+    limits: Limits,
+    closing: impl Future<Output = Duration>,
+    close: tokio::sync::oneshot::Sender<Duration>,
+) {
+    let mut closing = pin!(closing);
+    let sleep = tokio::time::sleep(limits.header_timeout);
+    let mut sleep = pin!(sleep);
+    loop {
+        let now = Instant::now();
+        let deadline = activity.deadline(&limits);
+        if deadline <= now && !activity.busy() {
+            let _ = close.send(Duration::ZERO);
+            return;
+        }
+        let wake = deadline.max(now).min(now + limits.header_timeout);
+        sleep.as_mut().reset(wake);
+        tokio::select! {
+            grace = closing.as_mut() => {
+                let _ = close.send(grace);
+                return;
+            }
+            () = sleep.as_mut() => {}
+        }
+    }
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a connection is doing, as its reads and its requests tell.
@@ -322,8 +363,6 @@ struct Activity {
     /// Milliseconds from `opened` to when the last request ended; `u64::MAX` before
     /// any request.
     idle_since: AtomicU64,
-    /// Told when a request begins, so its header deadline is watched from then.
-    began: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -333,7 +372,6 @@ impl Activity {
             busy: AtomicUsize::new(0),
             request_began: AtomicU64::new(0),
             idle_since: AtomicU64::new(u64::MAX),
-            began: tokio::sync::Notify::new(),
         }
     }
 
@@ -371,7 +409,6 @@ impl Activity {
         if !self.busy() && self.request_began.load(Ordering::Acquire) == 0 {
             self.request_began
                 .store(self.now_ms() + 1, Ordering::Release);
-            self.began.notify_one();
         }
     }
 }

@@ -35,9 +35,27 @@ use crate::config::{REQUEST_TIMEOUT, Secret};
 use crate::instance::{LinkError, Manager};
 use crate::store::{Store, StoreError};
 
-/// Cheap handles shared by every request.
+/// What every request shares, behind one `Arc`: a request's handlers and middleware
+/// clone the state several times, and a clone is then one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl From<Shared> for AppState {
+    fn from(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+/// The gateway's handles and settings, as the API uses them.
+pub struct Shared {
     pub manager: Arc<Manager>,
     pub store: Arc<dyn Store>,
     pub admin_token: Secret,
