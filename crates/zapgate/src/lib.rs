@@ -119,7 +119,7 @@ pub async fn run(
             metrics,
             failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
             streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
-            trusted_proxies: config.trusted_proxies.clone().into(),
+            trusted_proxies: config.trusted_proxies.clone(),
         }
         .into(),
     );

@@ -583,4 +583,16 @@ mod tests {
         assert!(flood[1].2.is_cancelled());
         assert!(!newcomer.is_cancelled());
     }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let same: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let key = address_key;
+        assert_eq!(key(one), key(same));
+        assert_ne!(key(one), key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
 }

@@ -86,12 +86,7 @@ async fn a_link_the_database_cannot_record_is_undone_at_whatsapp() {
     .await
     .unwrap();
 
-    let (status, body) = world
-        .wa
-        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "the phone accepted: {body}");
+    world.phone_scans(&qr, PHONE).await;
     gw.log.wait_for("session deleted", 1).await;
     assert_eq!(
         gw.api.status(&inst).await,

@@ -87,12 +87,7 @@ async fn a_device_the_phone_removed_while_the_gateway_was_down_is_reported_unlin
     gw.stop().await;
 
     // The phone removes the device while the gateway is down.
-    let (status, body) = world
-        .wa
-        .post("unlink", json!({ "phone": PHONE }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_unlinks(PHONE).await;
 
     let gw = world.gateway_with(&env).await;
     gw.api
@@ -134,12 +129,7 @@ async fn disconnecting_a_device_whatsapp_already_removed_says_it_is_unlinked() {
     // the other stops, and the phone removes the device meanwhile.
     let (first, second, inst) = world.taken_over("removed", PHONE).await;
     second.stop().await;
-    let (status, body) = world
-        .wa
-        .post("unlink", json!({ "phone": PHONE }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_unlinks(PHONE).await;
 
     // WhatsApp refuses the login with a 401: the device is unlinked there already.
     assert_eq!(
@@ -188,12 +178,7 @@ async fn ghost(world: &World) -> (Instance, String) {
         .execute(&mut db)
         .await
         .unwrap();
-    let (status, body) = world
-        .wa
-        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_scans(&qr, PHONE).await;
     // Once the session holds the paired device, the gateway dies.
     let deadline = tokio::time::Instant::now() + common::CONNECT_WAIT;
     let device = loop {

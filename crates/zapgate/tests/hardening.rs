@@ -11,11 +11,11 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-/// A client from another address than the flood's (loopback is all of 127/8), opening
-/// a new connection per request.
-fn fresh_client() -> reqwest::Client {
+/// A client on loopback address 127.0.0.`last` (loopback is all of 127/8), opening a
+/// new connection per request: another address than the test's own (127.0.0.1).
+fn client_from(last: u8) -> reqwest::Client {
     reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .local_address(std::net::IpAddr::from([127, 0, 0, last]))
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(5))
         .build()
@@ -80,7 +80,7 @@ async fn a_flood_of_idle_and_slow_connections_neither_blocks_the_api_nor_takes_w
         "{}/instances/{}/token/{}/status",
         gw.api.base, inst.id, inst.token
     );
-    let http = fresh_client();
+    let http = client_from(2);
     // The API answers a client from elsewhere at once, not after the flood's headers
     // time out: the flooding address makes room from its own connections.
     for _ in 0..20 {
@@ -151,7 +151,7 @@ async fn one_address_keeping_requests_busy_cannot_take_every_connection() {
         "{}/instances/{}/token/{}/status",
         gw.api.base, inst.id, inst.token
     );
-    let response = fresh_client()
+    let response = client_from(2)
         .get(&status_url)
         .send()
         .await
@@ -164,10 +164,7 @@ async fn one_address_keeping_requests_busy_cannot_take_every_connection() {
             held.push(busy_from(&gw, [127, 0, 0, last]).await.expect("in flight"));
         }
     }
-    let from_six = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 6]))
-        .build()
-        .unwrap();
+    let from_six = client_from(6);
     let response = from_six.get(&status_url).send().await.expect("answered");
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
@@ -431,10 +428,7 @@ async fn guessing_tokens_in_parallel_is_stopped_per_address() {
     assert_eq!(sign_in.status(), 429);
 
     // Another address is not held back.
-    let other = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
+    let other = client_from(2);
     let response = other
         .get(format!("{}/instances", gw.api.base))
         .bearer_auth(ADMIN)
@@ -474,10 +468,7 @@ async fn behind_a_trusted_proxy_guesses_are_counted_by_the_forwarded_client() {
     // Another client behind the same proxy is not held back.
     assert_eq!(ask("198.51.100.8", ADMIN).await, 200);
     // A client's own X-Forwarded-For is not believed: it cannot dodge the limit.
-    let direct = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
+    let direct = client_from(2);
     for i in 0..11 {
         let status = direct
             .get(&instances)

@@ -250,12 +250,7 @@ async fn a_window_two_pages_asked_in_shows_neither_the_number() {
             .starts_with("data:image/png;base64,")
     );
     assert!(joined["expiresIn"].as_u64().unwrap() > 0);
-    let (status, body) = world
-        .wa
-        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_scans(&qr, PHONE).await;
     for events in [&mut first_events, &mut second_events] {
         let seen = until_connected(events).await;
         assert_eq!(seen.last().unwrap(), "connected null", "{seen:?}");
@@ -281,12 +276,7 @@ async fn no_link_page_is_made_while_the_number_is_linked() {
     let page = link_page(&gw, &inst).await;
     let (status, _, qr) = page_post(&gw, &page, "qr-code", None).await;
     assert_eq!(status, 200, "{qr}");
-    let (status, body) = world
-        .wa
-        .scan(qr["value"].as_str().unwrap(), Some(OTHER))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_scans(&qr, OTHER).await;
     gw.api.wait_connected(&inst).await;
     let (status, _, _) = page_post(&gw, &page, "qr-code", None).await;
     assert_eq!(status, 410);

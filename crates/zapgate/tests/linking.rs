@@ -246,12 +246,7 @@ async fn the_phone_unlinking_wipes_the_session() {
     let gw = world.gateway().await;
     let inst = world.linked_instance(&gw, "unlinked", PHONE).await;
 
-    let (status, _) = world
-        .wa
-        .post("unlink", json!({ "phone": PHONE }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    world.phone_unlinks(PHONE).await;
     gw.api
         .wait_status(&inst, "not connected", |s| *s == not_connected())
         .await;

@@ -564,12 +564,7 @@ async fn the_list_follows_every_instance_live() {
     browser
         .wait_for(&format!("{row}?.dataset.state === 'linking'"), WAIT)
         .await;
-    let (status, body) = world
-        .wa
-        .scan(qr["value"].as_str().unwrap(), Some(PHONE))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    world.phone_scans(&qr, PHONE).await;
     browser
         .wait_for(
             &format!(

@@ -143,15 +143,6 @@ async fn set_hooks(gw: &Gateway, inst: &Instance, receiver: &Receiver, prefix: &
     }
 }
 
-async fn unlink(world: &World, phone: &str) {
-    let (status, body) = world
-        .wa
-        .post("unlink", json!({ "phone": phone }))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-}
-
 #[tokio::test]
 async fn connects_and_disconnects_arrive_once_with_z_api_bodies_signed() {
     const PHONE: &str = "5511955550001";
@@ -199,7 +190,7 @@ async fn connects_and_disconnects_arrive_once_with_z_api_bodies_signed() {
     assert_eq!(got.event_id.len(), 32);
 
     // The phone unlinks it: a disconnect at once.
-    unlink(&world, PHONE).await;
+    world.phone_unlinks(PHONE).await;
     let disconnected = receiver.wait_delivered("disconnected", 1).await;
     let body = &disconnected[0].body;
     eprintln!(
@@ -244,7 +235,7 @@ async fn a_receiver_that_was_down_gets_every_event_in_order_and_a_kill_loses_non
     let inst = gw.api.create_instance("patient").await;
     set_hooks(&gw, &inst, &receiver, "").await;
     world.wa_link(&gw, &inst, PHONE).await;
-    unlink(&world, PHONE).await;
+    world.phone_unlinks(PHONE).await;
     // Both wait behind the first, which is retried while the receiver is down.
     let deadline = Instant::now() + WAIT;
     while receiver.got().iter().filter(|r| r.answered == 503).count() < 2 {

@@ -90,7 +90,13 @@ pub(super) fn body(
                 loop {
                     match receiver.recv().await {
                         Ok(event) if event.id <= seen => continue,
-                        Ok(event) if !shown(&event.kind, &view, &instance.snapshot()) => continue,
+                        Ok(event)
+                            if !shown(&event.kind, &view, |page| {
+                                instance.snapshot().pages_handed.contains(page)
+                            }) =>
+                        {
+                            continue;
+                        }
                         Ok(event) => {
                             let sent = vec![sse(event.id, &event.kind, &view)];
                             return Some((sent, (Some(receiver), event.id, instance)));
@@ -132,7 +138,7 @@ fn current(snapshot: &Snapshot, view: &View) -> Vec<Sse> {
         snapshot.pair_code.clone().map(EventKind::PairCode),
     ];
     for code in codes.into_iter().flatten() {
-        if shown(&code, view, snapshot) {
+        if shown(&code, view, |page| snapshot.pages_handed.contains(page)) {
             sent.push(sse(id, &code, view));
         }
     }
@@ -140,12 +146,11 @@ fn current(snapshot: &Snapshot, view: &View) -> Vec<Sse> {
 }
 
 /// Whether the reader sees the event: a link page sees a window's codes only once it
-/// was handed them (it asked), not those of a window someone else is linking with.
-fn shown(kind: &EventKind, view: &View, snapshot: &Snapshot) -> bool {
+/// was handed them (it asked, which `handed` tells, asked only then), not those of a
+/// window someone else is linking with.
+fn shown(kind: &EventKind, view: &View, handed: impl FnOnce(&Arc<str>) -> bool) -> bool {
     match (kind, view) {
-        (EventKind::Qr(_) | EventKind::PairCode(_), View::Page(page)) => {
-            snapshot.pages_handed.contains(page)
-        }
+        (EventKind::Qr(_) | EventKind::PairCode(_), View::Page(page)) => handed(page),
         _ => true,
     }
 }

@@ -277,8 +277,9 @@ async fn events(
     AxumState(state): AxumState<AppState>,
     Linkable(instance, token, _): Linkable,
 ) -> Result<Response, ApiError> {
-    let slot = state.streams.take(&format!("link/{}", hash(&token)))?;
-    let view = View::Page(hash(&token).into());
+    let page: std::sync::Arc<str> = hash(&token).into();
+    let slot = state.streams.take(&format!("link/{page}"))?;
+    let view = View::Page(page);
     let body = super::events::body(instance, state.shutdown.clone(), view);
     let dies = async move {
         loop {

@@ -82,7 +82,7 @@ pub struct Shared {
     /// Event streams open, in all and per instance or link page.
     pub streams: Arc<StreamSlots>,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Arc<[crate::config::Network]>,
+    pub trusted_proxies: Vec<crate::config::Network>,
 }
 
 /// Bodies above this are refused (no route takes more than a few fields).

@@ -315,13 +315,17 @@ impl TransportFactory for WatchedFactory {
             let mut frames = Frames::default();
             while let Ok(event) = events.recv().await {
                 match &event {
-                    TransportEvent::DataReceived(data) => {
+                    // Only whether the server said more than its hello matters:
+                    // past two frames, nothing more is counted.
+                    TransportEvent::DataReceived(data)
+                        if seen.frames.load(Ordering::Relaxed) < 2 =>
+                    {
                         seen.frames.fetch_add(frames.count(data), Ordering::Relaxed);
                     }
+                    TransportEvent::DataReceived(_) | TransportEvent::Connected => {}
                     TransportEvent::Disconnected(_) => {
                         seen.server_closed.store(true, Ordering::Relaxed)
                     }
-                    TransportEvent::Connected => {}
                 }
                 if tx.send(event).await.is_err() {
                     break;

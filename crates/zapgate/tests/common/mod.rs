@@ -123,10 +123,25 @@ impl World {
     pub async fn wa_link(&self, gw: &Gateway, inst: &Instance, phone: &str) {
         let (status, qr) = gw.api.qr_code(inst).await;
         assert_eq!(status, 200, "{qr}");
+        self.phone_scans(&qr, phone).await;
+        gw.api.wait_connected(inst).await;
+    }
+
+    /// `phone` scans the code of a `{"value"}` answer; wa-sim must accept it.
+    pub async fn phone_scans(&self, qr: &Value, phone: &str) {
         let qr = qr["value"].as_str().expect("a QR code");
         let (status, body) = self.wa.scan(qr, Some(phone)).await.unwrap();
+        assert_eq!(status, 200, "the phone accepted: {body}");
+    }
+
+    /// `phone` unlinks its devices, as from its settings.
+    pub async fn phone_unlinks(&self, phone: &str) {
+        let (status, body) = self
+            .wa
+            .post("unlink", json!({ "phone": phone }))
+            .await
+            .unwrap();
         assert_eq!(status, 200, "{body}");
-        gw.api.wait_connected(inst).await;
     }
 }
 
