@@ -91,6 +91,13 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_LINK_RATE_PER_MINUTE", default_value_t = 6)]
     pub link_rate_per_minute: u32,
 
+    /// The pause between two messages an instance sends, in milliseconds: one value or
+    /// a random range MIN-MAX. A message's own delayMessage replaces it. Z-API's
+    /// default, 1000-3000, paces a number like a person; 0 sends as fast as WhatsApp
+    /// acknowledges.
+    #[arg(long, env = "ZAPGATE_SEND_INTERVAL_MS", default_value = "1000-3000")]
+    pub send_interval_ms: crate::messaging::Pacing,
+
     /// Stored sessions reconnecting at once after a start (each waits for its login).
     #[arg(long, env = "ZAPGATE_RESTORE_CONCURRENCY", default_value_t = 16)]
     pub restore_concurrency: usize,

@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 mod data_lock;
 pub mod instance;
+pub mod messaging;
 pub mod metrics;
 pub mod phone;
 pub mod qr;
@@ -67,6 +68,15 @@ pub async fn run(
         .max_event_streams
         .unwrap_or(max_connections / 2)
         .max(1);
+    let messaging = messaging::Hub::new(
+        store.clone(),
+        webhooks_due.clone(),
+        messaging::MessagingConfig {
+            pacing: config.send_interval_ms,
+            ack_wait: messaging::ACK_WAIT,
+        },
+        shutdown.child_token(),
+    );
     let manager = Manager::start(
         store.clone(),
         ManagerConfig {
@@ -78,6 +88,7 @@ pub async fn run(
             restore_concurrency: config.restore_concurrency,
             webhooks_due: webhooks_due.clone(),
             max_sessions,
+            messaging: messaging.clone(),
         },
         shutdown.child_token(),
     )
@@ -104,6 +115,7 @@ pub async fn run(
     let app = api::router(
         api::Shared {
             manager: manager.clone(),
+            messaging: messaging.clone(),
             store,
             admin_token,
             client_token: config.client_token.clone(),
@@ -137,6 +149,7 @@ pub async fn run(
         .await
         .context("serving HTTP")?;
     manager.shutdown().await;
+    messaging.stopped().await;
     // Deliveries in flight get a moment; an event not settled stays in the outbox.
     deliveries.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.wait()).await;
@@ -265,6 +278,15 @@ pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
     writeln!(file, "{token}")?;
     tracing::info!(path = %path.display(), "generated an admin token (Authorization: Bearer <token in this file>)");
     Ok(Secret::new(token))
+}
+
+/// Random bytes as upper-case hex, as Z-API's ids and tokens look.
+pub(crate) fn random_hex(bytes: usize) -> String {
+    use rand::RngExt as _;
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02X}", rng.random::<u8>()))
+        .collect()
 }
 
 pub(crate) fn unix_millis() -> i64 {

@@ -25,6 +25,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/device", get(device))
         .route("/integrator/on-demand/cancel", post(partner::cancel))
         .merge(super::webhooks::routes())
+        .merge(super::messages::routes())
 }
 
 const NOT_CONNECTED: &str = "You are not connected.";

@@ -6,6 +6,7 @@ mod events;
 mod instance;
 mod limits;
 mod link_page;
+mod messages;
 mod panel;
 mod partner;
 mod webhooks;
@@ -57,6 +58,7 @@ impl From<Shared> for AppState {
 /// The gateway's handles and settings, as the API uses them.
 pub struct Shared {
     pub manager: Arc<Manager>,
+    pub messaging: Arc<crate::messaging::Hub>,
     pub store: Arc<dyn Store>,
     pub admin_token: Secret,
     pub client_token: Option<Secret>,

@@ -21,6 +21,7 @@ use super::session::{ClientFactory, Running, Signal, SignalKind};
 use super::state::{self, Action, Input, State};
 use super::work::{self, StartError, Work};
 use super::{Cause, Device, InstanceHandle, LinkError, Problem, Requester, Snapshot, Unlinked};
+use crate::messaging::Line;
 use crate::store::{InstanceRecord, Link, Store};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, LinkError>>;
@@ -129,6 +130,8 @@ pub(super) struct Actor {
     /// A connection webhook to write at a time, if still true then: a disconnect at
     /// the end of a drop's grace, or one whose write failed, tried again.
     announce_at: Option<(Instant, bool)>,
+    /// Whether messages can go out, for the instance's sender.
+    line: watch::Sender<Line>,
 }
 
 /// Starts the task of one instance. A cancelled record's task finishes the cancel.
@@ -183,12 +186,17 @@ pub(crate) fn spawn(
         published: Published::new(&record.id),
         announced: None,
         announce_at: None,
+        line: watch::channel(Line::Down).0,
     };
+    let line = actor.line.subscribe();
     if actor.link.is_some() {
         actor.state = actor.stored_session_state(session_found);
     }
     // Published before anyone can ask: the first /status already tells the truth.
     actor.publish();
+    ctx.factory
+        .messaging
+        .open_lane(&record.id, line, shutdown.child_token());
     ctx.tracker.spawn(actor.run(shutdown));
     InstanceHandle {
         record,
@@ -386,7 +394,7 @@ impl Actor {
             )
         };
         let event = crate::store::WebhookEvent {
-            event_id: super::manager::random_hex(16),
+            event_id: crate::random_hex(16),
             instance_id: id.clone(),
             kind,
             body: body.to_string(),
@@ -525,6 +533,7 @@ impl Actor {
                 tracing::error!(instance.id = %self.record.id, outcome = ?failed, "could not delete the cancelled instance; the next start finishes it")
             }
         }
+        self.ctx.factory.messaging.close_lane(&self.record.id);
         let outcome = self.cancelled.take().unwrap_or(Unlinked::Told);
         for reply in self.unlinks.drain(..) {
             let _ = reply.send(Ok(outcome.clone()));
@@ -837,6 +846,16 @@ impl Actor {
                 s.socket_up = false;
             }
         });
+        let line = match (self.state, &self.link, &self.client) {
+            (State::Connected, Some(_), Some(running)) => Line::Up(running.client.clone()),
+            (
+                State::Connected | State::Reconnecting | State::Stopped | State::SessionMissing,
+                Some(_),
+                _,
+            ) => Line::Down,
+            _ => Line::Unlinked,
+        };
+        Line::publish(&self.line, line);
         for event in events {
             // Nobody listening is fine: the snapshot holds the same.
             let _ = self.ctx.bus.send(event.clone());

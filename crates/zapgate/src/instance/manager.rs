@@ -45,6 +45,7 @@ pub struct ManagerConfig {
     pub webhooks_due: Arc<tokio::sync::Notify>,
     /// Sessions that may run at once (what the open-file limit leaves room for).
     pub max_sessions: usize,
+    pub messaging: Arc<crate::messaging::Hub>,
 }
 
 impl Manager {
@@ -65,6 +66,7 @@ impl Manager {
                 version: config.whatsapp_version,
                 learnt: Default::default(),
                 tracker: tracker.clone(),
+                messaging: config.messaging,
             },
             store: store.clone(),
             link_wait: config.link_wait,
@@ -163,8 +165,8 @@ impl Manager {
     pub async fn create(&self, new: NewInstance) -> Result<InstanceHandle, StoreError> {
         let now = crate::unix_millis();
         let record = InstanceRecord {
-            id: random_hex(16),
-            token: random_hex(12),
+            id: crate::random_hex(16),
+            token: crate::random_hex(12),
             name: new.name,
             session_name: new.session_name,
             webhooks: new.webhooks,
@@ -306,25 +308,18 @@ async fn restore_paced(
     }
 }
 
-pub(super) fn random_hex(bytes: usize) -> String {
-    let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02X}", rng.random::<u8>()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn ids_are_upper_case_hex_of_the_zapi_lengths() {
-        let id = super::random_hex(16);
-        let token = super::random_hex(12);
+        let id = crate::random_hex(16);
+        let token = crate::random_hex(12);
         assert_eq!((id.len(), token.len()), (32, 24));
         assert!(
             id.chars()
                 .chain(token.chars())
                 .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
         );
-        assert_ne!(id, super::random_hex(16));
+        assert_ne!(id, crate::random_hex(16));
     }
 }

@@ -73,6 +73,8 @@ pub(crate) struct ClientFactory {
     /// The last version learnt (or why not), and when.
     pub(crate) learnt: AsyncMutex<Option<(Result<Version, String>, Instant)>>,
     pub(crate) tracker: TaskTracker,
+    /// Sends and receives messages for the clients of instances.
+    pub(crate) messaging: Arc<crate::messaging::Hub>,
 }
 
 /// A started client. It holds its instance's session lock until it is stopped, so two
@@ -193,6 +195,20 @@ impl ClientFactory {
                         .await;
                 }
             });
+        // The clients of instances (not those removing set-aside devices) carry
+        // messages: received ones are recorded before they are acknowledged.
+        if self.messaging.lane(instance).is_some() {
+            let (hub, name) = (self.messaging.clone(), instance.to_owned());
+            builder = builder
+                .with_inbound_durability_hook(crate::messaging::Hook {
+                    hub: hub.clone(),
+                    instance: name.clone(),
+                })
+                .on_event_for(crate::messaging::MESSAGE_EVENTS, move |event, client| {
+                    let (hub, name) = (hub.clone(), name.clone());
+                    async move { hub.on_event(&name, &event, &client).await }
+                });
+        }
         if let Some(version) = version.or(self.version) {
             builder = builder.with_version(version);
         }
@@ -202,6 +218,8 @@ impl ClientFactory {
             .context("building the WhatsApp client")?;
         let handle = bot.spawn();
         let client = handle.client();
+        // Delivery receipts say "delivered" (not "inactive"): a gateway is always at work.
+        client.set_force_active_delivery_receipts(true);
         let ended = CancellationToken::new();
         let (waiting, socket, stopped) = (client.clone(), signals.clone(), ended.clone());
         self.tracker.spawn(async move {

@@ -1,6 +1,7 @@
 //! Persistence of the instance registry behind a narrow, domain-shaped trait.
 //! SQLite is the default backend; the URL scheme picks the backend.
 
+mod messages;
 mod session_import;
 mod session_keys;
 mod sessions;
@@ -10,6 +11,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use messages::{
+    Enqueued, Inbound, MessageStore, NewOutbound, Outbound, RECEIVED_BACKLOG, Status,
+};
 pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions, TO_UNLINK};
 pub use sqlite::SqliteStore;
 
@@ -25,6 +29,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("importing a session file: {0}")]
     Import(String),
+    #[error("instance {0} has too many webhook events waiting to record more messages")]
+    Backlog(String),
 }
 
 impl StoreError {
@@ -169,7 +175,7 @@ pub struct Page {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: MessageStore + Send + Sync + 'static {
     async fn insert_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError>;
     /// Every instance, oldest first, cancelled ones included (start-up finishes them).
     async fn all_instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;

@@ -14,7 +14,7 @@ use super::{
 };
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -347,6 +347,10 @@ impl Store for SqliteStore {
         for statement in [
             "UPDATE instances SET connected_callback_url = NULL WHERE id = ? AND connected_callback_url = ?",
             "UPDATE instances SET disconnected_callback_url = NULL WHERE id = ? AND disconnected_callback_url = ?",
+            "UPDATE instances SET received_callback_url = NULL WHERE id = ? AND received_callback_url = ?",
+            "UPDATE instances SET received_delivery_callback_url = NULL WHERE id = ? AND received_delivery_callback_url = ?",
+            "UPDATE instances SET delivery_callback_url = NULL WHERE id = ? AND delivery_callback_url = ?",
+            "UPDATE instances SET message_status_callback_url = NULL WHERE id = ? AND message_status_callback_url = ?",
         ] {
             sqlx::query(statement)
                 .bind(instance_id)
@@ -515,10 +519,15 @@ impl Store for SqliteStore {
     }
 
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM instances WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        for statement in [
+            "DELETE FROM outbound_messages WHERE instance_id = ?",
+            "DELETE FROM inbound_messages WHERE instance_id = ?",
+            "DELETE FROM instances WHERE id = ?",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -1,0 +1,324 @@
+//! One task per instance sends its queue, oldest first, one message at a time: each
+//! waits for WhatsApp's ack before the next leaves, so messages arrive in the order
+//! they were queued. A message is marked on its way before it goes on the wire; one
+//! without an ack (a drop, a crash) is sent again with the same WhatsApp id, which
+//! WhatsApp drops as a duplicate if the first one arrived.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use whatsapp_rust::Jid;
+use whatsapp_rust::client::Client;
+use whatsapp_rust::proto_helpers::MessageBuilderExt as _;
+use whatsapp_rust::send::{EditOptions, SendOptions};
+use whatsapp_rust::waproto::whatsapp as wa;
+
+use super::zapi::{self, errors};
+use super::{Hub, Lane, Line};
+use crate::store::{Outbound, Status, StoreError};
+
+/// Attempts at one message before it is given up with "Timeout on send message".
+const MAX_ATTEMPTS: i64 = 8;
+/// With nothing queued, the queue is looked at again after this (a new message wakes
+/// the sender at once).
+const IDLE: Duration = Duration::from_secs(30);
+/// After a failure to reach WhatsApp or the database.
+const BACKOFF: Duration = Duration::from_secs(2);
+/// How long an answer about a number is believed.
+const KNOWN_ON_WHATSAPP: Duration = Duration::from_secs(24 * 3600);
+const KNOWN_NOT_ON_WHATSAPP: Duration = Duration::from_secs(3600);
+/// Numbers remembered per instance before the memory starts again.
+const KNOWN_MAX: usize = 10_000;
+
+enum Step {
+    /// Look at the queue again now.
+    Again,
+    /// Wait for a wake-up, a change of line, or this long.
+    Wait(Duration),
+}
+
+/// What the sender keeps between messages.
+struct Sender {
+    hub: Arc<Hub>,
+    lane: Arc<Lane>,
+    /// When the last message was taken by WhatsApp.
+    last_sent: Option<Instant>,
+    /// The pause chosen before a message (by its queue position), once chosen.
+    pause: Option<(i64, Instant)>,
+    /// Numbers asked about: the account's id, or `None` when not on WhatsApp.
+    known: HashMap<String, (Option<Jid>, Instant)>,
+}
+
+pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationToken) {
+    let mut line = lane.line.clone();
+    let stop = lane.stop.clone();
+    let mut sender = Sender {
+        hub,
+        lane,
+        last_sent: None,
+        pause: None,
+        known: HashMap::new(),
+    };
+    loop {
+        let current = line.borrow_and_update().clone();
+        let step = match current {
+            Line::Unlinked => sender.fail_all().await,
+            Line::Down => Step::Wait(IDLE),
+            Line::Up(client) => sender.next(&client).await,
+        };
+        let wait = match step {
+            Step::Again => continue,
+            Step::Wait(wait) => wait,
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
+            changed = line.changed() => if changed.is_err() { return },
+            () = sender.lane.wake.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+impl Sender {
+    fn instance(&self) -> &str {
+        &self.lane.instance
+    }
+
+    /// Sends the head of the queue, if there is one and its pause is over.
+    async fn next(&mut self, client: &Arc<Client>) -> Step {
+        let head = match self.hub.store.queue_head(self.instance()).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return Step::Wait(IDLE),
+            Err(e) => return self.store_failed(e),
+        };
+        if let Some(wait) = self.pause_before(&head) {
+            return Step::Wait(wait);
+        }
+        let jid = match self.account_of(client, &head.phone).await {
+            Ok(Some(jid)) => jid,
+            Ok(None) => return self.fail(&head, errors::NOT_ON_WHATSAPP).await,
+            Err(why) => {
+                tracing::info!(instance.id = %self.instance(), error = %why, "could not ask whether a number is on WhatsApp; trying again");
+                return Step::Wait(BACKOFF);
+            }
+        };
+        if head.attempts == 0 && head.typing_ms > 0 {
+            let _ = client.chatstate().send_composing(&jid).await;
+            tokio::time::sleep(Duration::from_millis(head.typing_ms as u64)).await;
+        }
+        let message = self.content(client, &head).await;
+        let ack = self.lane.expect_ack(&head.message_id);
+        if let Err(e) = self.hub.store.message_sending(head.seq).await {
+            self.lane.forget_ack(&head.message_id);
+            return self.store_failed(e);
+        }
+        let sent = match &head.edit_of {
+            Some(original) => client
+                .edit_message_with_options(
+                    jid.clone(),
+                    original.clone(),
+                    message,
+                    EditOptions::default().with_stanza_id(&head.message_id),
+                )
+                .await
+                .map(|_| ()),
+            None => client
+                .send_message_with_options(
+                    jid.clone(),
+                    message,
+                    SendOptions::default().with_message_id(&head.message_id),
+                )
+                .await
+                .map(|_| ()),
+        };
+        if let Err(e) = sent {
+            self.lane.forget_ack(&head.message_id);
+            tracing::warn!(instance.id = %self.instance(), message.id = %head.message_id, error = %e, "a message could not be sent");
+            if head.attempts + 1 >= MAX_ATTEMPTS {
+                return self.fail(&head, errors::FAILED).await;
+            }
+            return Step::Wait(BACKOFF);
+        }
+        let mut line = self.lane.line.clone();
+        let acked = tokio::select! {
+            acked = tokio::time::timeout(self.hub.config.ack_wait, ack) => acked.ok().and_then(Result::ok),
+            // A drop before the ack: sent again once connected.
+            _ = line.changed() => None,
+        };
+        match acked {
+            Some(None) => self.sent(&head).await,
+            Some(Some(code)) => {
+                tracing::warn!(instance.id = %self.instance(), message.id = %head.message_id, code, "WhatsApp refused a message");
+                self.fail(&head, zapi::refusal(&code)).await
+            }
+            None => {
+                self.lane.forget_ack(&head.message_id);
+                if head.attempts + 1 >= MAX_ATTEMPTS {
+                    return self.fail(&head, errors::TIMEOUT).await;
+                }
+                tracing::info!(instance.id = %self.instance(), message.id = %head.message_id, "no ack from WhatsApp; the message goes again with the same id");
+                Step::Again
+            }
+        }
+    }
+
+    /// How long the head must still wait after the previous message: its own
+    /// `delayMessage`, or the gateway's pacing. A first try only; a message whose
+    /// earlier try went out is not paused again.
+    fn pause_before(&mut self, head: &Outbound) -> Option<Duration> {
+        let last = self.last_sent?;
+        if head.attempts > 0 {
+            return None;
+        }
+        let not_before = match self.pause {
+            Some((seq, at)) if seq == head.seq => at,
+            _ => {
+                let pause = match head.delay_ms {
+                    Some(ms) => Duration::from_millis(ms.max(0) as u64),
+                    None => self.hub.config.pacing.pick(),
+                };
+                let at = last + pause;
+                self.pause = Some((head.seq, at));
+                at
+            }
+        };
+        let now = Instant::now();
+        (not_before > now).then(|| not_before - now)
+    }
+
+    /// The account behind a number, asked of WhatsApp (and remembered): the id it
+    /// answers with (which may differ from the number as given), or `None` when the
+    /// number is not on WhatsApp.
+    async fn account_of(&mut self, client: &Client, phone: &str) -> Result<Option<Jid>, String> {
+        if let Some(lid) = phone.strip_suffix("@lid") {
+            return Ok(Some(Jid::lid(lid)));
+        }
+        if let Some((answer, until)) = self.known.get(phone) {
+            if *until > Instant::now() {
+                return Ok(answer.clone());
+            }
+        }
+        let asked = client
+            .contacts()
+            .is_on_whatsapp(&[Jid::pn(phone)])
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = asked
+            .into_iter()
+            .find(|r| r.is_registered)
+            .map(|r| r.pn_jid.unwrap_or(r.jid));
+        let keep = match answer {
+            Some(_) => KNOWN_ON_WHATSAPP,
+            None => KNOWN_NOT_ON_WHATSAPP,
+        };
+        if self.known.len() >= KNOWN_MAX {
+            self.known.clear();
+        }
+        self.known
+            .insert(phone.to_owned(), (answer.clone(), Instant::now() + keep));
+        Ok(answer)
+    }
+
+    /// The message itself: its text, quoting the message it answers when we know it.
+    async fn content(&self, client: &Client, head: &Outbound) -> wa::Message {
+        let Some(quoted_id) = &head.reply_to else {
+            return wa::Message::text(head.text.clone());
+        };
+        let store = &self.hub.store;
+        let quoted = match store.outbound_by_id(self.instance(), quoted_id).await {
+            Ok(Some(ours)) => Some((client.pn().map(|j| j.to_non_ad().to_string()), ours.text)),
+            _ => match store.inbound_text(self.instance(), quoted_id).await {
+                Ok(Some((sender, text))) => Some((Some(sender), text)),
+                _ => None,
+            },
+        };
+        let mut context = wa::ContextInfo {
+            stanza_id: Some(quoted_id.clone()),
+            ..Default::default()
+        };
+        if let Some((participant, text)) = quoted {
+            context.participant = participant;
+            context.quoted_message =
+                whatsapp_rust::buffa::MessageField::some(wa::Message::text(text));
+        }
+        wa::Message::text_with_context(head.text.clone(), context)
+    }
+
+    /// WhatsApp took the message: DeliveryCallback, and status SENT.
+    async fn sent(&mut self, head: &Outbound) -> Step {
+        let (id, now) = (self.instance().to_owned(), crate::unix_millis());
+        let delivery = zapi::delivery(&id, &head.phone, &head.zaap_id, &head.message_id, None, now);
+        let status = zapi::status(
+            &id,
+            Status::Sent,
+            &[head.message_id.clone()],
+            &head.phone,
+            now,
+        );
+        self.last_sent = Some(Instant::now());
+        match self
+            .hub
+            .store
+            .message_sent(head.seq, now, &delivery, &status)
+            .await
+        {
+            Ok(()) => {
+                self.hub.webhooks_due.notify_one();
+                Step::Again
+            }
+            // Sent again later with the same id: a duplicate WhatsApp drops.
+            Err(e) => self.store_failed(e),
+        }
+    }
+
+    /// The message will never leave: DeliveryCallback with Z-API's error text.
+    async fn fail(&mut self, head: &Outbound, error: &str) -> Step {
+        let (id, now) = (self.instance().to_owned(), crate::unix_millis());
+        let delivery = zapi::delivery(
+            &id,
+            &head.phone,
+            &head.zaap_id,
+            &head.message_id,
+            Some(error),
+            now,
+        );
+        tracing::warn!(instance.id = %id, message.id = %head.message_id, error, "a message was not sent");
+        match self
+            .hub
+            .store
+            .message_failed(head.seq, error, &[delivery])
+            .await
+        {
+            Ok(()) => {
+                self.hub.webhooks_due.notify_one();
+                Step::Again
+            }
+            Err(e) => self.store_failed(e),
+        }
+    }
+
+    /// The number was unlinked: what waited will never leave from it (nor from a
+    /// number linked later).
+    async fn fail_all(&mut self) -> Step {
+        loop {
+            match self.hub.store.queue_head(self.instance()).await {
+                Ok(Some(head)) => {
+                    if let Step::Wait(wait) = self.fail(&head, errors::UNLINKED).await {
+                        return Step::Wait(wait);
+                    }
+                }
+                Ok(None) => return Step::Wait(IDLE),
+                Err(e) => return self.store_failed(e),
+            }
+        }
+    }
+
+    fn store_failed(&self, e: StoreError) -> Step {
+        tracing::error!(instance.id = %self.instance(), error = %e, "the message queue could not be read or written; trying again");
+        Step::Wait(BACKOFF)
+    }
+}

@@ -1,0 +1,634 @@
+//! Messages: each instance's queue of messages to send and what became of them, the
+//! messages received, and the webhook events of both, written in the same transaction
+//! as the change they announce.
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{SqliteStore, StoreError, WebhookEvent, WebhookKind};
+
+/// A message to send, as the API accepted it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewOutbound {
+    pub zaap_id: String,
+    pub instance_id: String,
+    /// The WhatsApp id, minted now and used for every attempt.
+    pub message_id: String,
+    pub phone: String,
+    pub text: String,
+    pub reply_to: Option<String>,
+    pub edit_of: Option<String>,
+    pub delay_ms: Option<i64>,
+    pub typing_ms: i64,
+    /// The caller's `Idempotency-Key` and the SHA-256 of its request.
+    pub idempotency: Option<(String, String)>,
+    pub created_at: i64,
+}
+
+/// A message of an instance's queue, or sent from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    pub seq: i64,
+    pub zaap_id: String,
+    pub instance_id: String,
+    pub message_id: String,
+    pub phone: String,
+    pub text: String,
+    pub reply_to: Option<String>,
+    pub edit_of: Option<String>,
+    pub delay_ms: Option<i64>,
+    pub typing_ms: i64,
+    pub state: String,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub sent_at: Option<i64>,
+}
+
+/// How a message was taken into the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    New(Outbound),
+    /// The same request came again with its idempotency key: the message it made.
+    Replayed(Outbound),
+    /// The key was used for another request.
+    KeyReused,
+    /// The instance has as many messages waiting as it may.
+    Full,
+}
+
+/// Where a message's status stands, in the order statuses may only go forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Sent,
+    Received,
+    Read,
+    Played,
+}
+
+impl Status {
+    pub fn state(self) -> &'static str {
+        match self {
+            Status::Sent => "sent",
+            Status::Received => "received",
+            Status::Read => "read",
+            Status::Played => "played",
+        }
+    }
+
+    /// The states a message may be in for this status to move it forward.
+    fn before(self) -> &'static [&'static str] {
+        match self {
+            Status::Sent => &["queued", "sending"],
+            Status::Received => &["sending", "sent"],
+            Status::Read => &["sending", "sent", "received"],
+            Status::Played => &["sending", "sent", "received", "read"],
+        }
+    }
+}
+
+/// A message received, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    pub instance_id: String,
+    pub chat: String,
+    pub sender: String,
+    pub message_id: String,
+    /// Not decrypted yet: WhatsApp was asked to send it again.
+    pub waiting: bool,
+    pub text: Option<String>,
+    pub from_me: bool,
+    pub sent_at: i64,
+    /// Its ReceivedCallback, if the instance has a URL for it.
+    pub event: Option<WebhookEvent>,
+}
+
+/// Pending webhook events of one instance past which a received message is not
+/// recorded (WhatsApp keeps it and sends it again later) rather than another event
+/// being dropped.
+pub const RECEIVED_BACKLOG: i64 = 100_000;
+/// Pending status events (delivery and status callbacks) kept per instance; past it the
+/// oldest of them are dropped, counted as `dropped`.
+pub(super) const STATUS_BACKLOG: i64 = 20_000;
+
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Queues a message unless `max_pending` are already waiting; a known idempotency
+    /// key gives back the message it made.
+    async fn enqueue_message(
+        &self,
+        message: &NewOutbound,
+        max_pending: i64,
+    ) -> Result<Enqueued, StoreError>;
+    /// The first message of the instance's queue.
+    async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError>;
+    /// Instances with messages waiting.
+    async fn instances_with_queue(&self) -> Result<Vec<String>, StoreError>;
+    /// One page (1-based) of the instance's queue, and how many wait in all.
+    async fn queue_page(
+        &self,
+        instance_id: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<(Vec<Outbound>, u64), StoreError>;
+    /// Removes queued messages not yet on their way (one, or all); how many.
+    async fn delete_queued(
+        &self,
+        instance_id: &str,
+        zaap_id: Option<&str>,
+    ) -> Result<u64, StoreError>;
+    /// The message is going on the wire: its attempts count one more.
+    async fn message_sending(&self, seq: i64) -> Result<(), StoreError>;
+    /// WhatsApp took the message (its ack), with its DeliveryCallback and, unless a
+    /// receipt already moved it further, its status event, in the same transaction.
+    async fn message_sent(
+        &self,
+        seq: i64,
+        at: i64,
+        delivery: &WebhookEvent,
+        status: &WebhookEvent,
+    ) -> Result<(), StoreError>;
+    /// The message will never be sent: why, and its events.
+    async fn message_failed(
+        &self,
+        seq: i64,
+        error: &str,
+        events: &[WebhookEvent],
+    ) -> Result<(), StoreError>;
+    /// A receipt for the instance's messages `ids` to `chat_phone` (digits; `None`:
+    /// any chat): moves those it advances to `status` and writes, in the same
+    /// transaction, the event `event` makes of the ids it moved and their phone.
+    async fn message_status(
+        &self,
+        instance_id: &str,
+        ids: &[String],
+        status: Status,
+        at: i64,
+        event: &(dyn for<'x> Fn(&'x [String], &'x str) -> WebhookEvent + Sync),
+    ) -> Result<usize, StoreError>;
+    /// A message of ours, by its WhatsApp id.
+    async fn outbound_by_id(
+        &self,
+        instance_id: &str,
+        message_id: &str,
+    ) -> Result<Option<Outbound>, StoreError>;
+    /// Records received messages and their events, all or nothing; a message already
+    /// recorded is skipped with its event. Returns how many were new.
+    async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError>;
+    /// The text of a message received, by its WhatsApp id (for quoting it).
+    async fn inbound_text(
+        &self,
+        instance_id: &str,
+        message_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError>;
+    /// `(auto_read_message, disable_enqueue_when_disconnected)`.
+    async fn message_settings(&self, instance_id: &str) -> Result<(bool, bool), StoreError>;
+    async fn set_auto_read(&self, instance_id: &str, on: bool) -> Result<bool, StoreError>;
+    async fn set_enqueue_when_disconnected(
+        &self,
+        instance_id: &str,
+        disabled: bool,
+    ) -> Result<bool, StoreError>;
+}
+
+macro_rules! outbound_columns {
+    () => {
+        "seq, zaap_id, instance_id, message_id, phone, text, reply_to, edit_of, delay_ms, \
+         typing_ms, state, attempts, error, created_at, sent_at"
+    };
+}
+
+fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
+    Ok(Outbound {
+        seq: row.try_get("seq")?,
+        zaap_id: row.try_get("zaap_id")?,
+        instance_id: row.try_get("instance_id")?,
+        message_id: row.try_get("message_id")?,
+        phone: row.try_get("phone")?,
+        text: row.try_get("text")?,
+        reply_to: row.try_get("reply_to")?,
+        edit_of: row.try_get("edit_of")?,
+        delay_ms: row.try_get("delay_ms")?,
+        typing_ms: row.try_get("typing_ms")?,
+        state: row.try_get("state")?,
+        attempts: row.try_get("attempts")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        sent_at: row.try_get("sent_at")?,
+    })
+}
+
+/// Writes a webhook event of a message kind if the instance has a URL for it; returns
+/// whether it did. Status events past [`STATUS_BACKLOG`] drop the oldest of theirs.
+pub(super) async fn write_message_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    event: &WebhookEvent,
+) -> Result<bool, StoreError> {
+    let (kind, url) = match event.kind {
+        WebhookKind::Received => (
+            "received",
+            "COALESCE(received_callback_url, received_delivery_callback_url)",
+        ),
+        WebhookKind::Delivery => (
+            "delivery",
+            "COALESCE(delivery_callback_url, received_delivery_callback_url)",
+        ),
+        WebhookKind::MessageStatus => ("message-status", "message_status_callback_url"),
+        _ => return Ok(false),
+    };
+    let statement = format!(
+        "INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, created_at, \
+         next_attempt_at) SELECT ?1, id, ?2, {url}, ?3, ?4, ?4 FROM instances \
+         WHERE id = ?5 AND {url} IS NOT NULL"
+    );
+    let written = sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(&event.event_id)
+        .bind(kind)
+        .bind(&event.body)
+        .bind(event.created_at)
+        .bind(&event.instance_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+        == 1;
+    if written && event.kind != WebhookKind::Received {
+        sqlx::query(
+            "UPDATE webhook_outbox SET done_at = ?1, outcome = 'dropped' WHERE seq IN \
+             (SELECT seq FROM webhook_outbox WHERE instance_id = ?2 AND done_at IS NULL \
+              AND kind IN ('delivery', 'message-status') ORDER BY seq DESC LIMIT -1 OFFSET ?3)",
+        )
+        .bind(event.created_at)
+        .bind(&event.instance_id)
+        .bind(STATUS_BACKLOG)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(written)
+}
+
+async fn write_events(
+    tx: &mut Transaction<'_, Sqlite>,
+    events: &[WebhookEvent],
+) -> Result<(), StoreError> {
+    for event in events {
+        write_message_event(tx, event).await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl MessageStore for SqliteStore {
+    async fn enqueue_message(
+        &self,
+        m: &NewOutbound,
+        max_pending: i64,
+    ) -> Result<Enqueued, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some((key, hash)) = &m.idempotency {
+            let earlier = sqlx::query(concat!(
+                "SELECT ",
+                outbound_columns!(),
+                ", request_hash FROM outbound_messages WHERE instance_id = ? AND idempotency_key = ?"
+            ))
+            .bind(&m.instance_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = earlier {
+                let same: Option<String> = row.try_get("request_hash")?;
+                return Ok(match same.as_deref() == Some(hash.as_str()) {
+                    true => Enqueued::Replayed(outbound(&row)?),
+                    false => Enqueued::KeyReused,
+                });
+            }
+        }
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ? \
+             AND state IN ('queued', 'sending')",
+        )
+        .bind(&m.instance_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if pending >= max_pending {
+            return Ok(Enqueued::Full);
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
+             reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
+            outbound_columns!()
+        ))
+        .bind(&m.zaap_id)
+        .bind(&m.instance_id)
+        .bind(&m.message_id)
+        .bind(&m.phone)
+        .bind(&m.text)
+        .bind(&m.reply_to)
+        .bind(&m.edit_of)
+        .bind(m.delay_ms)
+        .bind(m.typing_ms)
+        .bind(m.idempotency.as_ref().map(|(k, _)| k))
+        .bind(m.idempotency.as_ref().map(|(_, h)| h))
+        .bind(m.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        let queued = outbound(&row)?;
+        tx.commit().await?;
+        Ok(Enqueued::New(queued))
+    }
+
+    async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            outbound_columns!(),
+            " FROM outbound_messages WHERE instance_id = ? AND state IN ('queued', 'sending') \
+             ORDER BY seq LIMIT 1"
+        ))
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(outbound).transpose()?)
+    }
+
+    async fn instances_with_queue(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT instance_id FROM outbound_messages \
+             WHERE state IN ('queued', 'sending')",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn queue_page(
+        &self,
+        instance_id: &str,
+        page: u32,
+        page_size: u32,
+    ) -> Result<(Vec<Outbound>, u64), StoreError> {
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ? \
+             AND state IN ('queued', 'sending')",
+        )
+        .bind(instance_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outbound_columns!(),
+            " FROM outbound_messages WHERE instance_id = ? AND state IN ('queued', 'sending') \
+             ORDER BY seq LIMIT ? OFFSET ?"
+        ))
+        .bind(instance_id)
+        .bind(i64::from(page_size))
+        .bind(i64::from(page.saturating_sub(1)) * i64::from(page_size))
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows.iter().map(outbound).collect::<Result<_, _>>()?;
+        Ok((items, total as u64))
+    }
+
+    async fn delete_queued(
+        &self,
+        instance_id: &str,
+        zaap_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM outbound_messages WHERE instance_id = ?1 AND state = 'queued' \
+             AND (?2 IS NULL OR zaap_id = ?2)",
+        )
+        .bind(instance_id)
+        .bind(zaap_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn message_sending(&self, seq: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbound_messages SET state = 'sending', attempts = attempts + 1 \
+             WHERE seq = ? AND state IN ('queued', 'sending')",
+        )
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn message_sent(
+        &self,
+        seq: i64,
+        at: i64,
+        delivery: &WebhookEvent,
+        status: &WebhookEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT state FROM outbound_messages WHERE seq = ? AND sent_at IS NULL \
+             AND state NOT IN ('queued', 'failed')",
+        )
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(before) = before {
+            sqlx::query(
+                "UPDATE outbound_messages SET sent_at = ?, error = NULL, \
+                 state = CASE state WHEN 'sending' THEN 'sent' ELSE state END WHERE seq = ?",
+            )
+            .bind(at)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            write_message_event(&mut tx, delivery).await?;
+            if before == "sending" {
+                write_message_event(&mut tx, status).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn message_failed(
+        &self,
+        seq: i64,
+        error: &str,
+        events: &[WebhookEvent],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE outbound_messages SET state = 'failed', error = ? \
+             WHERE seq = ? AND state IN ('queued', 'sending')",
+        )
+        .bind(error)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 1 {
+            write_events(&mut tx, events).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn message_status(
+        &self,
+        instance_id: &str,
+        ids: &[String],
+        status: Status,
+        at: i64,
+        event: &(dyn for<'x> Fn(&'x [String], &'x str) -> WebhookEvent + Sync),
+    ) -> Result<usize, StoreError> {
+        let column = match status {
+            Status::Sent => "sent_at",
+            Status::Received => "delivered_at",
+            Status::Read | Status::Played => "read_at",
+        };
+        let before = status.before();
+        let mut tx = self.pool.begin().await?;
+        // The ids each phone's messages moved, in the order they came.
+        let mut moved: Vec<(String, Vec<String>)> = Vec::new();
+        for id in ids {
+            let statement = format!(
+                "UPDATE outbound_messages SET state = ?1, {column} = COALESCE({column}, ?2) \
+                 WHERE instance_id = ?3 AND message_id = ?4 AND state IN ({}) RETURNING phone",
+                before
+                    .iter()
+                    .map(|s| format!("'{s}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let phone: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+                .bind(status.state())
+                .bind(at)
+                .bind(instance_id)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(phone) = phone {
+                match moved.iter_mut().find(|(p, _)| *p == phone) {
+                    Some((_, list)) => list.push(id.clone()),
+                    None => moved.push((phone, vec![id.clone()])),
+                }
+            }
+        }
+        let mut count = 0;
+        for (phone, list) in &moved {
+            count += list.len();
+            write_message_event(&mut tx, &event(list, phone)).await?;
+        }
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    async fn outbound_by_id(
+        &self,
+        instance_id: &str,
+        message_id: &str,
+    ) -> Result<Option<Outbound>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            outbound_columns!(),
+            " FROM outbound_messages WHERE instance_id = ? AND message_id = ?"
+        ))
+        .bind(instance_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(outbound).transpose()?)
+    }
+
+    async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut new = 0;
+        for m in messages {
+            if m.event.is_some() {
+                let backlog: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM webhook_outbox WHERE instance_id = ? \
+                     AND done_at IS NULL AND kind = 'received'",
+                )
+                .bind(&m.instance_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if backlog >= RECEIVED_BACKLOG {
+                    return Err(StoreError::Backlog(m.instance_id.clone()));
+                }
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO inbound_messages (instance_id, chat, sender, message_id, waiting, \
+                 text, from_me, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&m.instance_id)
+            .bind(&m.chat)
+            .bind(&m.sender)
+            .bind(&m.message_id)
+            .bind(m.waiting)
+            .bind(&m.text)
+            .bind(m.from_me)
+            .bind(m.sent_at)
+            .bind(crate::unix_millis())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                new += 1;
+                if let Some(event) = &m.event {
+                    write_message_event(&mut tx, event).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn inbound_text(
+        &self,
+        instance_id: &str,
+        message_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT sender, text FROM inbound_messages WHERE instance_id = ? AND message_id = ? \
+             AND waiting = 0 AND text IS NOT NULL LIMIT 1",
+        )
+        .bind(instance_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn message_settings(&self, instance_id: &str) -> Result<(bool, bool), StoreError> {
+        let row: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT auto_read_message, disable_enqueue_when_disconnected FROM instances \
+             WHERE id = ?",
+        )
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.unwrap_or_default())
+    }
+
+    async fn set_auto_read(&self, instance_id: &str, on: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE instances SET auto_read_message = ? WHERE id = ?")
+            .bind(on)
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_enqueue_when_disconnected(
+        &self,
+        instance_id: &str,
+        disabled: bool,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE instances SET disable_enqueue_when_disconnected = ? WHERE id = ?")
+                .bind(disabled)
+                .bind(instance_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
