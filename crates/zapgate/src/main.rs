@@ -106,6 +106,7 @@ mod demo {
             link_wait_secs: 20,
             link_rate_per_minute: 30,
             restore_concurrency: 16,
+            send_interval_ms: zapgate::messaging::Pacing::ZAPI,
             public_url: None,
             webhook_allow_private: false,
             webhook_secret: None,

@@ -133,6 +133,7 @@ pub enum SendError {
 }
 
 /// A message as the API asks for it, checked.
+#[derive(Debug)]
 pub struct Outgoing {
     pub phone: String,
     pub text: String,
