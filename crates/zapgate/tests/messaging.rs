@@ -201,10 +201,13 @@ async fn a_contacts_text_arrives_as_a_received_callback_with_every_field() {
     let world = World::new().await;
     let friend = contact(&world, FRIEND).await;
     let (gw, inst, receiver) = linked(&world, PHONE).await;
+    let mut events = gw.api.events(&inst, None).await;
 
     let id = contact_sends(&world, FRIEND, PHONE, "Oi! Quero um orçamento").await;
     let got = receiver.wait_delivered("received", 1).await;
     let body = got[0].body.clone();
+    // The event stream tells the same, as a `message` event.
+    assert_eq!(events.until("message").await.data, body);
     let lid = friend["lid"].as_str().map(|l| match l.ends_with("@lid") {
         true => l.to_owned(),
         false => format!("{l}@lid"),

@@ -29,7 +29,38 @@ pub(super) async fn events(
     Instance(instance): Instance,
 ) -> Result<Response, ApiError> {
     let slot = state.streams.take(&instance_key(&instance))?;
-    Ok(stream(instance, state.shutdown.clone(), slot))
+    // Ended with the instance's task, as its own events are.
+    let mut watch = instance.watch();
+    let ended = async move { while watch.changed().await.is_ok() {} };
+    let notes =
+        messages(state.messaging.notes(), instance.record.id.as_str().into()).take_until(ended);
+    let events = stream::select(body(instance, state.shutdown.clone(), View::Full), notes)
+        .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(respond(holding(slot, events)))
+}
+
+/// The instance's message events (`message`, `status`), with Z-API's webhook bodies.
+/// They carry no id: a stream that reconnects does not get them again (the webhooks
+/// deliver every one).
+fn messages(
+    notes: tokio::sync::broadcast::Receiver<crate::messaging::Note>,
+    instance: Arc<str>,
+) -> impl Stream<Item = Result<Sse, Infallible>> + Send + 'static {
+    stream::unfold(notes, move |mut notes| {
+        let instance = instance.clone();
+        async move {
+            loop {
+                match notes.recv().await {
+                    Ok(note) if note.instance == instance => {
+                        let event = Sse::default().event(note.name).data(&*note.body);
+                        return Some((Ok(event), notes));
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
 }
 
 /// The stream slots an instance's streams count against (its own, and the panel's of it).

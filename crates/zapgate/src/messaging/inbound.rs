@@ -44,8 +44,11 @@ impl InboundDurabilityHook for Hook {
         if rows.is_empty() {
             return Ok(());
         }
-        self.hub.store.record_inbound(&rows).await?;
-        self.hub.webhooks_due.notify_one();
+        if self.hub.store.record_inbound(&rows).await? > 0 {
+            self.hub.webhooks_due.notify_one();
+            let events: Vec<_> = rows.iter().filter_map(|r| r.event.clone()).collect();
+            self.hub.note(&events);
+        }
         self.auto_read(client, &rows);
         Ok(())
     }
@@ -269,9 +272,13 @@ impl Hub {
                     sent_at: received.sent_at,
                     event: Some(received.event()),
                 };
+                let event = row.event.clone();
                 match self.store.record_inbound(&[row]).await {
                     Ok(0) => {}
-                    Ok(_) => self.webhooks_due.notify_one(),
+                    Ok(_) => {
+                        self.webhooks_due.notify_one();
+                        self.note(&event.into_iter().collect::<Vec<_>>());
+                    }
                     Err(e) => {
                         tracing::error!(instance.id = %instance, error = %e, "could not record a message waiting to be decrypted")
                     }

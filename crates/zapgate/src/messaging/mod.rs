@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use whatsapp_rust::client::Client;
@@ -145,6 +145,20 @@ pub struct Outgoing {
     pub idempotency: Option<(String, String)>,
 }
 
+/// A message event, as its webhook tells it, for the instance's event stream.
+#[derive(Clone, Debug)]
+pub struct Note {
+    pub instance: Arc<str>,
+    /// `message` (a ReceivedCallback) or `status` (a DeliveryCallback or a
+    /// MessageStatusCallback).
+    pub name: &'static str,
+    pub body: Arc<str>,
+}
+
+/// Notes a slow reader of the event streams may fall behind by; past it, it misses
+/// some (the webhooks carry every one).
+const NOTES_BACKLOG: usize = 1024;
+
 /// What every instance's messaging shares.
 pub struct Hub {
     pub(crate) store: Arc<dyn Store>,
@@ -153,6 +167,7 @@ pub struct Hub {
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    notes: broadcast::Sender<Note>,
 }
 
 /// One instance's messaging: its sender, and the acks its sends wait for.
@@ -209,6 +224,7 @@ impl Hub {
             lanes: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            notes: broadcast::channel(NOTES_BACKLOG).0,
         })
     }
 
@@ -294,6 +310,29 @@ impl Hub {
         match self.lane(instance)?.line() {
             Line::Up(client) => Some(client),
             _ => None,
+        }
+    }
+
+    /// Every message event from now on, of every instance.
+    pub fn notes(&self) -> broadcast::Receiver<Note> {
+        self.notes.subscribe()
+    }
+
+    /// Tells the event streams about webhook events just committed.
+    pub(crate) fn note(&self, events: &[crate::store::WebhookEvent]) {
+        if self.notes.receiver_count() == 0 {
+            return;
+        }
+        for event in events {
+            let name = match event.kind {
+                crate::store::WebhookKind::Received => "message",
+                _ => "status",
+            };
+            let _ = self.notes.send(Note {
+                instance: event.instance_id.as_str().into(),
+                name,
+                body: event.body.as_str().into(),
+            });
         }
     }
 
