@@ -632,3 +632,201 @@ impl MessageStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{InstanceRecord, Store as _, Webhooks};
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("z.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let record = InstanceRecord {
+            id: "I".into(),
+            token: "T".into(),
+            name: "n".into(),
+            session_name: None,
+            webhooks: Webhooks {
+                message_status: Some("http://127.0.0.1:9/status".into()),
+                delivery: Some("http://127.0.0.1:9/delivery".into()),
+                ..Default::default()
+            },
+            created_at: 1,
+            due_at: 2,
+            link: None,
+            cancelled_at: None,
+        };
+        store.insert_instance(&record).await.unwrap();
+        (dir, store)
+    }
+
+    fn message(n: u32, key: Option<(&str, &str)>) -> NewOutbound {
+        NewOutbound {
+            zaap_id: format!("Z{n}"),
+            instance_id: "I".into(),
+            message_id: format!("M{n}"),
+            phone: "5511999990001".into(),
+            text: format!("text {n}"),
+            reply_to: None,
+            edit_of: None,
+            delay_ms: None,
+            typing_ms: 0,
+            idempotency: key.map(|(k, h)| (k.into(), h.into())),
+            created_at: 10,
+        }
+    }
+
+    fn status_event(ids: &[String], phone: &str) -> WebhookEvent {
+        WebhookEvent {
+            event_id: crate::random_hex(8),
+            instance_id: "I".into(),
+            kind: WebhookKind::MessageStatus,
+            body: format!("{ids:?} {phone}"),
+            created_at: 20,
+        }
+    }
+
+    async fn pending_kinds(store: &SqliteStore) -> Vec<String> {
+        store
+            .recent_webhooks("I", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_and_keys_replay_or_refuse() {
+        let (_dir, store) = store().await;
+        let first = store
+            .enqueue_message(&message(1, Some(("k", "h1"))), 2)
+            .await
+            .unwrap();
+        let Enqueued::New(first) = first else {
+            panic!("{first:?}")
+        };
+        // The same key and request: the same message, nothing new queued.
+        let again = store
+            .enqueue_message(&message(9, Some(("k", "h1"))), 2)
+            .await
+            .unwrap();
+        assert_eq!(again, Enqueued::Replayed(first.clone()));
+        let other = store
+            .enqueue_message(&message(9, Some(("k", "h2"))), 2)
+            .await
+            .unwrap();
+        assert_eq!(other, Enqueued::KeyReused);
+        assert!(matches!(
+            store.enqueue_message(&message(2, None), 2).await.unwrap(),
+            Enqueued::New(_)
+        ));
+        assert_eq!(
+            store.enqueue_message(&message(3, None), 2).await.unwrap(),
+            Enqueued::Full
+        );
+        assert_eq!(store.queue_head("I").await.unwrap().unwrap().zaap_id, "Z1");
+        // One on its way is not deleted; one waiting is.
+        store.message_sending(first.seq).await.unwrap();
+        assert_eq!(store.delete_queued("I", None).await.unwrap(), 1);
+        assert_eq!(store.queue_page("I", 1, 10).await.unwrap().1, 1);
+    }
+
+    #[tokio::test]
+    async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent() {
+        let (_dir, store) = store().await;
+        let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
+            panic!()
+        };
+        store.message_sending(m.seq).await.unwrap();
+        let ids = vec!["M1".to_owned()];
+        // The delivery receipt overtook the server's ack.
+        let moved = store
+            .message_status("I", &ids, Status::Received, 20, &status_event)
+            .await
+            .unwrap();
+        assert_eq!(moved, 1);
+        let delivery = WebhookEvent {
+            kind: WebhookKind::Delivery,
+            ..status_event(&["D".into()], "x")
+        };
+        let sent = status_event(&["SENT".into()], "x");
+        store
+            .message_sent(m.seq, 21, &delivery, &sent)
+            .await
+            .unwrap();
+        // Acked twice (a resend after a crash): announced once.
+        store
+            .message_sent(m.seq, 22, &delivery, &sent)
+            .await
+            .unwrap();
+        assert_eq!(pending_kinds(&store).await, ["message-status", "delivery"]);
+        // Read, then a late delivered receipt: nothing goes back.
+        store
+            .message_status("I", &ids, Status::Read, 23, &status_event)
+            .await
+            .unwrap();
+        let late = store
+            .message_status("I", &ids, Status::Received, 24, &status_event)
+            .await
+            .unwrap();
+        assert_eq!(late, 0);
+        assert_eq!(
+            store
+                .outbound_by_id("I", "M1")
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            "read"
+        );
+        // A receipt for an id this instance never sent moves nothing.
+        let unknown = ["X".to_owned()];
+        assert_eq!(
+            store
+                .message_status("I", &unknown, Status::Read, 25, &status_event)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_received_twice_is_recorded_and_announced_once() {
+        let (_dir, store) = store().await;
+        sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let row = Inbound {
+            instance_id: "I".into(),
+            chat: "5511999990002@s.whatsapp.net".into(),
+            sender: "5511999990002@s.whatsapp.net".into(),
+            message_id: "A1".into(),
+            waiting: false,
+            text: Some("hi".into()),
+            from_me: false,
+            sent_at: 5,
+            event: Some(WebhookEvent {
+                kind: WebhookKind::Received,
+                ..status_event(&["A1".into()], "x")
+            }),
+        };
+        assert_eq!(store.record_inbound(&[row.clone()]).await.unwrap(), 1);
+        let replay = Inbound {
+            event: Some(WebhookEvent {
+                event_id: "another".into(),
+                ..row.event.clone().unwrap()
+            }),
+            ..row.clone()
+        };
+        assert_eq!(store.record_inbound(&[replay]).await.unwrap(), 0);
+        assert_eq!(pending_kinds(&store).await, ["received"]);
+        assert_eq!(
+            store.inbound_text("I", "A1").await.unwrap(),
+            Some(("5511999990002@s.whatsapp.net".into(), "hi".into()))
+        );
+    }
+}
