@@ -13,15 +13,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/fleet.rs"]
+mod fleet;
 #[path = "support/procfs.rs"]
 mod procfs;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Gateway, Instance, World};
-use futures_util::{StreamExt, stream};
-use reqwest::Method;
+use common::{Gateway, Instance, World};
+use fleet::Sample;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use wa_sim::Control;
@@ -79,43 +80,6 @@ impl Args {
     }
 }
 
-/// A process's memory and CPU, read from /proc.
-#[derive(Clone, Copy, Default)]
-struct Sample {
-    rss: u64,
-    pss: u64,
-    cpu_ticks: u64,
-    fds: usize,
-}
-
-impl Sample {
-    fn of(pid: u32) -> Self {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("it runs");
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .expect("stat")
-            .1
-            .split_whitespace()
-            .collect();
-        Self {
-            rss: procfs::status_kib(pid, "VmRSS:"),
-            pss: std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-                .map_or(0, |t| procfs::kib_field(&t, "Pss:")),
-            // utime + stime, in clock ticks (100 per second)
-            cpu_ticks: fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap(),
-            fds: procfs::open_files(pid),
-        }
-    }
-
-    /// KiB per session of what this sample holds over `base`.
-    fn per(&self, base: &Sample, n: usize) -> (f64, f64) {
-        (
-            self.rss.saturating_sub(base.rss) as f64 / n as f64,
-            self.pss.saturating_sub(base.pss) as f64 / n as f64,
-        )
-    }
-}
-
 /// The most open files a process held while this lives, sampled every 50 ms.
 struct PeakFds {
     most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -170,32 +134,20 @@ async fn main() {
     let empty = Sample::of(gw.pid());
 
     // Link every instance: its QR code through the API, scanned by wa-sim's phone.
-    let instances: Vec<Instance> = stream::iter(0..n)
-        .map(|i| {
-            let api = &gw.api;
-            async move { api.create_instance(&format!("bench {i}")).await }
-        })
-        .buffered(16)
-        .collect()
-        .await;
+    let instances = fleet::create(&gw, n, "bench").await;
     world.wa.reset_peaks().await.unwrap();
     let fds_linking = PeakFds::watch(gw.pid());
     let started = Instant::now();
-    stream::iter(instances.iter().enumerate())
-        .for_each_concurrent(args.link_concurrency, |(i, inst)| {
-            let (api, wa) = (&gw.api, &world.wa);
-            async move {
-                let (status, qr) = api.qr_code(inst).await;
-                assert_eq!(status, 200, "{qr}");
-                let qr = qr["value"].as_str().expect("a QR code");
-                let phone = format!("55119{:08}", 70_000_000 + i);
-                let (status, body) = wa.scan(qr, Some(&phone)).await.unwrap();
-                assert_eq!(status, 200, "{body}");
-                api.wait_connected(inst).await;
-            }
-        })
-        .await;
-    wait_all_connected(&gw, n).await;
+    fleet::link(
+        &gw,
+        &world,
+        &instances,
+        "55119",
+        70_000_000,
+        args.link_concurrency,
+    )
+    .await;
+    fleet::wait_all_connected(&gw, n, "bench").await;
     let link_secs = started.elapsed().as_secs_f64();
     let link_peak = world.wa.stats().await.unwrap()["peakAdmitting"].clone();
     let link_fds = fds_linking.stop();
@@ -228,7 +180,7 @@ async fn main() {
     let started = Instant::now();
     let gw = world.gateway_with(&env).await;
     let fds_restarting = PeakFds::watch(gw.pid());
-    wait_all_connected(&gw, n).await;
+    fleet::wait_all_connected(&gw, n, "bench").await;
     let restart_secs = started.elapsed().as_secs_f64();
     let restart_fds = fds_restarting.stop();
     let restart_cpu = Sample::of(gw.pid()).cpu_ticks as f64 / 100.0;
@@ -359,35 +311,6 @@ end
 "#,
         paths.join(",")
     )
-}
-
-async fn wait_all_connected(gw: &Gateway, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let mut connected = 0;
-        let mut page = 1;
-        loop {
-            let path = format!("/instances?page={page}&pageSize=100&query=bench");
-            let (_, body) = gw.api.call(Method::GET, &path, None, Some(ADMIN)).await;
-            let content = body["content"].as_array().cloned().unwrap_or_default();
-            connected += content
-                .iter()
-                .filter(|i| i["whatsappConnected"] == Value::Bool(true))
-                .count();
-            if content.len() < 100 {
-                break;
-            }
-            page += 1;
-        }
-        if connected == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {connected} of {n} connected"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// `hold.mjs`: Baileys holding sessions in one Node process.
