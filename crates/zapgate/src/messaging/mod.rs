@@ -24,6 +24,12 @@ pub(crate) use inbound::{Hook, MESSAGE_EVENTS};
 /// How long a message on the wire waits for WhatsApp's ack before it goes again.
 pub const ACK_WAIT: Duration = Duration::from_secs(20);
 
+/// Messages sent and received are kept this long (to quote them, to recognise a
+/// redelivery, to answer an idempotency key again), then forgotten.
+pub const KEEP_MESSAGES: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the messages past [`KEEP_MESSAGES`] are looked for.
+const FORGET_EVERY: Duration = Duration::from_secs(600);
+
 /// Messages waiting per instance, as Z-API allows.
 pub const MAX_QUEUE: i64 = 1000;
 
@@ -217,7 +223,7 @@ impl Hub {
         config: MessagingConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             store,
             webhooks_due,
             config,
@@ -225,7 +231,10 @@ impl Hub {
             tracker: TaskTracker::new(),
             shutdown,
             notes: broadcast::channel(NOTES_BACKLOG).0,
-        })
+        });
+        hub.tracker
+            .spawn(forget_old(hub.store.clone(), hub.shutdown.clone()));
+        hub
     }
 
     /// Starts an instance's sender, reading its line; it ends with `stop`.
@@ -347,6 +356,22 @@ impl Hub {
     pub async fn stopped(&self) {
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// Forgets old messages every [`FORGET_EVERY`], until the shutdown.
+async fn forget_old(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        let before = crate::unix_millis() - KEEP_MESSAGES.as_millis() as i64;
+        match store.forget_messages(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(messages = n, "forgot messages older than 7 days"),
+            Err(e) => tracing::warn!(error = %e, "could not forget old messages"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(FORGET_EVERY) => {}
+        }
     }
 }
 

@@ -182,6 +182,8 @@ pub trait MessageStore: Send + Sync {
         instance_id: &str,
         message_id: &str,
     ) -> Result<Option<(String, String)>, StoreError>;
+    /// Forgets messages settled (sent or failed) and received before `before`; how many.
+    async fn forget_messages(&self, before: i64) -> Result<u64, StoreError>;
     /// `(auto_read_message, disable_enqueue_when_disconnected)`.
     async fn message_settings(&self, instance_id: &str) -> Result<(bool, bool), StoreError>;
     async fn set_auto_read(&self, instance_id: &str, on: bool) -> Result<bool, StoreError>;
@@ -596,6 +598,25 @@ impl MessageStore for SqliteStore {
         .bind(message_id)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    async fn forget_messages(&self, before: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sent = sqlx::query(
+            "DELETE FROM outbound_messages WHERE created_at < ? \
+             AND state NOT IN ('queued', 'sending')",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let received = sqlx::query("DELETE FROM inbound_messages WHERE received_at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(sent + received)
     }
 
     async fn message_settings(&self, instance_id: &str) -> Result<(bool, bool), StoreError> {
