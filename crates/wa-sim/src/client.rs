@@ -71,4 +71,87 @@ impl Control {
     pub async fn reset_peaks(&self) -> reqwest::Result<Value> {
         Ok(self.post("stats/reset-peaks", json!({})).await?.1)
     }
+
+    /// Creates a contact (a fresh number unless `phone` is given).
+    pub async fn create_contact(
+        &self,
+        phone: Option<&str>,
+        name: Option<&str>,
+    ) -> reqwest::Result<(u16, Value)> {
+        let mut body = json!({});
+        if let Some(phone) = phone {
+            body["phone"] = json!(phone);
+        }
+        if let Some(name) = name {
+            body["name"] = json!(name);
+        }
+        self.post("contacts", body).await
+    }
+
+    pub async fn contacts(&self) -> reqwest::Result<(u16, Value)> {
+        self.get("contacts").await
+    }
+
+    /// The contact `phone` sends `text` to the number `to`; `id` forces the message id.
+    pub async fn contact_send(
+        &self,
+        phone: &str,
+        to: &str,
+        text: &str,
+        id: Option<&str>,
+    ) -> reqwest::Result<(u16, Value)> {
+        let mut body = json!({ "to": to, "text": text });
+        if let Some(id) = id {
+            body["id"] = json!(id);
+        }
+        self.post(&format!("contacts/{phone}/send"), body).await
+    }
+
+    /// The contact's inbox; with `wait`, once it holds `count` messages (or the wait ends).
+    pub async fn inbox(
+        &self,
+        phone: &str,
+        wait: Option<u64>,
+        count: Option<usize>,
+    ) -> reqwest::Result<(u16, Value)> {
+        let mut query = Vec::new();
+        if let Some(wait) = wait {
+            query.push(format!("wait={wait}"));
+        }
+        if let Some(count) = count {
+            query.push(format!("count={count}"));
+        }
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
+        self.get(&format!("contacts/{phone}/inbox{query}")).await
+    }
+
+    /// The contact reads these messages of its inbox (read receipts to their senders).
+    pub async fn read(&self, phone: &str, ids: &[&str]) -> reqwest::Result<(u16, Value)> {
+        self.post(&format!("contacts/{phone}/read"), json!({ "ids": ids }))
+            .await
+    }
+
+    /// Takes the contact offline (it receives nothing) or back online.
+    pub async fn set_online(&self, phone: &str, online: bool) -> reqwest::Result<(u16, Value)> {
+        let route = if online { "online" } else { "offline" };
+        self.post(&format!("contacts/{phone}/{route}"), json!({}))
+            .await
+    }
+
+    pub async fn contact_outbox(&self, phone: &str) -> reqwest::Result<(u16, Value)> {
+        self.get(&format!("contacts/{phone}/outbox")).await
+    }
+
+    pub async fn contact_events(&self, phone: &str) -> reqwest::Result<(u16, Value)> {
+        self.get(&format!("contacts/{phone}/events")).await
+    }
+
+    /// Arms a fault: `{"kind":"nack","to","code"}` or `{"kind":"garble","contact"}`.
+    pub async fn fault(&self, fault: Value) -> reqwest::Result<(u16, Value)> {
+        self.post("faults", fault).await
+    }
 }

@@ -230,7 +230,26 @@ impl Connection {
     }
 
     async fn on_node(&mut self, node: Node) -> Result<(), ConnError> {
+        match node.tag.as_ref() {
+            "message" => {
+                let ack = crate::routing::on_message(self, &node);
+                return self.send_node(&ack).await;
+            }
+            "ack" => {
+                crate::routing::on_ack(self, &node);
+                return Ok(());
+            }
+            "chatstate" => {
+                crate::routing::on_chatstate(self, &node);
+                return Ok(());
+            }
+            _ => {}
+        }
         if node.tag == "receipt" {
+            self.send_node(&stanza::receipt_ack(&node)).await?;
+            if let crate::routing::ReceiptFor::Routed = crate::routing::on_receipt(self, &node) {
+                return Ok(());
+            }
             // One receipt may stand for several messages (`<list><item id/></list>`).
             let ids: Vec<String> = stanza::attr(&node, "id")
                 .into_iter()
@@ -253,7 +272,7 @@ impl Connection {
             return Ok(());
         }
         if node.tag != "iq" {
-            // acks, other receipts, presence and <ib> need no answer from the service.
+            // presence and <ib> need no answer from the service.
             return Ok(());
         }
         match stanza::attr(&node, "type").as_deref() {

@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+mod contacts;
+
 use crate::phone::{self, PhoneError};
 use crate::registry::{Command, Role};
 use crate::sim::{Sim, bump};
@@ -31,6 +33,15 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/devices", get(devices))
         .route("/stats", get(stats))
         .route("/stats/reset-peaks", post(reset_peaks))
+        .route("/contacts", post(contacts::create).get(contacts::list))
+        .route("/contacts/{phone}/send", post(contacts::send))
+        .route("/contacts/{phone}/inbox", get(contacts::inbox))
+        .route("/contacts/{phone}/read", post(contacts::read))
+        .route("/contacts/{phone}/offline", post(contacts::offline))
+        .route("/contacts/{phone}/online", post(contacts::online))
+        .route("/contacts/{phone}/outbox", get(contacts::outbox))
+        .route("/contacts/{phone}/events", get(contacts::events))
+        .route("/faults", post(contacts::fault))
 }
 
 pub(crate) struct ControlError(StatusCode, String);

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use buffa::Message as _;
+use wacore_binary::Node;
 use wacore_binary::builder::NodeBuilder;
-use wacore_binary::{Jid, Node};
 use waproto::whatsapp::{self as wa, ADVEncryptionType};
 
 use crate::conn::{Connection, Session};
@@ -106,21 +106,11 @@ pub(crate) fn announce(sim: &Arc<Sim>, phone: &str) {
     }
 }
 
-/// The account a user jid names: a phone number, or the account's LID.
-fn account_of<'a>(registry: &'a Registry, jid: &Jid) -> Option<(&'a str, &'a Phone)> {
-    match jid.server.as_str() {
-        "s.whatsapp.net" => registry
-            .phones
-            .get_key_value(jid.user.as_str())
-            .map(|(k, v)| (k.as_str(), v)),
-        "lid" => registry.phone_by_lid(jid.user.as_str()),
-        _ => None,
-    }
-}
-
-/// `usync` queries, for the protocols a device asks at login and before it sends:
-/// `devices` (the device list and its signed key-index list) and `lid`. Users that are
-/// not WhatsApp accounts are left out of the answer.
+/// `usync` queries, for the protocols a device asks at login, before it sends and to
+/// learn whether numbers are on WhatsApp: `devices` (the device list and its signed
+/// key-index list; a contact has device 0 only), `lid` and `contact` (`in` for a number
+/// on WhatsApp, `out` for one that is not). Users the query names by a jid that is no
+/// account are left out of the answer.
 pub(crate) fn usync(conn: &Connection, iq: &Node) -> Node {
     if !matches!(conn.session, Session::Device { .. }) {
         return iq_error(iq, 401, "not-authorized");
@@ -134,7 +124,7 @@ pub(crate) fn usync(conn: &Connection, iq: &Node) -> Node {
             .and_then(|q| q.get_optional_child(protocol))
             .is_some()
     };
-    let (devices, lid) = (asks("devices"), asks("lid"));
+    let (devices, lid, contact) = (asks("devices"), asks("lid"), asks("contact"));
     let asked = query
         .get_optional_child("list")
         .map_or(0, |list| list.get_children_by_tag("user").count());
@@ -146,41 +136,7 @@ pub(crate) fn usync(conn: &Connection, iq: &Node) -> Node {
         .get_optional_child("list")
         .into_iter()
         .flat_map(|list| list.get_children_by_tag("user"))
-        .filter_map(|user| {
-            let asked = attr(user, "jid")?;
-            let (_, account) = account_of(&registry, &asked.parse().ok()?)?;
-            let mut answers = Vec::new();
-            if devices {
-                let list = entries(account).map(|(device, key_index)| {
-                    let mut node = NodeBuilder::new("device").attr("id", device.to_string());
-                    if let Some(index) = key_index {
-                        node = node.attr("key-index", index.to_string());
-                    }
-                    node.build()
-                });
-                answers.push(
-                    NodeBuilder::new("devices")
-                        .children([
-                            NodeBuilder::new("device-list").children(list).build(),
-                            key_index_node(account),
-                        ])
-                        .build(),
-                );
-            }
-            if lid {
-                answers.push(
-                    NodeBuilder::new("lid")
-                        .attr("val", format!("{}@lid", account.lid))
-                        .build(),
-                );
-            }
-            Some(
-                NodeBuilder::new("user")
-                    .attr("jid", asked)
-                    .children(answers)
-                    .build(),
-            )
-        })
+        .filter_map(|user| usync_user(&registry, user, devices, lid, contact))
         .collect::<Vec<_>>();
     drop(registry);
     let mut answer = NodeBuilder::new("usync");
@@ -194,4 +150,87 @@ pub(crate) fn usync(conn: &Connection, iq: &Node) -> Node {
             .children([NodeBuilder::new("list").children(users).build()])
             .build()])
         .build()
+}
+
+/// One `<user>` of a usync answer.
+fn usync_user(
+    registry: &Registry,
+    user: &Node,
+    devices: bool,
+    lid: bool,
+    contact: bool,
+) -> Option<Node> {
+    let by_number = user
+        .get_optional_child("contact")
+        .and_then(crate::stanza::text)
+        .map(|t| t.trim_start_matches('+').to_owned());
+    let (asked, number) = match (attr(user, "jid"), by_number) {
+        (Some(jid), _) => {
+            let number = registry.resolve(&jid.parse().ok()?).map(|(n, _)| n);
+            (jid, number)
+        }
+        (None, Some(number)) => {
+            let known = registry.is_registered(&number).then(|| number.clone());
+            (format!("{number}@s.whatsapp.net"), known)
+        }
+        (None, None) => return None,
+    };
+    let mut answers = Vec::new();
+    let Some(number) = number else {
+        if !contact {
+            return None;
+        }
+        let digits = asked.split('@').next().unwrap_or_default();
+        answers.push(
+            NodeBuilder::new("contact")
+                .attr("type", "out")
+                .string_content(format!("+{digits}"))
+                .build(),
+        );
+        return Some(
+            NodeBuilder::new("user")
+                .attr("jid", asked)
+                .children(answers)
+                .build(),
+        );
+    };
+    if contact {
+        answers.push(
+            NodeBuilder::new("contact")
+                .attr("type", "in")
+                .string_content(format!("+{number}"))
+                .build(),
+        );
+    }
+    let account = registry.phones.get(&number);
+    if devices {
+        let list: Vec<Node> = match account {
+            Some(account) => entries(account)
+                .map(|(device, key_index)| {
+                    let mut node = NodeBuilder::new("device").attr("id", device.to_string());
+                    if let Some(index) = key_index {
+                        node = node.attr("key-index", index.to_string());
+                    }
+                    node.build()
+                })
+                .collect(),
+            None => vec![NodeBuilder::new("device").attr("id", "0").build()],
+        };
+        let mut children = vec![NodeBuilder::new("device-list").children(list).build()];
+        children.extend(account.map(key_index_node));
+        answers.push(NodeBuilder::new("devices").children(children).build());
+    }
+    if lid {
+        answers.push(
+            NodeBuilder::new("lid")
+                .attr("val", format!("{}@lid", registry.lid_of(&number)?))
+                .build(),
+        );
+    }
+    Some(
+        NodeBuilder::new("user")
+            .attr("jid", asked)
+            .children(answers)
+            .build(),
+    )
 }

@@ -12,13 +12,16 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
     let xmlns = attr(iq, "xmlns");
     let child = first_child(iq);
     match (xmlns.as_deref(), child) {
-        // Going active: answer, say there is no offline backlog, and share the
-        // account's push name. A device that knows it logs in without waiting for the
+        // Going active: answer, send what waited for the device (marked offline) and
+        // say where that backlog ends, and share the account's push name. A device that knows it logs in without waiting for the
         // first app-state sync (the name would otherwise come from there).
         (Some("passive"), _) => {
             let mut replies = vec![iq_result(iq).build()];
-            if let Session::Device { phone, .. } = &conn.session {
-                replies.push(offline_done());
+            if let Session::Device { phone, device } = &conn.session {
+                let backlog = crate::routing::take_offline(&conn.sim, phone, *device, conn.id);
+                let count = backlog.len();
+                replies.extend(backlog);
+                replies.push(offline_done(count));
                 if let Some(account) = conn.sim.registry().phones.get(phone) {
                     let name = phone::push_name(phone);
                     replies.push(crate::devices::account_sync(phone, account, Some(&name)));

@@ -6,6 +6,9 @@
 //! - `conn`: one task per websocket (handshake, registration or login, stanzas)
 //! - `iq`: answers to the companion's iqs
 //! - `phone`: the simulated phone (QR scan, pairing by code, ADV signatures)
+//! - `contact`: contacts, accounts no gateway links, each a Signal peer with a task
+//! - `routing`: messages and receipts between devices and contacts, per-device queues
+//! - `signal`: in-memory Signal stores for the phone and contacts
 //! - `registry`, `sim`: accounts, devices and live connections
 //! - `control`: the JSON control API under `/control`; `client`: its HTTP client
 //!
@@ -14,6 +17,7 @@
 mod certs;
 mod client;
 mod conn;
+mod contact;
 mod control;
 mod devices;
 mod frame;
@@ -22,6 +26,8 @@ mod noise;
 mod phone;
 mod prekeys;
 mod registry;
+mod routing;
+mod signal;
 mod sim;
 mod stanza;
 

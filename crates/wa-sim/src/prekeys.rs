@@ -235,14 +235,11 @@ pub(crate) fn bundles(conn: &Connection, iq: &Node, key: &Node) -> Node {
         .into_iter()
         .map(|jid| {
             let found = jid.parse::<Jid>().ok().and_then(|parsed| {
-                let number = match parsed.server.as_str() {
-                    "s.whatsapp.net" => Some(parsed.user.to_string()),
-                    "lid" => registry
-                        .phone_by_lid(parsed.user.as_str())
-                        .map(|(number, _)| number.to_owned()),
-                    _ => None,
-                }?;
-                bundle(registry.phones.get_mut(&number)?, u32::from(parsed.device))
+                let (number, device) = registry.resolve(&parsed)?;
+                if let Some(contact) = registry.contacts.get_mut(&number) {
+                    return (device == 0).then(|| contact_bundle(contact));
+                }
+                bundle(registry.phones.get_mut(&number)?, device)
             });
             let user = NodeBuilder::new("user").attr("jid", jid);
             match found {
@@ -259,6 +256,27 @@ pub(crate) fn bundles(conn: &Connection, iq: &Node, key: &Node) -> Node {
     iq_result(iq)
         .children([NodeBuilder::new("list").children(users).build()])
         .build()
+}
+
+/// A contact's bundle (device 0), with one of its one-time prekeys while it has any.
+fn contact_bundle(contact: &mut crate::contact::ContactEntry) -> Vec<Node> {
+    let mut children = vec![
+        leaf(
+            "registration",
+            contact.registration_id.to_be_bytes().to_vec(),
+        ),
+        leaf("type", vec![5]),
+        leaf("identity", contact.identity.to_vec()),
+        skey_node(contact.signed.0, &contact.signed.1, &contact.signed.2),
+    ];
+    if let Some((id, value)) = contact.prekeys.pop_first() {
+        children.push(
+            NodeBuilder::new("key")
+                .children([leaf("id", id3(id)), leaf("value", value.to_vec())])
+                .build(),
+        );
+    }
+    children
 }
 
 /// One device's bundle: the phone's own (device 0) or a companion's.

@@ -2,7 +2,7 @@
 //! the live connections, each either still linking or logged in as one device.
 //! One mutex guards it all; it is never held across an await.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -144,8 +144,16 @@ pub(crate) struct CompanionFinish {
 #[derive(Default)]
 pub(crate) struct Registry {
     pub(crate) phones: HashMap<String, Phone>,
-    /// Each account's number, by its LID.
+    /// Accounts no gateway links: simulated people to talk to, by number.
+    pub(crate) contacts: HashMap<String, crate::contact::ContactEntry>,
+    /// Each account's number (a phone's or a contact's), by its LID.
     lids: HashMap<String, String>,
+    /// What waits for each companion device (number, device) until it says it has it.
+    pub(crate) queues: HashMap<(String, u32), VecDeque<crate::routing::Queued>>,
+    /// Message ids already routed, by the sending device (`number:device`).
+    pub(crate) seen: HashSet<(String, String)>,
+    /// The next message to this number is refused with this code (fault injection).
+    pub(crate) nack_faults: HashMap<String, u16>,
     pub(crate) conns: HashMap<ConnId, ConnEntry>,
     next_conn: ConnId,
     next_fresh_phone: u64,
@@ -174,17 +182,46 @@ impl Registry {
         self.next_conn
     }
 
+    /// A LID nobody has, now `number`'s.
+    pub(crate) fn assign_lid(&mut self, number: &str) -> String {
+        assign_lid(&mut self.lids, number)
+    }
+
+    /// The number of the account (phone or contact) with this LID.
+    pub(crate) fn number_by_lid(&self, lid: &str) -> Option<&str> {
+        self.lids.get(lid).map(String::as_str)
+    }
+
+    /// Whether `number` is on WhatsApp: a phone's account or a contact.
+    pub(crate) fn is_registered(&self, number: &str) -> bool {
+        self.phones.contains_key(number) || self.contacts.contains_key(number)
+    }
+
+    /// The account number and device a user jid names (by number or LID), if the
+    /// account exists.
+    pub(crate) fn resolve(&self, jid: &wacore_binary::Jid) -> Option<(String, u32)> {
+        let number = match jid.server.as_str() {
+            "s.whatsapp.net" | "c.us" => jid.user.to_string(),
+            "lid" => self.number_by_lid(jid.user.as_str())?.to_owned(),
+            _ => return None,
+        };
+        self.is_registered(&number)
+            .then_some((number, u32::from(jid.device)))
+    }
+
+    /// The LID of the account `number`, phone or contact.
+    pub(crate) fn lid_of(&self, number: &str) -> Option<&str> {
+        self.phones
+            .get(number)
+            .map(|p| p.lid.as_str())
+            .or_else(|| self.contacts.get(number).map(|c| c.lid.as_str()))
+    }
+
     pub(crate) fn phone_mut(&mut self, number: &str) -> &mut Phone {
         let lids = &mut self.lids;
         self.phones.entry(number.to_owned()).or_insert_with(|| {
             let identity = KeyPair::generate(&mut rand::rng());
-            let lid = loop {
-                let lid = fresh_lid();
-                if !lids.contains_key(&lid) {
-                    lids.insert(lid.clone(), number.to_owned());
-                    break lid;
-                }
-            };
+            let lid = assign_lid(lids, number);
             let mut phone = Phone {
                 primary: Primary::generate(&identity),
                 identity,
@@ -201,19 +238,12 @@ impl Registry {
         })
     }
 
-    pub(crate) fn phone_by_lid(&self, lid: &str) -> Option<(&str, &Phone)> {
-        let number = self.lids.get(lid)?;
-        self.phones
-            .get_key_value(number)
-            .map(|(k, v)| (k.as_str(), v))
-    }
-
     /// A Brazilian mobile number nobody uses yet, for scans that name no phone.
     pub(crate) fn fresh_phone_number(&mut self) -> String {
         loop {
             self.next_fresh_phone += 1;
             let number = format!("55119{:08}", self.next_fresh_phone);
-            if !self.phones.contains_key(&number) {
+            if !self.is_registered(&number) {
                 return number;
             }
         }
@@ -251,6 +281,16 @@ impl Phone {
     pub(crate) fn devices_changed(&mut self) {
         self.devices_changed = crate::unix_secs();
         self.signed_key_index = crate::devices::key_index_list(self);
+    }
+}
+
+fn assign_lid(lids: &mut HashMap<String, String>, number: &str) -> String {
+    loop {
+        let lid = fresh_lid();
+        if !lids.contains_key(&lid) {
+            lids.insert(lid.clone(), number.to_owned());
+            return lid;
+        }
     }
 }
 

@@ -14,6 +14,15 @@ pub(crate) fn bytes(node: &Node) -> Option<&[u8]> {
     }
 }
 
+/// An element's text, whether it came as a string or as bytes.
+pub(crate) fn text(node: &Node) -> Option<String> {
+    match &node.content {
+        Some(NodeContent::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(NodeContent::String(s)) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 pub(crate) fn child_bytes<'a>(node: &'a Node, tag: &str) -> Option<&'a [u8]> {
     node.get_optional_child(tag).and_then(bytes)
 }
@@ -104,11 +113,29 @@ pub(crate) fn failure(reason: u16) -> Node {
         .build()
 }
 
-pub(crate) fn offline_done() -> Node {
+/// The end of the offline backlog, `count` stanzas long.
+pub(crate) fn offline_done(count: usize) -> Node {
     NodeBuilder::new("ib")
         .attr("from", SERVER_JID)
-        .children([NodeBuilder::new("offline").attr("count", "0").build()])
+        .children([NodeBuilder::new("offline")
+            .attr("count", count.to_string())
+            .build()])
         .build()
+}
+
+/// The service's ack of a device's receipt.
+pub(crate) fn receipt_ack(receipt: &Node) -> Node {
+    let mut ack = NodeBuilder::new("ack").attrs([
+        ("class", "receipt".to_owned()),
+        ("id", attr(receipt, "id").unwrap_or_default()),
+    ]);
+    if let Some(to) = attr(receipt, "to") {
+        ack = ack.attr("from", to);
+    }
+    if let Some(kind) = attr(receipt, "type") {
+        ack = ack.attr("type", kind);
+    }
+    ack.build()
 }
 
 /// A fresh id for an iq the service sends.

@@ -5,14 +5,13 @@
 //! ~10 s for it; without the history sync Baileys waits 20 s. A device that could not
 //! decrypt one asks again with a retry receipt, and gets it again over a new session.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write as _;
 
 use buffa::Message as _;
 use wacore::libsignal::protocol::{
-    DeviceId, Direction, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KeyPair,
-    PreKeyBundle, ProtocolAddress, PublicKey, SessionRecord, SessionStore, UsePQRatchet,
-    message_encrypt, process_prekey_bundle,
+    DeviceId, IdentityKey, IdentityKeyPair, KeyPair, PreKeyBundle, ProtocolAddress, PublicKey,
+    UsePQRatchet, message_encrypt, process_prekey_bundle,
 };
 use wacore::messages::MessageUtils;
 use wacore_binary::Node;
@@ -20,9 +19,8 @@ use wacore_binary::builder::NodeBuilder;
 use waproto::whatsapp::{self as wa, message as m};
 
 use crate::registry::Companion;
+use crate::signal::{Identities, Sessions, Trust};
 use crate::stanza::child_bytes;
-
-type SignalResult<T> = Result<T, wacore::libsignal::protocol::SignalProtocolError>;
 
 /// A message the phone sent a device: its id and padded plaintext, kept to send again.
 #[derive(Clone)]
@@ -144,8 +142,45 @@ impl Bundle {
         }))
     }
 
+    /// A device 0 bundle (a contact's, or the phone's own) from its parts.
+    pub(crate) fn primary(
+        registration_id: u32,
+        identity: [u8; 32],
+        signed: (u32, [u8; 32], Vec<u8>),
+        prekey: Option<(u32, [u8; 32])>,
+    ) -> Self {
+        Self {
+            registration_id,
+            identity,
+            signed_prekey_id: signed.0,
+            signed_prekey: signed.1,
+            signature: signed.2,
+            prekey,
+        }
+    }
+
     pub(crate) fn identity(&self) -> &[u8; 32] {
         &self.identity
+    }
+
+    /// The library's bundle for `device`.
+    pub(crate) fn to_signal(&self, device: u32) -> Result<PreKeyBundle, String> {
+        let key =
+            |bytes: &[u8]| PublicKey::from_djb_public_key_bytes(bytes).map_err(|e| e.to_string());
+        let prekey = match self.prekey {
+            Some((id, value)) => Some((id.into(), key(&value)?)),
+            None => None,
+        };
+        PreKeyBundle::new(
+            self.registration_id,
+            DeviceId::from(device),
+            prekey,
+            self.signed_prekey_id.into(),
+            key(&self.signed_prekey)?,
+            self.signature.clone(),
+            IdentityKey::new(key(&self.identity)?),
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -170,29 +205,14 @@ impl Seal<'_> {
         bundle: &Bundle,
         messages: &[PeerMessage],
     ) -> Result<Vec<Node>, String> {
-        let key =
-            |bytes: &[u8]| PublicKey::from_djb_public_key_bytes(bytes).map_err(|e| e.to_string());
         let address = ProtocolAddress::new(self.phone, DeviceId::from(self.device));
-        let prekey = match bundle.prekey {
-            Some((id, value)) => Some((id.into(), key(&value)?)),
-            None => None,
-        };
-        let bundle = PreKeyBundle::new(
-            bundle.registration_id,
-            DeviceId::from(self.device),
-            prekey,
-            bundle.signed_prekey_id.into(),
-            key(&bundle.signed_prekey)?,
-            bundle.signature.clone(),
-            IdentityKey::new(key(&bundle.identity)?),
-        )
-        .map_err(|e| e.to_string())?;
+        let bundle = bundle.to_signal(self.device)?;
         let mut sessions = Sessions::default();
-        let mut identities = Identities {
-            own: IdentityKeyPair::from(self.account.clone()),
-            registration_id: self.registration_id,
-            known: HashMap::new(),
-        };
+        let mut identities = Identities::new(
+            IdentityKeyPair::from(self.account.clone()),
+            self.registration_id,
+            Trust::Linked,
+        );
         // A generator that may cross the awaits (the thread's own may not).
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
         process_prekey_bundle(
@@ -294,73 +314,5 @@ fn initial_history_sync() -> wa::Message {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-/// The phone's sessions for one sealing: opened, used, dropped.
-#[derive(Default)]
-struct Sessions(HashMap<String, SessionRecord>);
-
-#[async_trait::async_trait]
-impl SessionStore for Sessions {
-    async fn load_session(&self, address: &ProtocolAddress) -> SignalResult<Option<SessionRecord>> {
-        Ok(self.0.get(address.as_str()).cloned())
-    }
-
-    async fn has_session(&self, address: &ProtocolAddress) -> SignalResult<bool> {
-        Ok(self.0.contains_key(address.as_str()))
-    }
-
-    async fn store_session(
-        &mut self,
-        address: &ProtocolAddress,
-        record: SessionRecord,
-    ) -> SignalResult<()> {
-        self.0.insert(address.as_str().to_owned(), record);
-        Ok(())
-    }
-}
-
-/// The phone's identity (the account key) and the device identities it has seen.
-struct Identities {
-    own: IdentityKeyPair,
-    registration_id: u32,
-    known: HashMap<String, IdentityKey>,
-}
-
-#[async_trait::async_trait]
-impl IdentityKeyStore for Identities {
-    async fn get_identity_key_pair(&self) -> SignalResult<IdentityKeyPair> {
-        Ok(self.own.clone())
-    }
-
-    async fn get_local_registration_id(&self) -> SignalResult<u32> {
-        Ok(self.registration_id)
-    }
-
-    async fn save_identity(
-        &mut self,
-        address: &ProtocolAddress,
-        identity: &IdentityKey,
-    ) -> SignalResult<IdentityChange> {
-        let previous = self.known.insert(address.as_str().to_owned(), *identity);
-        Ok(match previous {
-            Some(old) if old != *identity => IdentityChange::ReplacedExisting,
-            _ => IdentityChange::NewOrUnchanged,
-        })
-    }
-
-    /// The phone linked this device itself: its identity is the one it registered.
-    async fn is_trusted_identity(
-        &self,
-        _address: &ProtocolAddress,
-        _identity: &IdentityKey,
-        _direction: Direction,
-    ) -> SignalResult<bool> {
-        Ok(true)
-    }
-
-    async fn get_identity(&self, address: &ProtocolAddress) -> SignalResult<Option<IdentityKey>> {
-        Ok(self.known.get(address.as_str()).copied())
     }
 }
