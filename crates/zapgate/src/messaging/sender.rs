@@ -143,7 +143,10 @@ impl Sender {
             }
             return Step::Wait(BACKOFF);
         }
+        // A change of line from now on (a clone starts from what the lane's own
+        // receiver last saw, which may be long ago).
         let mut line = self.lane.line.clone();
+        line.borrow_and_update();
         let acked = tokio::select! {
             acked = tokio::time::timeout(self.hub.config.ack_wait, ack) => acked.ok().and_then(Result::ok),
             // A drop before the ack: sent again once connected.

@@ -269,6 +269,9 @@ pub(super) async fn write_message_event(
     Ok(written)
 }
 
+/// Every transaction here writes: it takes the write lock at its start (waiting for it
+/// up to the busy timeout), so one that reads first is never refused at its first
+/// write because another wrote in between.
 async fn write_events(
     tx: &mut Transaction<'_, Sqlite>,
     events: &[WebhookEvent],
@@ -286,7 +289,7 @@ impl MessageStore for SqliteStore {
         m: &NewOutbound,
         max_pending: i64,
     ) -> Result<Enqueued, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some((key, hash)) = &m.idempotency {
             let earlier = sqlx::query(concat!(
                 "SELECT ",
@@ -424,7 +427,7 @@ impl MessageStore for SqliteStore {
         delivery: &WebhookEvent,
         status: &WebhookEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let before: Option<String> = sqlx::query_scalar(
             "SELECT state FROM outbound_messages WHERE seq = ? AND sent_at IS NULL \
              AND state NOT IN ('queued', 'failed')",
@@ -456,7 +459,7 @@ impl MessageStore for SqliteStore {
         error: &str,
         events: &[WebhookEvent],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'failed', error = ? \
              WHERE seq = ? AND state IN ('queued', 'sending')",
@@ -487,7 +490,7 @@ impl MessageStore for SqliteStore {
             Status::Read | Status::Played => "read_at",
         };
         let before = status.before();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // The ids each phone's messages moved, in the order they came.
         let mut moved: Vec<(String, Vec<String>)> = Vec::new();
         for id in ids {
@@ -541,7 +544,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut new = 0;
         for m in messages {
             if m.event.is_some() {
@@ -601,7 +604,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn forget_messages(&self, before: i64) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let sent = sqlx::query(
             "DELETE FROM outbound_messages WHERE created_at < ? \
              AND state NOT IN ('queued', 'sending')",
