@@ -65,6 +65,8 @@ pub(crate) struct InboxItem {
     from: String,
     text: String,
     timestamp: u64,
+    /// When the contact decrypted it (unix ms): latency figures read it.
+    received_at: u64,
     from_device: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_to: Option<String>,
@@ -487,6 +489,7 @@ fn inbox_item(incoming: &Incoming, message: &wa::Message) -> Option<InboxItem> {
         from: incoming.sender.clone(),
         text,
         timestamp: incoming.t,
+        received_at: crate::unix_millis(),
         from_device: incoming.device,
         reply_to,
         edit_of,
