@@ -94,12 +94,18 @@ async fn send(gw: &Gateway, inst: &Instance, contact: &str, text: String) -> Sen
     }
 }
 
-/// Waits until each contact's inbox holds its messages of `sent`; when each arrived
-/// (unix ms), by message id.
-async fn arrivals(world: &World, sent: &[Sent]) -> HashMap<String, i64> {
+/// Waits until each contact's inbox holds the messages of `sent` too; when each message
+/// arrived (unix ms), by id. `inboxes` counts what each contact's inbox holds.
+async fn arrivals(
+    world: &World,
+    sent: &[Sent],
+    inboxes: &mut HashMap<String, usize>,
+) -> HashMap<String, i64> {
     let mut want: HashMap<&str, usize> = HashMap::new();
     for s in sent {
-        *want.entry(&s.contact).or_default() += 1;
+        let held = inboxes.entry(s.contact.clone()).or_default();
+        *held += 1;
+        want.insert(&s.contact, *held);
     }
     let inboxes: Vec<Vec<Value>> = stream::iter(want)
         .map(|(contact, count)| async move {
@@ -197,14 +203,15 @@ async fn main() {
         .iter()
         .zip(contacts.iter().map(String::as_str))
         .collect();
-    println!("gateway: {n} instances linked, {n} contacts");
+    println!("gateway: {n} instances linked, {n} contacts (gateway pid {})", gw.pid());
+    let mut held = HashMap::new();
     // A first message each: sessions opened, numbers looked up.
     let warm: Vec<Sent> = stream::iter(&pairs)
         .map(|(inst, c)| send(&gw, inst, c, "hello".into()))
         .buffer_unordered(CALLS)
         .collect()
         .await;
-    arrivals(&world, &warm).await;
+    arrivals(&world, &warm, &mut held).await;
     let mut result = json!({ "instances": n });
 
     // One instance alone, as fast as WhatsApp acknowledges.
@@ -216,8 +223,9 @@ async fn main() {
         .await;
     let mut all = warm;
     all.extend(sent);
-    let arrived = arrivals(&world, &all).await;
+    let arrived = arrivals(&world, &all[n..], &mut held).await;
     let single = rate(&all[n..], &arrived);
+    println!("one instance: latency {}", latencies(&all[n..], &arrived));
     println!(
         "one instance: {single:.0} messages/s ({} messages)",
         args.single
@@ -235,7 +243,7 @@ async fn main() {
     let total = sent.len();
     let mut everything = all;
     everything.extend(sent);
-    let arrived = arrivals(&world, &everything).await;
+    let arrived = arrivals(&world, &everything[everything.len() - total..], &mut held).await;
     let after = Sample::of(gw.pid());
     let burst = &everything[everything.len() - total..];
     let per_sec = rate(burst, &arrived);
@@ -269,7 +277,7 @@ async fn main() {
         calls.spawn(async move { send(&gw, &inst, &contact, format!("steady {i}")).await });
     }
     let steady: Vec<Sent> = calls.join_all().await;
-    let arrived = arrivals(&world, &steady).await;
+    let arrived = arrivals(&world, &steady, &mut held).await;
     let after = Sample::of(gw.pid());
     let steady_latency = latencies(&steady, &arrived);
     let cpu_secs = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / 100.0;
@@ -287,7 +295,7 @@ async fn main() {
     });
 
     // Numbers down: what queued messages cost, and how fast the queues drain after.
-    let queued = queued_cost(&gw, &world, &pairs, args.queued).await;
+    let queued = queued_cost(&gw, &world, &pairs, args.queued, &mut held).await;
     result["queued"] = queued;
 
     let delivered = receiver.delivered("delivery").len();
@@ -309,6 +317,7 @@ async fn queued_cost(
     world: &World,
     pairs: &[(&Instance, &str)],
     per_instance: usize,
+    held: &mut HashMap<String, usize>,
 ) -> Value {
     let db = || {
         ["zapgate.db", "zapgate.db-wal"]
@@ -333,7 +342,7 @@ async fn queued_cost(
     let (status, body) = world.wa.outage(0).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let back = Instant::now();
-    arrivals(world, &sent).await;
+    arrivals(world, &sent, held).await;
     let drained = back.elapsed().as_secs_f64();
     println!(
         "queued: {total} messages while down, {rss_per:.0} B of gateway memory and {db_per:.0} B of database each; all delivered {drained:.1} s after WhatsApp came back"

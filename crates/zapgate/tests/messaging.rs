@@ -534,3 +534,45 @@ async fn a_contact_offline_gets_the_text_when_back_and_received_follows() {
     wait_statuses(&receiver, &id, &["SENT", "RECEIVED"]).await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn texts_arriving_across_a_kill_9_are_each_announced_once() {
+    const PHONE: &str = "5511966660009";
+    const FRIEND: &str = "5511966660109";
+    const BURST: usize = 40;
+    let world = World::new().await;
+    contact(&world, FRIEND).await;
+    let (gw, inst, receiver) = linked(&world, PHONE).await;
+    // The contact sends a burst; the gateway is killed while it records them, some
+    // committed and acknowledged, some committed and not, some not yet.
+    let sends = (0..BURST).map(|n| {
+        let world = &world;
+        async move { contact_sends(world, FRIEND, PHONE, &format!("burst {n}")).await }
+    });
+    let sending = futures_util::future::join_all(sends);
+    let killed = async {
+        receiver.wait_delivered("received", 1).await;
+        gw.kill().await;
+    };
+    let (ids, ()) = tokio::join!(sending, killed);
+    let gw = gateway(&world).await;
+    let got = receiver.wait_delivered("received", BURST).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A delivery cut by the kill goes again with its event id (receivers deduplicate
+    // by it): one event per message, however many deliveries.
+    let mut events: Vec<(String, String)> = receiver
+        .delivered("received")
+        .iter()
+        .map(|r| (r.body["messageId"].as_str().unwrap().to_owned(), r.event_id.clone()))
+        .collect();
+    events.sort();
+    events.dedup();
+    let mut announced: Vec<String> = events.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(announced.len(), BURST, "each once: {:?}", bodies(&got));
+    announced.sort();
+    let mut want = ids;
+    want.sort();
+    assert_eq!(announced, want);
+    let _ = inst;
+    gw.stop().await;
+}

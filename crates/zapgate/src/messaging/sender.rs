@@ -22,9 +22,10 @@ use crate::store::{Outbound, Status, StoreError};
 
 /// Attempts at one message before it is given up with "Timeout on send message".
 const MAX_ATTEMPTS: i64 = 8;
-/// With nothing queued, the queue is looked at again after this (a new message wakes
-/// the sender at once).
-const IDLE: Duration = Duration::from_secs(30);
+/// With nothing queued, the queue is looked at again after this: a new message wakes
+/// the sender at once, so this only bounds how long one queued in a race with an
+/// unlink may wait to be failed.
+const IDLE: Duration = Duration::from_secs(600);
 /// After a failure to reach WhatsApp or the database.
 const BACKOFF: Duration = Duration::from_secs(2);
 /// How long an answer about a number is believed.
@@ -64,10 +65,19 @@ pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationTo
     };
     loop {
         let current = line.borrow_and_update().clone();
-        let step = match current {
-            Line::Unlinked => sender.fail_all().await,
-            Line::Down => Step::Wait(IDLE),
-            Line::Up(client) => sender.next(&client).await,
+        let work = async {
+            match current {
+                Line::Unlinked => sender.fail_all().await,
+                Line::Down => Step::Wait(IDLE),
+                Line::Up(client) => sender.next(&client).await,
+            }
+        };
+        // A stop mid-send is safe: a message on its way is sent again, with its id, by
+        // the next sender of this instance.
+        let step = tokio::select! {
+            step = work => step,
+            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         let wait = match step {
             Step::Again => continue,
