@@ -322,7 +322,8 @@ pub(crate) fn on_receipt(conn: &Connection, node: &Node) -> ReceiptFor {
         .and_then(|j| j.parse::<Jid>().ok())
         .and_then(|j| registry.resolve(&j))
     else {
-        return ReceiptFor::Routed;
+        // No addressee the service knows: only the phone's own messages are left.
+        return ReceiptFor::Phone;
     };
     if to == *phone {
         return ReceiptFor::Phone;
