@@ -329,3 +329,25 @@ async fn the_control_api_refuses_what_it_cannot_do() {
     let (_, list) = h.control.contacts().await.unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+#[tokio::test]
+async fn a_contact_that_is_offline_gets_its_messages_when_it_comes_back() {
+    let (h, mut companion) = start().await;
+    let (status, _) = h.control.set_online(CONTACT, false).await.unwrap();
+    assert_eq!(status, 200);
+    let sent = companion
+        .client
+        .send_text(user(CONTACT), "are you there?")
+        .await
+        .expect("sent");
+    assert_eq!(server_ack(&mut companion, &sent.message_id).await, None);
+    let (_, body) = h.control.inbox(CONTACT, Some(1), None).await.unwrap();
+    assert_eq!(body, json!([]), "an offline contact receives nothing");
+
+    let (status, _) = h.control.set_online(CONTACT, true).await.unwrap();
+    assert_eq!(status, 200);
+    let got = inbox(&h, 1).await;
+    assert_eq!(got[0]["text"], json!("are you there?"));
+    receipt(&mut companion, &sent.message_id, &[ReceiptType::Delivered]).await;
+    companion.stop().await;
+}
