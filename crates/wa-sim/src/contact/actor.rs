@@ -459,36 +459,14 @@ impl Contact {
 
 /// The inbox entry for a text (or an edit of one); None for anything else.
 fn inbox_item(incoming: &Incoming, message: &wa::Message) -> Option<InboxItem> {
-    let text_of = |m: &wa::Message| {
-        m.conversation.clone().or_else(|| {
-            m.extended_text_message
-                .as_option()
-                .and_then(|e| e.text.clone())
-        })
-    };
-    let reply_to = message
-        .extended_text_message
-        .as_option()
-        .and_then(|e| e.context_info.as_option())
-        .and_then(|c| c.stanza_id.clone());
-    let edit = message
-        .protocol_message
-        .as_option()
-        .filter(|p| p.r#type == Some(wa::message::protocol_message::Type::MESSAGE_EDIT));
-    let (text, edit_of) = match edit {
-        Some(edit) => (
-            edit.edited_message.as_option().and_then(text_of)?,
-            edit.key.as_option().and_then(|k| k.id.clone()),
-        ),
-        None => (text_of(message)?, None),
-    };
+    let text = super::text::Text::of(message)?;
     Some(InboxItem {
         id: incoming.id.clone(),
         from: incoming.sender.clone(),
-        text,
+        text: text.text,
         timestamp: incoming.t,
         from_device: incoming.device,
-        reply_to,
-        edit_of,
+        reply_to: text.reply_to,
+        edit_of: text.edit_of,
     })
 }

@@ -5,6 +5,7 @@
 //! its task.
 
 mod actor;
+mod text;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
