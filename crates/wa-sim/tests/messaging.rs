@@ -351,3 +351,40 @@ async fn a_contact_that_is_offline_gets_its_messages_when_it_comes_back() {
     receipt(&mut companion, &sent.message_id, &[ReceiptType::Delivered]).await;
     companion.stop().await;
 }
+
+#[tokio::test]
+async fn linked_numbers_text_each_other_and_own_devices_get_a_copy() {
+    const OTHER: &str = "5511966660002";
+    let (h, mut companion) = start().await;
+    let mut second = h.linked_companion(&h.store("second"), PHONE).await;
+    let mut other = h.linked_companion(&h.store("other"), OTHER).await;
+
+    let sent = companion
+        .client
+        .send_text(user(OTHER), "between gateways")
+        .await
+        .expect("sent");
+    assert_eq!(server_ack(&mut companion, &sent.message_id).await, None);
+    let (text, name, _) = text(&mut other).await;
+    assert_eq!(text, "between gateways");
+    assert_eq!(name, format!("wa-sim {PHONE}"));
+    receipt(
+        &mut companion,
+        &sent.message_id,
+        &[ReceiptType::Delivered, ReceiptType::Inactive],
+    )
+    .await;
+    // The account's other device sees what its sibling sent.
+    let copy = second
+        .wait_for("the sibling's copy", |e| match e {
+            Event::Messages(batch) => batch.messages.iter().find_map(|m| {
+                (m.info.id == sent.message_id).then(|| m.info.source.is_from_me)
+            }),
+            _ => None,
+        })
+        .await;
+    assert!(copy);
+    for c in [companion, second, other] {
+        c.stop().await;
+    }
+}
