@@ -377,9 +377,10 @@ async fn linked_numbers_text_each_other_and_own_devices_get_a_copy() {
     // The account's other device sees what its sibling sent.
     let copy = second
         .wait_for("the sibling's copy", |e| match e {
-            Event::Messages(batch) => batch.messages.iter().find_map(|m| {
-                (m.info.id == sent.message_id).then(|| m.info.source.is_from_me)
-            }),
+            Event::Messages(batch) => batch
+                .messages
+                .iter()
+                .find_map(|m| (m.info.id == sent.message_id).then(|| m.info.source.is_from_me)),
             _ => None,
         })
         .await;
