@@ -389,3 +389,41 @@ async fn linked_numbers_text_each_other_and_own_devices_get_a_copy() {
         c.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_text_sent_as_the_connection_drops_arrives_after_the_client_reconnects() {
+    let (h, mut companion) = start().await;
+    let (status, body) = h
+        .control
+        .post("drop", json!({ "phone": PHONE }))
+        .await
+        .unwrap();
+    assert_eq!((status, &body["dropped"]), (200, &json!(1)), "{body}");
+    let (status, body) = h
+        .control
+        .contact_send(CONTACT, PHONE, "mind the gap", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Live, queued or sent again after the drop: it arrives exactly once.
+    let (text, _, _) = text(&mut companion).await;
+    assert_eq!(text, "mind the gap");
+    let device = format!("{PHONE}:1@s.whatsapp.net");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, outbox) = h.control.contact_outbox(CONTACT).await.unwrap();
+        if outbox[0]["delivered"] == json!([device]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {outbox}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let more = companion.drain();
+    assert!(!more.iter().any(|e| e == "Messages"), "{more:?}");
+    let stats = h.control.stats().await.unwrap();
+    eprintln!(
+        "queued {}, redelivered {}",
+        stats["messagesQueued"], stats["messagesRedelivered"]
+    );
+    companion.stop().await;
+}
