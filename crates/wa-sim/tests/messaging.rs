@@ -427,3 +427,28 @@ async fn a_text_sent_as_the_connection_drops_arrives_after_the_client_reconnects
     );
     companion.stop().await;
 }
+
+#[tokio::test]
+async fn a_text_the_contact_cannot_decrypt_is_asked_for_again_and_arrives_once() {
+    let (h, mut companion) = start().await;
+    let (status, body) = h
+        .control
+        .fault(json!({ "kind": "garble-incoming", "contact": CONTACT }))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let sent = companion
+        .client
+        .send_text(user(CONTACT), "say again?")
+        .await
+        .expect("sent");
+    let got = inbox(&h, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["id"], json!(sent.message_id));
+    assert_eq!(got[0]["text"], json!("say again?"));
+    receipt(&mut companion, &sent.message_id, &[ReceiptType::Delivered]).await;
+    let stats = h.control.stats().await.unwrap();
+    assert_eq!(stats["undecryptable"], json!(1), "{stats}");
+    assert_eq!(stats["messagesDeduped"], json!(0), "{stats}");
+    companion.stop().await;
+}
