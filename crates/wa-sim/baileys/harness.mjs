@@ -7,10 +7,13 @@
 //   {"event":"pairing-code","code":"ABCD1234"}  after a `pair` command
 //   {"event":"open","jid":"...","name":"..."}   logged in
 //   {"event":"history","syncType":0}           a history sync was processed
+//   {"event":"sent","id":"...","to":"..."}      after a `send` command, once sent
+//   {"event":"message","id","from","text","pushName"}  a text from someone else
 //   {"event":"close","status":401}              the connection ended (401: logged out)
 //   {"event":"error","message":"..."}           a command failed
 // Reads commands, one per line, on stdin:
 //   pair <phone>   ask for a pairing code for <phone> (once the socket is up)
+//   send <jid> <text...>   send a text
 //   quit           close the socket and exit
 // Baileys' own log (pino, JSON lines) goes to stderr; BAILEYS_LOG_LEVEL sets its level.
 // A socket closed with 515 (restart required, after pairing) is reopened, as an app does.
@@ -62,6 +65,13 @@ function connect() {
       .catch((e) => emit('error', { message: `saving credentials: ${e?.message ?? e}` }));
   });
   sock.ev.on('messaging-history.set', ({ syncType }) => emit('history', { syncType }));
+  sock.ev.on('messages.upsert', ({ messages }) => {
+    for (const m of messages) {
+      const text = m.message?.conversation ?? m.message?.extendedTextMessage?.text;
+      if (m.key.fromMe || text == null) continue;
+      emit('message', { id: m.key.id, from: m.key.remoteJid, text, pushName: m.pushName ?? null });
+    }
+  });
   sock.ev.on('connection.update', async (update) => {
     if (update.qr) {
       ready();
@@ -98,6 +108,13 @@ for await (const line of createInterface({ input: process.stdin })) {
     await registered;
     try {
       emit('pairing-code', { code: await sock.requestPairingCode(rest[0]) });
+    } catch (e) {
+      emit('error', { message: String(e?.message ?? e) });
+    }
+  } else if (command === 'send') {
+    try {
+      const sent = await sock.sendMessage(rest[0], { text: rest.slice(1).join(' ') });
+      emit('sent', { id: sent.key.id, to: rest[0] });
     } catch (e) {
       emit('error', { message: String(e?.message ?? e) });
     }

@@ -12,9 +12,11 @@ pub(crate) fn answer(conn: &Connection, iq: &Node) -> Vec<Node> {
     let xmlns = attr(iq, "xmlns");
     let child = first_child(iq);
     match (xmlns.as_deref(), child) {
-        // Going active: answer, send what waited for the device (marked offline) and
-        // say where that backlog ends, and share the account's push name. A device that knows it logs in without waiting for the
-        // first app-state sync (the name would otherwise come from there).
+        // Going active: answer, send what waited for the device (marked offline),
+        // say where that backlog ends (the client holds every send until it knows),
+        // and share the account's push name. A device that knows it logs in without
+        // waiting for the first app-state sync (the name would otherwise come from
+        // there).
         (Some("passive"), _) => {
             let mut replies = vec![iq_result(iq).build()];
             if let Session::Device { phone, device } = &conn.session {

@@ -151,12 +151,37 @@ pub(crate) struct Registry {
     /// What waits for each companion device (number, device) until it says it has it.
     pub(crate) queues: HashMap<(String, u32), VecDeque<crate::routing::Queued>>,
     /// Message ids already routed, by the sending device (`number:device`).
-    pub(crate) seen: HashSet<(String, String)>,
+    pub(crate) seen: Seen,
     /// The next message to this number is refused with this code (fault injection).
     pub(crate) nack_faults: HashMap<String, u16>,
     pub(crate) conns: HashMap<ConnId, ConnEntry>,
     next_conn: ConnId,
     next_fresh_phone: u64,
+}
+
+/// The last [`Seen::KEPT`] (sending device, message id) pairs routed, to drop resends.
+#[derive(Default)]
+pub(crate) struct Seen {
+    set: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
+}
+
+impl Seen {
+    const KEPT: usize = 100_000;
+
+    /// Whether this pair is new (and remember it).
+    pub(crate) fn insert(&mut self, key: (String, String)) -> bool {
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > Self::KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+        true
+    }
 }
 
 /// The ref a client shows at `elapsed` after receiving `refs`: the first lives 60 s,
@@ -322,5 +347,18 @@ mod tests {
         assert_eq!(at(79), Some("ref1"));
         assert_eq!(at(80), Some("ref2"));
         assert_eq!(at(100), None);
+    }
+
+    #[test]
+    fn a_resend_is_seen_and_the_oldest_ids_are_forgotten() {
+        let mut seen = Seen::default();
+        let key = |i: usize| ("5511:1".to_owned(), format!("id{i}"));
+        assert!(seen.insert(key(0)));
+        assert!(!seen.insert(key(0)));
+        for i in 1..=Seen::KEPT {
+            assert!(seen.insert(key(i)));
+        }
+        assert!(seen.insert(key(0)), "the oldest was forgotten");
+        assert!(!seen.insert(key(Seen::KEPT)));
     }
 }

@@ -215,9 +215,14 @@ pub(crate) fn on_message(conn: &Connection, node: &Node) -> Node {
     if let Some(code) = registry.nack_faults.remove(&to_number) {
         return ack(Some(code));
     }
-    if !registry
-        .seen
-        .insert((format!("{phone}:{device}"), id.clone()))
+    // A resend answering a retry receipt carries the same id, with a count.
+    let retry = node
+        .get_optional_child("enc")
+        .is_some_and(|enc| attr(enc, "count").is_some());
+    if !retry
+        && !registry
+            .seen
+            .insert((format!("{phone}:{device}"), id.clone()))
     {
         bump(&sim.stats.messages_deduped, 1);
         return ack(None);
@@ -322,7 +327,8 @@ pub(crate) fn on_receipt(conn: &Connection, node: &Node) -> ReceiptFor {
         .and_then(|j| j.parse::<Jid>().ok())
         .and_then(|j| registry.resolve(&j))
     else {
-        return ReceiptFor::Routed;
+        // No addressee the service knows: only the phone's own messages are left.
+        return ReceiptFor::Phone;
     };
     if to == *phone {
         return ReceiptFor::Phone;

@@ -256,6 +256,7 @@ impl Sim {
     pub(crate) fn remove_own_device(self: &Arc<Self>, phone: &str, device: u32) -> bool {
         let removed = {
             let mut registry = self.registry();
+            registry.queues.remove(&(phone.to_owned(), device));
             registry.phones.get_mut(phone).is_some_and(|p| {
                 let removed = p.devices.remove(&device).is_some();
                 if removed {
@@ -273,6 +274,8 @@ impl Sim {
     /// The phone unlinks every companion: each connected one is told it was removed.
     pub(crate) fn unlink_phone(&self, phone: &str) -> Option<usize> {
         let mut registry = self.registry();
+        // What waited for the unlinked devices goes with them.
+        registry.queues.retain(|(number, _), _| number != phone);
         let removed = {
             let account = registry.phones.get_mut(phone)?;
             account.code_request = None;

@@ -1,6 +1,7 @@
 //! Conformance with a second client: Baileys, written independently of whatsapp-rust
-//! (its own binary codec, Noise and Signal code), links, logs in again and is logged out
-//! against wa-sim unmodified, with nothing in its log at error level.
+//! (its own binary codec, Noise and Signal code), links, logs in again, is logged out
+//! and exchanges texts with a contact against wa-sim unmodified, with nothing in its
+//! log at error level.
 
 mod common;
 
@@ -111,6 +112,67 @@ async fn baileys_links_by_pairing_code() {
         d["appStateKeyShared"] == json!(true)
     })
     .await;
+    baileys.quit().await;
+    assert_no_errors(&baileys);
+}
+
+#[tokio::test]
+async fn baileys_and_a_contact_exchange_texts() {
+    const PHONE: &str = "5511988880003";
+    const CONTACT: &str = "5511977770003";
+    let h = Harness::start().await;
+    let (status, body) = h
+        .control
+        .create_contact(Some(CONTACT), Some("Dora"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut baileys = Baileys::start(&h.sim.ws_url(), &h.dir.path().join("baileys-texts"));
+    let qr = baileys.wait_for("qr", WAIT).await["qr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(h.control.scan(&qr, Some(PHONE)).await.unwrap().0, 200);
+    baileys.wait_for("open", WAIT).await;
+    // The phone's welcome first: it opens the phone's session with the device, which a
+    // send racing it would open too (Baileys then logs that it replaced one).
+    baileys.wait_for("history", WAIT).await;
+
+    baileys.command(&format!("send {CONTACT}@s.whatsapp.net hello from Baileys"));
+    let sent = baileys.wait_for("sent", WAIT).await;
+    let (status, inbox) = h
+        .control
+        .inbox(CONTACT, Some(WAIT.as_secs()), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{inbox}");
+    assert_eq!(inbox[0]["id"], sent["id"], "{inbox}");
+    assert_eq!(inbox[0]["from"], json!(PHONE));
+    assert_eq!(inbox[0]["text"], json!("hello from Baileys"));
+
+    let (status, body) = h
+        .control
+        .contact_send(CONTACT, PHONE, "hello Baileys", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let message = baileys.wait_for("message", WAIT).await;
+    assert_eq!(message["id"], body["id"], "{message}");
+    assert_eq!(message["text"], json!("hello Baileys"));
+    assert_eq!(message["pushName"], json!("Dora"));
+    // Baileys' delivery receipt reached the contact.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, outbox) = h.control.contact_outbox(CONTACT).await.unwrap();
+        if outbox[0]["delivered"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no delivery receipt: {outbox}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     baileys.quit().await;
     assert_no_errors(&baileys);
 }

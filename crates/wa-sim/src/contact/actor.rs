@@ -101,6 +101,10 @@ struct Contact {
     outbox: Vec<OutboxItem>,
     events: Vec<Value>,
     garble_next: bool,
+    /// Corrupt the next message it receives (fault injection).
+    garble_incoming: bool,
+    /// Retry receipts it sent, by (sender, message id).
+    asked: BTreeMap<(String, String), u32>,
 }
 
 pub(super) async fn run(
@@ -123,6 +127,8 @@ pub(super) async fn run(
         outbox: Vec::new(),
         events: Vec::new(),
         garble_next: false,
+        garble_incoming: false,
+        asked: BTreeMap::new(),
     };
     loop {
         tokio::select! {
@@ -169,6 +175,7 @@ impl Contact {
                 }
             }
             Command::Garble => self.garble_next = true,
+            Command::GarbleIncoming => self.garble_incoming = true,
             Command::Inbox(done) => {
                 let _ = done.send(self.inbox.iter().map(|(i, _)| i.clone()).collect());
             }
@@ -185,7 +192,8 @@ impl Contact {
     /// sending device it was delivered.
     async fn receive(&mut self, incoming: Incoming) {
         let address = ProtocolAddress::new(&incoming.sender, DeviceId::from(incoming.device));
-        let message = match self.decrypt(&address, &incoming.enc).await {
+        let garbled = std::mem::take(&mut self.garble_incoming);
+        let message = match self.decrypt(&address, &incoming.enc, garbled).await {
             Ok(message) => message,
             Err(e) => {
                 bump(&self.sim.stats.undecryptable, 1);
@@ -194,8 +202,9 @@ impl Contact {
                     from = %address,
                     id = incoming.id,
                     error = e,
-                    "a contact could not decrypt a message"
+                    "a contact could not decrypt a message; it asks again"
                 );
+                self.ask_again(&incoming);
                 return;
             }
         };
@@ -214,8 +223,15 @@ impl Contact {
         &mut self,
         address: &ProtocolAddress,
         enc: &Node,
+        garbled: bool,
     ) -> Result<wa::Message, String> {
-        let bytes = crate::stanza::bytes(enc).ok_or("an <enc> without ciphertext")?;
+        let mut bytes = crate::stanza::bytes(enc)
+            .ok_or("an <enc> without ciphertext")?
+            .to_vec();
+        if garbled && let Some(last) = bytes.last_mut() {
+            *last ^= 0x01;
+        }
+        let bytes = &bytes[..];
         let ciphertext = match attr(enc, "type").as_deref() {
             Some("pkmsg") => CiphertextMessage::PreKeySignalMessage(
                 PreKeySignalMessage::try_from(bytes).map_err(|e| e.to_string())?,
@@ -244,6 +260,44 @@ impl Contact {
             let _ = keys.prekeys.remove_pre_key(id).await;
         }
         wacore::messages::decode_plaintext(&result.plaintext, 2).map_err(|e| e.to_string())
+    }
+
+    /// A retry receipt for a message it could not decrypt (at most 5 per message), so
+    /// the device seals it again over a new session.
+    fn ask_again(&mut self, incoming: &Incoming) {
+        let asked = self
+            .asked
+            .entry((incoming.sender.clone(), incoming.id.clone()))
+            .or_default();
+        *asked += 1;
+        let asked = *asked;
+        if asked > MAX_RETRIES {
+            return;
+        }
+        let t = crate::unix_secs().to_string();
+        let node = NodeBuilder::new("receipt")
+            .attrs([
+                ("from", self.jid()),
+                ("id", incoming.id.clone()),
+                ("t", t.clone()),
+                ("type", "retry".to_owned()),
+            ])
+            .children([
+                NodeBuilder::new("retry")
+                    .attrs([
+                        ("count", asked.to_string()),
+                        ("id", incoming.id.clone()),
+                        ("t", t),
+                        ("v", "1".to_owned()),
+                    ])
+                    .build(),
+                NodeBuilder::new("registration")
+                    .bytes(self.keys.identities.registration_id.to_be_bytes().to_vec())
+                    .build(),
+            ])
+            .build();
+        let queued = Queued::receipt(incoming.id.clone(), Some("retry".to_owned()), node);
+        routing::deliver_from_contact(&self.sim, &incoming.sender, incoming.device, queued);
     }
 
     /// `<receipt from=contact id t [type]>`, with a `<list>` when it covers several.
@@ -461,37 +515,15 @@ impl Contact {
 
 /// The inbox entry for a text (or an edit of one); None for anything else.
 fn inbox_item(incoming: &Incoming, message: &wa::Message) -> Option<InboxItem> {
-    let text_of = |m: &wa::Message| {
-        m.conversation.clone().or_else(|| {
-            m.extended_text_message
-                .as_option()
-                .and_then(|e| e.text.clone())
-        })
-    };
-    let reply_to = message
-        .extended_text_message
-        .as_option()
-        .and_then(|e| e.context_info.as_option())
-        .and_then(|c| c.stanza_id.clone());
-    let edit = message
-        .protocol_message
-        .as_option()
-        .filter(|p| p.r#type == Some(wa::message::protocol_message::Type::MESSAGE_EDIT));
-    let (text, edit_of) = match edit {
-        Some(edit) => (
-            edit.edited_message.as_option().and_then(text_of)?,
-            edit.key.as_option().and_then(|k| k.id.clone()),
-        ),
-        None => (text_of(message)?, None),
-    };
+    let text = super::text::Text::of(message)?;
     Some(InboxItem {
         id: incoming.id.clone(),
         from: incoming.sender.clone(),
-        text,
+        text: text.text,
         timestamp: incoming.t,
         received_at: crate::unix_millis(),
         from_device: incoming.device,
-        reply_to,
-        edit_of,
+        reply_to: text.reply_to,
+        edit_of: text.edit_of,
     })
 }

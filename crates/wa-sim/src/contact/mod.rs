@@ -5,6 +5,7 @@
 //! its task.
 
 mod actor;
+mod text;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -109,6 +110,7 @@ pub(crate) enum Command {
     },
     SetOnline(bool),
     Garble,
+    GarbleIncoming,
     Inbox(oneshot::Sender<Vec<InboxItem>>),
     Outbox(oneshot::Sender<Vec<OutboxItem>>),
     Events(oneshot::Sender<Vec<serde_json::Value>>),

@@ -202,6 +202,9 @@ pub(super) enum FaultBody {
     Nack { to: String, code: u16 },
     /// Corrupt the next message `contact` sends a companion.
     Garble { contact: String },
+    /// Corrupt the next message `contact` receives: it asks the sender again.
+    #[serde(rename = "garble-incoming")]
+    GarbleIncoming { contact: String },
 }
 
 pub(super) async fn fault(State(sim): State<Arc<Sim>>, Body(body): Body<FaultBody>) -> Reply {
@@ -221,6 +224,11 @@ pub(super) async fn fault(State(sim): State<Arc<Sim>>, Body(body): Body<FaultBod
             let phone = existing(&sim, &phone)?;
             contact::tell(&sim, &phone, Command::Garble);
             Ok(Json(json!({ "kind": "garble", "contact": phone })))
+        }
+        FaultBody::GarbleIncoming { contact: phone } => {
+            let phone = existing(&sim, &phone)?;
+            contact::tell(&sim, &phone, Command::GarbleIncoming);
+            Ok(Json(json!({ "kind": "garble-incoming", "contact": phone })))
         }
     }
 }
