@@ -203,7 +203,10 @@ async fn main() {
         .iter()
         .zip(contacts.iter().map(String::as_str))
         .collect();
-    println!("gateway: {n} instances linked, {n} contacts (gateway pid {})", gw.pid());
+    println!(
+        "gateway: {n} instances linked, {n} contacts (gateway pid {})",
+        gw.pid()
+    );
     let mut held = HashMap::new();
     // A first message each: sessions opened, numbers looked up.
     let warm: Vec<Sent> = stream::iter(&pairs)

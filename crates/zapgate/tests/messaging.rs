@@ -563,7 +563,12 @@ async fn texts_arriving_across_a_kill_9_are_each_announced_once() {
     let mut events: Vec<(String, String)> = receiver
         .delivered("received")
         .iter()
-        .map(|r| (r.body["messageId"].as_str().unwrap().to_owned(), r.event_id.clone()))
+        .map(|r| {
+            (
+                r.body["messageId"].as_str().unwrap().to_owned(),
+                r.event_id.clone(),
+            )
+        })
         .collect();
     events.sort();
     events.dedup();

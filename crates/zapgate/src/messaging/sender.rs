@@ -268,7 +268,7 @@ impl Sender {
         let status = zapi::status(
             &id,
             Status::Sent,
-            &[head.message_id.clone()],
+            std::slice::from_ref(&head.message_id),
             &head.phone,
             now,
         );

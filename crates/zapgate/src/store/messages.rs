@@ -838,7 +838,13 @@ mod tests {
                 ..status_event(&["A1".into()], "x")
             }),
         };
-        assert_eq!(store.record_inbound(&[row.clone()]).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .record_inbound(std::slice::from_ref(&row))
+                .await
+                .unwrap(),
+            1
+        );
         let replay = Inbound {
             event: Some(WebhookEvent {
                 event_id: "another".into(),
