@@ -225,8 +225,9 @@ impl Hub {
                     .map(|id| id.to_string())
                     .collect();
                 let at = receipt.timestamp.timestamp_millis();
-                let event =
-                    |ids: &[String], phone: &str| zapi::status(instance, status, ids, phone, at);
+                let event = |status: Status, ids: &[String], phone: &str| {
+                    zapi::status(instance, status, ids, phone, at)
+                };
                 match self
                     .store
                     .message_status(instance, &ids, status, at, &event)

@@ -165,7 +165,7 @@ pub trait MessageStore: Send + Sync {
         ids: &[String],
         status: Status,
         at: i64,
-        event: &(dyn for<'x> Fn(&'x [String], &'x str) -> WebhookEvent + Sync),
+        event: &(dyn for<'x> Fn(Status, &'x [String], &'x str) -> WebhookEvent + Sync),
     ) -> Result<usize, StoreError>;
     /// A message of ours, by its WhatsApp id.
     async fn outbound_by_id(
@@ -482,7 +482,7 @@ impl MessageStore for SqliteStore {
         ids: &[String],
         status: Status,
         at: i64,
-        event: &(dyn for<'x> Fn(&'x [String], &'x str) -> WebhookEvent + Sync),
+        event: &(dyn for<'x> Fn(Status, &'x [String], &'x str) -> WebhookEvent + Sync),
     ) -> Result<usize, StoreError> {
         let column = match status {
             Status::Sent => "sent_at",
@@ -493,6 +493,25 @@ impl MessageStore for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // The ids each phone's messages moved, in the order they came.
         let mut moved: Vec<(String, Vec<String>)> = Vec::new();
+        // A receipt that overtook WhatsApp's ack still proves the message was sent:
+        // its SENT comes first.
+        let mut unacked: Vec<(String, Vec<String>)> = Vec::new();
+        for id in ids {
+            let phone: Option<String> = sqlx::query_scalar(
+                "SELECT phone FROM outbound_messages WHERE instance_id = ? AND message_id = ? \
+                 AND state = 'sending'",
+            )
+            .bind(instance_id)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(phone) = phone.filter(|_| status != Status::Sent) {
+                match unacked.iter_mut().find(|(p, _)| *p == phone) {
+                    Some((_, list)) => list.push(id.clone()),
+                    None => unacked.push((phone, vec![id.clone()])),
+                }
+            }
+        }
         for id in ids {
             let statement = format!(
                 "UPDATE outbound_messages SET state = ?1, {column} = COALESCE({column}, ?2) \
@@ -517,10 +536,13 @@ impl MessageStore for SqliteStore {
                 }
             }
         }
+        for (phone, list) in &unacked {
+            write_message_event(&mut tx, &event(Status::Sent, list, phone)).await?;
+        }
         let mut count = 0;
         for (phone, list) in &moved {
             count += list.len();
-            write_message_event(&mut tx, &event(list, phone)).await?;
+            write_message_event(&mut tx, &event(status, list, phone)).await?;
         }
         tx.commit().await?;
         Ok(count)
@@ -701,7 +723,7 @@ mod tests {
         }
     }
 
-    fn status_event(ids: &[String], phone: &str) -> WebhookEvent {
+    fn status_event(_: Status, ids: &[String], phone: &str) -> WebhookEvent {
         WebhookEvent {
             event_id: crate::random_hex(8),
             instance_id: "I".into(),
@@ -774,9 +796,9 @@ mod tests {
         assert_eq!(moved, 1);
         let delivery = WebhookEvent {
             kind: WebhookKind::Delivery,
-            ..status_event(&["D".into()], "x")
+            ..status_event(Status::Sent, &["D".into()], "x")
         };
-        let sent = status_event(&["SENT".into()], "x");
+        let sent = status_event(Status::Sent, &["SENT".into()], "x");
         store
             .message_sent(m.seq, 21, &delivery, &sent)
             .await
@@ -786,7 +808,11 @@ mod tests {
             .message_sent(m.seq, 22, &delivery, &sent)
             .await
             .unwrap();
-        assert_eq!(pending_kinds(&store).await, ["message-status", "delivery"]);
+        // SENT and RECEIVED at the receipt, the delivery at the ack.
+        assert_eq!(
+            pending_kinds(&store).await,
+            ["message-status", "message-status", "delivery"]
+        );
         // Read, then a late delivered receipt: nothing goes back.
         store
             .message_status("I", &ids, Status::Read, 23, &status_event)
@@ -835,7 +861,7 @@ mod tests {
             sent_at: 5,
             event: Some(WebhookEvent {
                 kind: WebhookKind::Received,
-                ..status_event(&["A1".into()], "x")
+                ..status_event(Status::Received, &["A1".into()], "x")
             }),
         };
         assert_eq!(
