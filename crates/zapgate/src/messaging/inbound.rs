@@ -225,8 +225,15 @@ impl Hub {
                     .map(|id| id.to_string())
                     .collect();
                 let at = receipt.timestamp.timestamp_millis();
+                // What was written, for the event streams once it is committed.
+                let written = std::sync::Mutex::new(Vec::new());
                 let event = |status: Status, ids: &[String], phone: &str| {
-                    zapi::status(instance, status, ids, phone, at)
+                    let event = zapi::status(instance, status, ids, phone, at);
+                    written
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(event.clone());
+                    event
                 };
                 match self
                     .store
@@ -234,7 +241,10 @@ impl Hub {
                     .await
                 {
                     Ok(0) => {}
-                    Ok(_) => self.webhooks_due.notify_one(),
+                    Ok(_) => {
+                        self.webhooks_due.notify_one();
+                        self.note(&written.into_inner().unwrap_or_else(|p| p.into_inner()));
+                    }
                     Err(e) => {
                         tracing::error!(instance.id = %instance, error = %e, "could not record a receipt")
                     }
