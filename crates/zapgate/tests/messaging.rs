@@ -258,27 +258,7 @@ async fn a_contacts_text_arrives_as_a_received_callback_with_every_field() {
     )
     .await;
     assert_eq!(status, 204, "{answer}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, outbox) = world
-            .wa
-            .get(&format!("contacts/{FRIEND}/outbox"))
-            .await
-            .unwrap();
-        let mine = outbox
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == id)
-            .cloned()
-            .unwrap();
-        if mine["read"].as_array().is_some_and(|r| !r.is_empty()) {
-            assert!(!mine["delivered"].as_array().unwrap().is_empty(), "{mine}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never read: {mine}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    world.wait_read(FRIEND, &id).await;
     // A reply quotes it.
     let (status, reply) = send_text(
         &gw,

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::receiver::Receiver;
 use common::{Gateway, Instance, World};
@@ -117,28 +116,7 @@ async fn a_z_api_sdk_app_sends_replies_reads_and_gets_its_webhooks_unmodified() 
         .unwrap();
     assert_eq!(inbox[1]["id"], reply["messageId"]);
     assert_eq!(inbox[1]["replyTo"], theirs.as_str());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, outbox) = world
-            .wa
-            .get(&format!("contacts/{FRIEND}/outbox"))
-            .await
-            .unwrap();
-        let mine = outbox
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == theirs.as_str())
-            .cloned();
-        if mine.is_some_and(|m| m["read"].as_array().is_some_and(|r| !r.is_empty())) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never read: {outbox}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    world.wait_read(FRIEND, &theirs).await;
 
     assert_eq!(
         ok(&gw, &inst, &["exists", FRIEND]).await,

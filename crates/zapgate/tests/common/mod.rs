@@ -135,6 +135,31 @@ impl World {
         assert_eq!(status, 200, "the phone accepted: {body}");
     }
 
+    /// Waits until the message `id` the contact sent was delivered and read (its
+    /// outbox names the devices that said so); the message as the outbox shows it.
+    pub async fn wait_read(&self, contact: &str, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, outbox) = self
+                .wa
+                .get(&format!("contacts/{contact}/outbox"))
+                .await
+                .unwrap();
+            let mine = outbox
+                .as_array()
+                .and_then(|list| list.iter().find(|m| m["id"] == id).cloned());
+            let said = |m: &Value, what: &str| m[what].as_array().is_some_and(|r| !r.is_empty());
+            if let Some(mine) = mine.filter(|m| said(m, "read") && said(m, "delivered")) {
+                return mine;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never read: {outbox}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `phone` unlinks its devices, as from its settings.
     pub async fn phone_unlinks(&self, phone: &str) {
         let (status, body) = self
