@@ -11,6 +11,8 @@
 //! several sizes and prints the README's table. Prints its figures, and a last line
 //! `RESULT {json}` for that script.
 
+#[path = "support/args.rs"]
+mod args;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/fleet.rs"]
@@ -42,24 +44,14 @@ struct Args {
 
 impl Args {
     fn parse() -> Self {
-        let args: Vec<String> = std::env::args().collect();
-        let get = |name: &str, default: u64| -> u64 {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .map(|v| {
-                    v.parse()
-                        .unwrap_or_else(|_| panic!("{name} takes a number"))
-                })
-                .unwrap_or(default)
-        };
-        let instances = get("--instances", 100) as usize;
+        let args = args::CommandLine::read();
+        let instances = args.number("--instances", 100) as usize;
         Self {
             instances,
-            idle_secs: get("--idle-secs", 120),
-            link_concurrency: get("--link-concurrency", 32) as usize,
+            idle_secs: args.number("--idle-secs", 120),
+            link_concurrency: args.number("--link-concurrency", 32) as usize,
             // Past 1,000, Baileys would take longer to link than the rest of the run.
-            baileys: get(
+            baileys: args.number(
                 "--baileys",
                 if instances <= 1000 {
                     instances as u64
@@ -67,15 +59,8 @@ impl Args {
                     0
                 },
             ) as usize,
-            http_secs: get("--http-secs", 10),
-            env: args
-                .windows(2)
-                .filter(|w| w[0] == "--env")
-                .map(|w| {
-                    let (k, v) = w[1].split_once('=').expect("--env takes K=V");
-                    (k.to_owned(), v.to_owned())
-                })
-                .collect(),
+            http_secs: args.number("--http-secs", 10),
+            env: args.env(),
         }
     }
 }

@@ -5,12 +5,14 @@
 //! the same wa-sim, when its harness is there.
 //!
 //! `cargo bench -p zapgate --bench messages -- [--instances 100] [--burst 20]
-//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 10]`
+//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 10] [--env K=V ...]`
 //!
 //! The gateway is a release sandbox build in its own process, with Z-API's pacing off
 //! (`ZAPGATE_SEND_INTERVAL_MS=0`) and its message webhooks set to a receiver in this
 //! process. Prints its figures, and a last line `RESULT {json}`.
 
+#[path = "support/args.rs"]
+mod args;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/fleet.rs"]
@@ -39,29 +41,22 @@ struct Args {
     secs: u64,
     queued: usize,
     baileys: usize,
+    env: Vec<(String, String)>,
 }
 
 impl Args {
     fn parse() -> Self {
-        let args: Vec<String> = std::env::args().collect();
-        let get = |name: &str, default: usize| -> usize {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .map(|v| {
-                    v.parse()
-                        .unwrap_or_else(|_| panic!("{name} takes a number"))
-                })
-                .unwrap_or(default)
-        };
+        let args = args::CommandLine::read();
+        let get = |name: &str, default: u64| args.number(name, default) as usize;
         Self {
             instances: get("--instances", 100),
             burst: get("--burst", 20),
             single: get("--single", 500),
             rate: get("--rate", 500),
-            secs: get("--secs", 10) as u64,
+            secs: args.number("--secs", 10),
             queued: get("--queued", 50),
             baileys: get("--baileys", 10),
+            env: args.env(),
         }
     }
 }
@@ -163,12 +158,14 @@ async fn main() {
     let args = Args::parse();
     let n = args.instances;
     let world = World::new().await;
-    let env = [
+    let mut env = vec![
         ("RUST_LOG", QUIET),
         ("ZAPGATE_MAX_CONNECTIONS_PER_ADDRESS", "1024"),
         ("ZAPGATE_SEND_INTERVAL_MS", "0"),
         ("ZAPGATE_WEBHOOK_ALLOW_PRIVATE", "true"),
     ];
+    // Later entries win: `--env RUST_LOG=...` replaces the quiet default.
+    env.extend(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let gw = world.gateway_with(&env).await;
     let instances = fleet::create(&gw, n, "sender").await;
     fleet::link(&gw, &world, &instances, "55118", 10_000_000, 32).await;

@@ -38,6 +38,14 @@ const IDLE_LOOK: Duration = Duration::from_secs(5);
 const KEEP_SETTLED: Duration = Duration::from_secs(7 * 24 * 3600);
 /// An instance whose delivery could not be recorded waits this long before the next.
 const RECORD_BACKOFF: Duration = Duration::from_secs(5);
+/// Events of one instance delivered one after the other before its slot is given up
+/// for others to take.
+const RUN: usize = 64;
+/// Events of one instance read at once while it has a delivery slot.
+const READ_AHEAD: u32 = 16;
+/// The outbox is looked over at most this often: under load, the deliveries in flight
+/// carry on with their instances' next events, and a look finds only idle ones.
+const LOOK_GAP: Duration = Duration::from_millis(5);
 
 pub struct DelivererConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -113,6 +121,10 @@ impl Worker {
                 () = self.due.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(LOOK_GAP) => {}
+            }
         }
     }
 
@@ -125,6 +137,7 @@ impl Worker {
         if room == 0 {
             return Ok(IDLE_LOOK);
         }
+        let mut dispatched = false;
         for entry in self.store.due_webhooks(now, &busy, room).await? {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 break;
@@ -138,13 +151,42 @@ impl Worker {
             let (store, client, config) =
                 (self.store.clone(), self.client.clone(), self.config.clone());
             self.tracker.spawn(async move {
-                if !deliver(&*store, &client, &config, entry).await {
-                    // Not recorded: it is due again at once, so wait before retrying.
-                    tokio::time::sleep(RECORD_BACKOFF).await;
+                // The instance's next events, read ahead (in order).
+                let mut next = std::collections::VecDeque::from([entry]);
+                for _ in 0..RUN {
+                    let Some(entry) = next.pop_front() else {
+                        break;
+                    };
+                    let instance = entry.instance_id.clone();
+                    match deliver(&*store, &client, &config, entry).await {
+                        Delivered::Yes => {}
+                        // What was read ahead may have changed (a URL stopped by a 410).
+                        Delivered::No => next.clear(),
+                        Delivered::Unrecorded => {
+                            // It is due again at once: wait before retrying.
+                            tokio::time::sleep(RECORD_BACKOFF).await;
+                            break;
+                        }
+                    }
+                    if next.is_empty() {
+                        let now = crate::unix_millis();
+                        // Nothing due (a dispatch finds it when it is), or not readable
+                        // now (the dispatch reads it again): the slot goes back.
+                        next = store
+                            .due_webhooks_of(&instance, now, READ_AHEAD)
+                            .await
+                            .unwrap_or_default()
+                            .into();
+                    }
                 }
                 drop(slot);
                 drop(guard);
             });
+            dispatched = true;
+        }
+        if dispatched {
+            // Each delivery wakes the worker when it ends.
+            return Ok(IDLE_LOOK);
         }
         let busy: Vec<String> = self.busy().iter().cloned().collect();
         let next = self.store.next_webhook_due(&busy).await?;
@@ -176,14 +218,25 @@ impl Drop for Busy {
     }
 }
 
-/// One attempt at one event, and its outcome written back; false if it could not be
-/// written (the event stays pending, to be delivered again: at least once).
+/// What became of one attempt.
+#[derive(PartialEq)]
+enum Delivered {
+    /// The receiver took it, and that is recorded.
+    Yes,
+    /// Anything else (to be tried again, refused, gone, expired), recorded.
+    No,
+    /// Its outcome could not be written: the event stays pending, to be delivered
+    /// again (at least once).
+    Unrecorded,
+}
+
+/// One attempt at one event, and its outcome written back.
 async fn deliver(
     store: &dyn Store,
     client: &reqwest::Client,
     config: &DelivererConfig,
     entry: OutboxEntry,
-) -> bool {
+) -> Delivered {
     let timestamp = crate::unix_millis() / 1000;
     let mut request = client
         .post(&entry.url)
@@ -230,19 +283,28 @@ async fn deliver(
         ),
         Err(Failure::Failed(why)) => retry(config, &entry, now, None, why),
     };
-    tracing::info!(
-        instance.id = %entry.instance_id,
-        event.id = %entry.event_id,
-        kind = %entry.kind,
-        attempt = entry.attempts + 1,
-        took_ms = started.elapsed().as_millis() as u64,
-        outcome = ?attempt,
-        "webhook delivery"
-    );
     let result = match &attempt {
         Attempt::Done { outcome, .. } => *outcome,
         Attempt::Retry { .. } => "retry",
     };
+    // Deliveries that went through are many and uneventful; the rest are worth a line.
+    macro_rules! log {
+        ($level:ident) => {
+            tracing::$level!(
+                instance.id = %entry.instance_id,
+                event.id = %entry.event_id,
+                kind = %entry.kind,
+                attempt = entry.attempts + 1,
+                took_ms = started.elapsed().as_millis() as u64,
+                outcome = ?attempt,
+                "webhook delivery"
+            )
+        };
+    }
+    match result {
+        "delivered" => log!(debug),
+        _ => log!(info),
+    }
     config
         .metrics
         .webhook_deliveries
@@ -253,7 +315,7 @@ async fn deliver(
     if let Err(e) = store.webhook_attempted(entry.seq, now, &attempt).await {
         // The event stays pending: delivered again later, at least once.
         tracing::error!(event.id = %entry.event_id, error = %e, "could not record a webhook delivery");
-        return false;
+        return Delivered::Unrecorded;
     }
     if matches!(
         attempt,
@@ -269,7 +331,10 @@ async fn deliver(
             tracing::error!(instance.id = %entry.instance_id, error = %e, "could not stop a webhook URL that answered 410");
         }
     }
-    true
+    match result {
+        "delivered" => Delivered::Yes,
+        _ => Delivered::No,
+    }
 }
 
 /// The next try, with exponential backoff and jitter, or the end of the window.

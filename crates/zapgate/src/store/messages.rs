@@ -3,9 +3,11 @@
 //! as the change they announce.
 
 use async_trait::async_trait;
-use sqlx::sqlite::SqliteRow;
+use sqlx::Connection as _;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::sqlite::relax;
 use super::{SqliteStore, StoreError, WebhookEvent, WebhookKind};
 
 /// A message to send, as the API accepted it.
@@ -109,8 +111,12 @@ pub struct Inbound {
 /// being dropped.
 pub const RECEIVED_BACKLOG: i64 = 100_000;
 /// Pending status events (delivery and status callbacks) kept per instance; past it the
-/// oldest of them are dropped, counted as `dropped`.
-pub(super) const STATUS_BACKLOG: i64 = 20_000;
+/// oldest of them are dropped, counted as `dropped`. The trigger of migration 0010
+/// holds it, looking every [`STATUS_BOUND_EVERY`] events.
+#[cfg(test)]
+const STATUS_BACKLOG: i64 = 20_000;
+#[cfg(test)]
+const STATUS_BOUND_EVERY: i64 = 100;
 
 #[async_trait]
 pub trait MessageStore: Send + Sync {
@@ -222,7 +228,7 @@ fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
 }
 
 /// Writes a webhook event of a message kind if the instance has a URL for it; returns
-/// whether it did. Status events past [`STATUS_BACKLOG`] drop the oldest of theirs.
+/// whether it did. Status events past 20,000 drop the oldest of theirs (migration 0010).
 pub(super) async fn write_message_event(
     tx: &mut Transaction<'_, Sqlite>,
     event: &WebhookEvent,
@@ -254,18 +260,6 @@ pub(super) async fn write_message_event(
         .await?
         .rows_affected()
         == 1;
-    if written && event.kind != WebhookKind::Received {
-        sqlx::query(
-            "UPDATE webhook_outbox SET done_at = ?1, outcome = 'dropped' WHERE seq IN \
-             (SELECT seq FROM webhook_outbox WHERE instance_id = ?2 AND done_at IS NULL \
-              AND kind IN ('delivery', 'message-status') ORDER BY seq DESC LIMIT -1 OFFSET ?3)",
-        )
-        .bind(event.created_at)
-        .bind(&event.instance_id)
-        .bind(STATUS_BACKLOG)
-        .execute(&mut **tx)
-        .await?;
-    }
     Ok(written)
 }
 
@@ -282,6 +276,116 @@ async fn write_events(
     Ok(())
 }
 
+/// The message queued in one transaction on `conn`, unless a replay, a reused key or a
+/// full queue says otherwise.
+async fn enqueue(
+    conn: &mut SqliteConnection,
+    m: &NewOutbound,
+    max_pending: i64,
+) -> Result<Enqueued, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    if let Some((key, hash)) = &m.idempotency {
+        let earlier = sqlx::query(concat!(
+            "SELECT ",
+            outbound_columns!(),
+            ", request_hash FROM outbound_messages WHERE instance_id = ? AND idempotency_key = ?"
+        ))
+        .bind(&m.instance_id)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = earlier {
+            let same: Option<String> = row.try_get("request_hash")?;
+            return Ok(match same.as_deref() == Some(hash.as_str()) {
+                true => Enqueued::Replayed(outbound(&row)?),
+                false => Enqueued::KeyReused,
+            });
+        }
+    }
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ? \
+         AND state IN ('queued', 'sending')",
+    )
+    .bind(&m.instance_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if pending >= max_pending {
+        return Ok(Enqueued::Full);
+    }
+    let row = sqlx::query(concat!(
+        "INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
+         reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
+        outbound_columns!()
+    ))
+    .bind(&m.zaap_id)
+    .bind(&m.instance_id)
+    .bind(&m.message_id)
+    .bind(&m.phone)
+    .bind(&m.text)
+    .bind(&m.reply_to)
+    .bind(&m.edit_of)
+    .bind(m.delay_ms)
+    .bind(m.typing_ms)
+    .bind(m.idempotency.as_ref().map(|(k, _)| k))
+    .bind(m.idempotency.as_ref().map(|(_, h)| h))
+    .bind(m.created_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    let queued = outbound(&row)?;
+    tx.commit().await?;
+    Ok(Enqueued::New(queued))
+}
+
+/// Received messages recorded in one transaction on `conn`; how many were new.
+async fn record_inbound(
+    conn: &mut SqliteConnection,
+    messages: &[Inbound],
+) -> Result<usize, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut new = 0;
+    for m in messages {
+        if m.event.is_some() {
+            let backlog: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM webhook_outbox WHERE instance_id = ? \
+                 AND done_at IS NULL AND kind = 'received'",
+            )
+            .bind(&m.instance_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if backlog >= RECEIVED_BACKLOG {
+                return Err(StoreError::Backlog(m.instance_id.clone()));
+            }
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO inbound_messages (instance_id, chat, sender, message_id, waiting, \
+             text, from_me, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&m.instance_id)
+        .bind(&m.chat)
+        .bind(&m.sender)
+        .bind(&m.message_id)
+        .bind(m.waiting)
+        .bind(&m.text)
+        .bind(m.from_me)
+        .bind(m.sent_at)
+        .bind(crate::unix_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            new += 1;
+            if let Some(event) = &m.event {
+                write_message_event(&mut tx, event).await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(new)
+}
+
 #[async_trait]
 impl MessageStore for SqliteStore {
     async fn enqueue_message(
@@ -289,58 +393,10 @@ impl MessageStore for SqliteStore {
         m: &NewOutbound,
         max_pending: i64,
     ) -> Result<Enqueued, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some((key, hash)) = &m.idempotency {
-            let earlier = sqlx::query(concat!(
-                "SELECT ",
-                outbound_columns!(),
-                ", request_hash FROM outbound_messages WHERE instance_id = ? AND idempotency_key = ?"
-            ))
-            .bind(&m.instance_id)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = earlier {
-                let same: Option<String> = row.try_get("request_hash")?;
-                return Ok(match same.as_deref() == Some(hash.as_str()) {
-                    true => Enqueued::Replayed(outbound(&row)?),
-                    false => Enqueued::KeyReused,
-                });
-            }
-        }
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ? \
-             AND state IN ('queued', 'sending')",
-        )
-        .bind(&m.instance_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if pending >= max_pending {
-            return Ok(Enqueued::Full);
-        }
-        let row = sqlx::query(concat!(
-            "INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
-             reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
-            outbound_columns!()
-        ))
-        .bind(&m.zaap_id)
-        .bind(&m.instance_id)
-        .bind(&m.message_id)
-        .bind(&m.phone)
-        .bind(&m.text)
-        .bind(&m.reply_to)
-        .bind(&m.edit_of)
-        .bind(m.delay_ms)
-        .bind(m.typing_ms)
-        .bind(m.idempotency.as_ref().map(|(k, _)| k))
-        .bind(m.idempotency.as_ref().map(|(_, h)| h))
-        .bind(m.created_at)
-        .fetch_one(&mut *tx)
-        .await?;
-        let queued = outbound(&row)?;
-        tx.commit().await?;
-        Ok(Enqueued::New(queued))
+        let mut conn = self.durable().await?;
+        let enqueued = enqueue(&mut conn, m, max_pending).await;
+        relax(conn).await;
+        enqueued
     }
 
     async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError> {
@@ -351,7 +407,7 @@ impl MessageStore for SqliteStore {
              ORDER BY seq LIMIT 1"
         ))
         .bind(instance_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.as_ref().map(outbound).transpose()?)
     }
@@ -361,7 +417,7 @@ impl MessageStore for SqliteStore {
             "SELECT DISTINCT instance_id FROM outbound_messages \
              WHERE state IN ('queued', 'sending')",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?)
     }
 
@@ -376,7 +432,7 @@ impl MessageStore for SqliteStore {
              AND state IN ('queued', 'sending')",
         )
         .bind(instance_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.read)
         .await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -387,7 +443,7 @@ impl MessageStore for SqliteStore {
         .bind(instance_id)
         .bind(i64::from(page_size))
         .bind(i64::from(page.saturating_sub(1)) * i64::from(page_size))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         let items = rows.iter().map(outbound).collect::<Result<_, _>>()?;
         Ok((items, total as u64))
@@ -404,7 +460,7 @@ impl MessageStore for SqliteStore {
         )
         .bind(instance_id)
         .bind(zaap_id)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected())
     }
@@ -415,7 +471,7 @@ impl MessageStore for SqliteStore {
              WHERE seq = ? AND state IN ('queued', 'sending')",
         )
         .bind(seq)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -427,25 +483,22 @@ impl MessageStore for SqliteStore {
         delivery: &WebhookEvent,
         status: &WebhookEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let before: Option<String> = sqlx::query_scalar(
-            "SELECT state FROM outbound_messages WHERE seq = ? AND sent_at IS NULL \
-             AND state NOT IN ('queued', 'failed')",
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        // The state after: 'sent' when it was on its way; further on when a receipt
+        // overtook the ack (which then announced SENT itself).
+        let after: Option<String> = sqlx::query_scalar(
+            "UPDATE outbound_messages SET sent_at = ?, error = NULL, \
+             state = CASE state WHEN 'sending' THEN 'sent' ELSE state END \
+             WHERE seq = ? AND sent_at IS NULL AND state NOT IN ('queued', 'failed') \
+             RETURNING state",
         )
+        .bind(at)
         .bind(seq)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(before) = before {
-            sqlx::query(
-                "UPDATE outbound_messages SET sent_at = ?, error = NULL, \
-                 state = CASE state WHEN 'sending' THEN 'sent' ELSE state END WHERE seq = ?",
-            )
-            .bind(at)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(after) = after {
             write_message_event(&mut tx, delivery).await?;
-            if before == "sending" {
+            if after == "sent" {
                 write_message_event(&mut tx, status).await?;
             }
         }
@@ -459,7 +512,7 @@ impl MessageStore for SqliteStore {
         error: &str,
         events: &[WebhookEvent],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'failed', error = ? \
              WHERE seq = ? AND state IN ('queued', 'sending')",
@@ -490,7 +543,7 @@ impl MessageStore for SqliteStore {
             Status::Read | Status::Played => "read_at",
         };
         let before = status.before();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         // The ids each phone's messages moved, in the order they came.
         let mut moved: Vec<(String, Vec<String>)> = Vec::new();
         // A receipt that overtook WhatsApp's ack still proves the message was sent:
@@ -560,54 +613,16 @@ impl MessageStore for SqliteStore {
         ))
         .bind(instance_id)
         .bind(message_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.as_ref().map(outbound).transpose()?)
     }
 
     async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut new = 0;
-        for m in messages {
-            if m.event.is_some() {
-                let backlog: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM webhook_outbox WHERE instance_id = ? \
-                     AND done_at IS NULL AND kind = 'received'",
-                )
-                .bind(&m.instance_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                if backlog >= RECEIVED_BACKLOG {
-                    return Err(StoreError::Backlog(m.instance_id.clone()));
-                }
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO inbound_messages (instance_id, chat, sender, message_id, waiting, \
-                 text, from_me, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&m.instance_id)
-            .bind(&m.chat)
-            .bind(&m.sender)
-            .bind(&m.message_id)
-            .bind(m.waiting)
-            .bind(&m.text)
-            .bind(m.from_me)
-            .bind(m.sent_at)
-            .bind(crate::unix_millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if inserted {
-                new += 1;
-                if let Some(event) = &m.event {
-                    write_message_event(&mut tx, event).await?;
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(new)
+        let mut conn = self.durable().await?;
+        let recorded = record_inbound(&mut conn, messages).await;
+        relax(conn).await;
+        recorded
     }
 
     async fn inbound_text(
@@ -621,12 +636,12 @@ impl MessageStore for SqliteStore {
         )
         .bind(instance_id)
         .bind(message_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?)
     }
 
     async fn forget_messages(&self, before: i64) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let sent = sqlx::query(
             "DELETE FROM outbound_messages WHERE created_at < ? \
              AND state NOT IN ('queued', 'sending')",
@@ -650,7 +665,7 @@ impl MessageStore for SqliteStore {
              WHERE id = ?",
         )
         .bind(instance_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.unwrap_or_default())
     }
@@ -659,7 +674,7 @@ impl MessageStore for SqliteStore {
         let done = sqlx::query("UPDATE instances SET auto_read_message = ? WHERE id = ?")
             .bind(on)
             .bind(instance_id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -673,7 +688,7 @@ impl MessageStore for SqliteStore {
             sqlx::query("UPDATE instances SET disable_enqueue_when_disconnected = ? WHERE id = ?")
                 .bind(disabled)
                 .bind(instance_id)
-                .execute(&self.pool)
+                .execute(&self.write)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -682,7 +697,7 @@ impl MessageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{InstanceRecord, Store as _, Webhooks};
+    use crate::store::{Attempt, InstanceRecord, Store as _, Webhooks};
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -781,6 +796,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn status_events_past_the_bound_drop_their_oldest_and_received_ones_stay() {
+        let (_dir, store) = store().await;
+        let received = |n: usize| WebhookEvent {
+            event_id: format!("R{n}"),
+            instance_id: "I".into(),
+            kind: WebhookKind::Received,
+            body: format!("{n}"),
+            created_at: 20,
+        };
+        sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
+            .execute(&store.write)
+            .await
+            .unwrap();
+        let written = STATUS_BACKLOG + 2 * STATUS_BOUND_EVERY;
+        let mut tx = store.write.begin().await.unwrap();
+        assert!(write_message_event(&mut tx, &received(0)).await.unwrap());
+        for n in 0..written {
+            let mut event = status_event(Status::Sent, &[], "");
+            event.body = format!("{n}");
+            assert!(write_message_event(&mut tx, &event).await.unwrap());
+        }
+        assert!(write_message_event(&mut tx, &received(1)).await.unwrap());
+        tx.commit().await.unwrap();
+
+        let (depth, _, dropped) = store.outbox_stats().await.unwrap();
+        let kept = written - dropped as i64;
+        assert!(
+            (STATUS_BACKLOG..STATUS_BACKLOG + STATUS_BOUND_EVERY).contains(&kept),
+            "{kept} status events kept"
+        );
+        assert_eq!(depth as i64, kept + 2, "both received events stay");
+        // The oldest went: the first status event left is the one after them.
+        let head = store.due_webhooks_of("I", 20, 2).await.unwrap();
+        assert_eq!(head[0].body, "0");
+        assert_eq!(head[0].kind, "received");
+        assert_eq!(head[1].body, dropped.to_string());
+    }
+
+    #[tokio::test]
+    async fn read_ahead_waits_for_a_head_not_due() {
+        let (_dir, store) = store().await;
+        let mut tx = store.write.begin().await.unwrap();
+        for _ in 0..3 {
+            write_message_event(&mut tx, &status_event(Status::Sent, &[], ""))
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let all = store.due_webhooks_of("I", 20, 10).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(store.due_webhooks_of("I", 20, 2).await.unwrap().len(), 2);
+        assert!(store.due_webhooks_of("I", 19, 10).await.unwrap().is_empty());
+        let retry = Attempt::Retry {
+            status: Some(500),
+            error: "the receiver answered 500".into(),
+            next_attempt_at: 1_000,
+        };
+        store
+            .webhook_attempted(all[0].seq, 21, &retry)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .due_webhooks_of("I", 999, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = store.due_webhooks_of("I", 1_000, 10).await.unwrap();
+        assert_eq!(
+            again.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            all.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
     async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent() {
         let (_dir, store) = store().await;
         let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
@@ -847,7 +938,7 @@ mod tests {
     async fn a_message_received_twice_is_recorded_and_announced_once() {
         let (_dir, store) = store().await;
         sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
-            .execute(&store.pool)
+            .execute(&store.write)
             .await
             .unwrap();
         let row = Inbound {

@@ -231,6 +231,14 @@ pub trait Store: MessageStore + Send + Sync + 'static {
     ) -> Result<Vec<OutboxEntry>, StoreError>;
     /// When the next event at the head of an instance's queue (not in `busy`) is due.
     async fn next_webhook_due(&self, busy: &[String]) -> Result<Option<i64>, StoreError>;
+    /// The oldest pending events of one instance, at most `limit`, in order, if the
+    /// first is due at `now` (those after it wait for it).
+    async fn due_webhooks_of(
+        &self,
+        instance_id: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
     async fn webhook_attempted(
         &self,
         seq: i64,

@@ -3,10 +3,12 @@
 use std::str::FromStr;
 
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row};
+use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
     Attempt, InstanceRecord, Link, LinkPage, LinkPageMade, OutboxEntry, Page, Store, StoreError,
@@ -14,24 +16,62 @@ use super::{
 };
 
 pub struct SqliteStore {
-    pub(super) pool: SqlitePool,
+    /// The one connection that writes: writes queue for it instead of taking turns at
+    /// SQLite's lock, whose busy handler sleeps (tens of milliseconds at a time) when
+    /// several connections write at once.
+    pub(super) write: SqlitePool,
+    /// Read-only connections beside it (WAL): a write on one of them fails loudly.
+    pub(super) read: SqlitePool,
 }
 
+/// A write waits this long for the writing connection before it fails as busy.
+const WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl SqliteStore {
+    /// Commits reach the disk at checkpoints (`synchronous = NORMAL`): a crash of the
+    /// process loses none, a power cut may lose the last ones. What a user gave us (a
+    /// message to send, a message received) is committed through [`Self::durable`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+        let write = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
             // A caller waiting this long for a connection hears "busy" and may retry.
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(options)
+            .acquire_timeout(WRITE_WAIT)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(WRITE_WAIT)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { write, read })
     }
+
+    /// The writing connection, set so that its next commit is on disk before it
+    /// returns; give it back through [`relax`].
+    pub(super) async fn durable(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        let mut conn = self.write.acquire().await?;
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await?;
+        Ok(conn)
+    }
+}
+
+/// The writing connection back to commits at checkpoints. One not relaxed (an error
+/// on the way) stays on `FULL`: slower, never less safe.
+pub(super) async fn relax(mut conn: PoolConnection<Sqlite>) {
+    let _ = sqlx::query("PRAGMA synchronous = NORMAL")
+        .execute(&mut *conn)
+        .await;
 }
 
 /// The instance columns, as a macro so statements stay `&'static str`.
@@ -126,7 +166,7 @@ impl Store for SqliteStore {
         .bind(&i.webhooks.message_status)
         .bind(&i.webhooks.chat_presence)
         .bind(i.webhooks.notify_sent_by_me)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -137,7 +177,7 @@ impl Store for SqliteStore {
             columns!(),
             " FROM instances ORDER BY created_at, rowid"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
     }
@@ -166,7 +206,7 @@ impl Store for SqliteStore {
         };
         let mut count = QueryBuilder::new("SELECT COUNT(*) FROM instances");
         filter(&mut count);
-        let total: i64 = count.build_query_scalar().fetch_one(&self.pool).await?;
+        let total: i64 = count.build_query_scalar().fetch_one(&self.read).await?;
 
         let mut select = QueryBuilder::new(concat!("SELECT ", columns!(), " FROM instances"));
         filter(&mut select);
@@ -175,7 +215,7 @@ impl Store for SqliteStore {
             .push_bind(i64::from(page_size))
             .push(" OFFSET ")
             .push_bind(i64::from(page.saturating_sub(1)) * i64::from(page_size));
-        let rows = select.build().fetch_all(&self.pool).await?;
+        let rows = select.build().fetch_all(&self.read).await?;
         Ok(Page {
             items: rows.iter().map(record).collect::<Result<_, _>>()?,
             total: total as u64,
@@ -183,7 +223,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query("UPDATE instances SET phone = ?, linked_at = ?, platform = ? WHERE id = ?")
             .bind(link.map(|l| &l.phone))
             .bind(link.map(|l| l.linked_at))
@@ -212,7 +252,7 @@ impl Store for SqliteStore {
             " FROM instances WHERE id = ?"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.as_ref().map(record).transpose()?)
     }
@@ -245,7 +285,7 @@ impl Store for SqliteStore {
         let done = sqlx::query(statement)
             .bind(url)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -265,7 +305,7 @@ impl Store for SqliteStore {
             .bind(url)
             .bind(notify_sent_by_me)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -274,7 +314,7 @@ impl Store for SqliteStore {
         let done = sqlx::query("UPDATE instances SET notify_sent_by_me = ? WHERE id = ?")
             .bind(notify)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -296,7 +336,7 @@ impl Store for SqliteStore {
             // Their events come with messaging.
             _ => return Ok(false),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query("UPDATE instances SET webhook_connected = ? WHERE id = ?")
             .bind(event.kind == WebhookKind::Connected)
             .bind(&event.instance_id)
@@ -332,7 +372,7 @@ impl Store for SqliteStore {
         let said: Option<Option<bool>> =
             sqlx::query_scalar("SELECT webhook_connected FROM instances WHERE id = ?")
                 .bind(instance_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await?;
         Ok(said.flatten())
     }
@@ -343,7 +383,7 @@ impl Store for SqliteStore {
         url: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         for statement in [
             "UPDATE instances SET connected_callback_url = NULL WHERE id = ? AND connected_callback_url = ?",
             "UPDATE instances SET disconnected_callback_url = NULL WHERE id = ? AND disconnected_callback_url = ?",
@@ -375,7 +415,7 @@ impl Store for SqliteStore {
     async fn forget_settled_webhooks(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM webhook_outbox WHERE done_at < ?")
             .bind(before)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected())
     }
@@ -403,7 +443,7 @@ impl Store for SqliteStore {
         }
         q.push(" ORDER BY next_attempt_at LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = q.build().fetch_all(&self.pool).await?;
+        let rows = q.build().fetch_all(&self.read).await?;
         Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
     }
 
@@ -420,7 +460,32 @@ impl Store for SqliteStore {
             }
             q.push(")");
         }
-        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
+        Ok(q.build_query_scalar().fetch_one(&self.read).await?)
+    }
+
+    async fn due_webhooks_of(
+        &self,
+        instance_id: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outbox_columns!(),
+            " FROM webhook_outbox WHERE instance_id = ? AND done_at IS NULL ORDER BY seq LIMIT ?"
+        ))
+        .bind(instance_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        let entries = rows
+            .iter()
+            .map(outbox_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        match entries.first() {
+            Some(head) if head.next_attempt_at <= now => Ok(entries),
+            _ => Ok(Vec::new()),
+        }
     }
 
     async fn webhook_attempted(
@@ -458,7 +523,7 @@ impl Store for SqliteStore {
         .bind(done)
         .bind(outcome)
         .bind(seq)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -469,7 +534,7 @@ impl Store for SqliteStore {
              MIN(created_at) FILTER (WHERE done_at IS NULL), \
              COUNT(*) FILTER (WHERE outcome = 'dropped') FROM webhook_outbox",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.read)
         .await?;
         Ok((depth as u64, oldest, dropped as u64))
     }
@@ -486,7 +551,7 @@ impl Store for SqliteStore {
         ))
         .bind(instance_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
     }
@@ -504,7 +569,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(instance_id)
         .bind(event_id)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -513,13 +578,13 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE instances SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
             .bind(at)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
 
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         for statement in [
             "DELETE FROM outbound_messages WHERE instance_id = ?",
             "DELETE FROM inbound_messages WHERE instance_id = ?",
@@ -537,7 +602,7 @@ impl Store for SqliteStore {
         forget_before: i64,
         max_live: u64,
     ) -> Result<LinkPageMade, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query("DELETE FROM link_pages WHERE expires_at < ? OR revoked_at < ? OR used_at < ?")
             .bind(forget_before)
             .bind(forget_before)
@@ -585,7 +650,7 @@ impl Store for SqliteStore {
              pair_codes FROM link_pages WHERE token_hash = ?",
         )
         .bind(token_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.map(|row| {
             Ok(LinkPage {
@@ -609,7 +674,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE link_pages SET pair_codes = MAX(pair_codes, ?) WHERE token_hash = ?")
             .bind(pair_codes)
             .bind(token_hash)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -622,13 +687,13 @@ impl Store for SqliteStore {
         .bind(at)
         .bind(instance_id)
         .bind(at)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
     }
 }
