@@ -7,19 +7,22 @@
 //   {"event":"pairing-code","code":"ABCD1234"}  after a `pair` command
 //   {"event":"open","jid":"...","name":"..."}   logged in
 //   {"event":"history","syncType":0}           a history sync was processed
-//   {"event":"sent","id":"...","to":"..."}      after a `send` command, once sent
+//   {"event":"sent","id":"...","to":"...","at":UNIX_MS}  a text sent (`at`: when the send began)
+//   {"event":"burst","count":N,"failed":N}      after a `burst` command, once all went
 //   {"event":"message","id","from","text","pushName"}  a text from someone else
 //   {"event":"close","status":401}              the connection ended (401: logged out)
 //   {"event":"error","message":"..."}           a command failed
 // Reads commands, one per line, on stdin:
 //   pair <phone>   ask for a pairing code for <phone> (once the socket is up)
 //   send <jid> <text...>   send a text
+//   burst <count> <in-flight> <jid,jid,...>   send `count` texts ("burst N") to the jids in
+//                  turn, at most `in-flight` at once, as fast as Baileys goes
 //   quit           close the socket and exit
 // Baileys' own log (pino, JSON lines) goes to stderr; BAILEYS_LOG_LEVEL sets its level.
 // A socket closed with 515 (restart required, after pairing) is reopened, as an app does.
 
 import { createInterface } from 'node:readline';
-import { parseArgs } from 'node:util';
+import { format, parseArgs } from 'node:util';
 
 import makeWASocket, { Browsers, DisconnectReason, useMultiFileAuthState } from 'baileys';
 import pino from 'pino';
@@ -40,6 +43,12 @@ const logger = pino(
   { level: process.env.BAILEYS_LOG_LEVEL ?? 'warn' },
   pino.destination({ dest: 2, sync: true }),
 );
+
+// libsignal tells of sessions opened and closed with console.info, objects and all: into
+// Baileys' log at debug level, so stdout stays one event per line.
+console.info = (...what) => {
+  if (logger.isLevelEnabled('debug')) logger.debug({ libsignal: format(...what) });
+};
 
 const { state, saveCreds } = await useMultiFileAuthState(args.auth);
 let sock;
@@ -96,6 +105,19 @@ function connect() {
   });
 }
 
+// Sends a text; whether it went.
+async function send(jid, text) {
+  const at = Date.now();
+  try {
+    const sent = await sock.sendMessage(jid, { text });
+    emit('sent', { id: sent.key.id, to: jid, at });
+    return true;
+  } catch (e) {
+    emit('error', { message: String(e?.message ?? e) });
+    return false;
+  }
+}
+
 connect();
 
 for await (const line of createInterface({ input: process.stdin })) {
@@ -112,12 +134,24 @@ for await (const line of createInterface({ input: process.stdin })) {
       emit('error', { message: String(e?.message ?? e) });
     }
   } else if (command === 'send') {
-    try {
-      const sent = await sock.sendMessage(rest[0], { text: rest.slice(1).join(' ') });
-      emit('sent', { id: sent.key.id, to: rest[0] });
-    } catch (e) {
-      emit('error', { message: String(e?.message ?? e) });
+    await send(rest[0], rest.slice(1).join(' '));
+  } else if (command === 'burst') {
+    const [count, inFlight] = [Number(rest[0]), Number(rest[1])];
+    const jids = (rest[2] ?? '').split(',').filter(Boolean);
+    if (!(count > 0 && inFlight > 0 && jids.length)) {
+      emit('error', { message: 'usage: burst <count> <in-flight> <jid,jid,...>' });
+      continue;
     }
+    let next = 0;
+    let failed = 0;
+    const worker = async () => {
+      while (next < count) {
+        const i = next++;
+        if (!(await send(jids[i % jids.length], `burst ${i}`))) failed++;
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(inFlight, count) }, worker));
+    emit('burst', { count, failed });
   } else if (command === 'quit') {
     quitting = true;
     sock.end(undefined);

@@ -1,11 +1,12 @@
 //! Text messages through the gateway to wa-sim contacts (real Signal peers): how many
 //! per second one instance and the whole gateway send, the latency from the API call to
 //! the contact's inbox at a steady rate, the gateway's CPU per message, and what a
-//! queued message costs while its number is down. Beside it, Baileys sending through
-//! the same wa-sim, when its harness is there.
+//! queued message costs while its number is down. Beside it, Baileys (one linked
+//! device, in Node) sending `--baileys` texts through the same wa-sim to the same
+//! contacts: its messages per second and per CPU-second.
 //!
 //! `cargo bench -p zapgate --bench messages -- [--instances 100] [--burst 20]
-//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 10] [--env K=V ...]`
+//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 2000] [--env K=V ...]`
 //!
 //! The gateway is a release sandbox build in its own process, with Z-API's pacing off
 //! (`ZAPGATE_SEND_INTERVAL_MS=0`) and its message webhooks set to a receiver in this
@@ -13,6 +14,9 @@
 
 #[path = "support/args.rs"]
 mod args;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../wa-sim/tests/common/baileys.rs"]
+mod baileys;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/fleet.rs"]
@@ -55,7 +59,7 @@ impl Args {
             rate: get("--rate", 500),
             secs: args.number("--secs", 10),
             queued: get("--queued", 50),
-            baileys: get("--baileys", 10),
+            baileys: get("--baileys", 2000),
             env: args.env(),
         }
     }
@@ -304,7 +308,12 @@ async fn main() {
         "status": receiver.delivered("status").len(),
     });
     if args.baileys > 0 {
-        result["baileys"] = json!("not measured: the Baileys harness has no send command yet");
+        let figures = baileys_sends(&world, &contacts, args.baileys, &mut held).await;
+        let ratio = result["burst"]["messagesPerCpuSec"].as_f64().unwrap()
+            / figures["messagesPerCpuSec"].as_f64().unwrap().max(0.001);
+        println!("the gateway sends {ratio:.1}x as many messages per CPU-second as Baileys");
+        result["baileys"] = figures;
+        result["gatewayPerCpuOverBaileys"] = json!(ratio);
     }
     println!("RESULT {result}");
 }
@@ -353,4 +362,72 @@ async fn queued_cost(
         "databaseBytesPerMessage": db_per,
         "drainSecs": drained,
     })
+}
+
+/// One Baileys device, linked to its own number, sends `count` texts to `contacts` in
+/// turn, as many in flight as the bench's own calls: its rate, latency and CPU (Node's
+/// process) per message, after a first text to each contact.
+async fn baileys_sends(
+    world: &World,
+    contacts: &[String],
+    count: usize,
+    held: &mut HashMap<String, usize>,
+) -> Value {
+    const WAIT: Duration = Duration::from_secs(60);
+    let mut node = baileys::Baileys::start(&world.sim.ws_url(), &world.dir.path().join("baileys"));
+    let qr = node.wait_for("qr", WAIT).await["qr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = world.wa.scan(&qr, Some("5511910000000")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    node.wait_for("open", WAIT).await;
+    node.wait_for("history", WAIT).await;
+    let jids = contacts
+        .iter()
+        .map(|c| format!("{c}@s.whatsapp.net"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let warm = baileys_burst(&mut node, contacts.len(), &jids).await;
+    arrivals(world, &warm, held).await;
+    let before = Sample::of(node.pid());
+    let sent = baileys_burst(&mut node, count, &jids).await;
+    let arrived = arrivals(world, &sent, held).await;
+    let after = Sample::of(node.pid());
+    let cpu_secs = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / 100.0;
+    let per_sec = rate(&sent, &arrived);
+    let latency = latencies(&sent, &arrived);
+    println!(
+        "Baileys: {count} messages from one device to {} contacts, {per_sec:.0}/s, {:.3} ms of Node's CPU each ({:.0} messages per CPU-second); latency {latency}",
+        contacts.len(),
+        cpu_secs * 1000.0 / count as f64,
+        count as f64 / cpu_secs.max(0.001)
+    );
+    node.quit().await;
+    json!({
+        "messages": count,
+        "perSec": per_sec,
+        "cpuMsPerMessage": cpu_secs * 1000.0 / count as f64,
+        "messagesPerCpuSec": count as f64 / cpu_secs.max(0.001),
+        "latency": latency,
+    })
+}
+
+/// Baileys sends `count` texts to `jids` (comma-separated) in turn; each as sent.
+async fn baileys_burst(node: &mut baileys::Baileys, count: usize, jids: &str) -> Vec<Sent> {
+    node.command(&format!("burst {count} {CALLS} {jids}"));
+    let mut sent = Vec::new();
+    loop {
+        let event = node.next_event(Duration::from_secs(60)).await;
+        match event["event"].as_str() {
+            Some("sent") => sent.push(Sent {
+                contact: event["to"].as_str().unwrap().replace("@s.whatsapp.net", ""),
+                id: event["id"].as_str().unwrap().to_owned(),
+                at_ms: event["at"].as_i64().unwrap(),
+            }),
+            Some("error") => panic!("Baileys could not send: {event}"),
+            Some("burst") => return sent,
+            _ => {}
+        }
+    }
 }

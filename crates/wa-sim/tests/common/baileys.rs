@@ -12,9 +12,10 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-/// Where the harness and its pinned `node_modules` live.
+/// Where the harness and its pinned `node_modules` live (this file is included by
+/// wa-sim's tests and by the gateway's bench, each in its own crate of `crates/`).
 pub fn harness_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("baileys")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../wa-sim/baileys")
 }
 
 /// Installs the pinned Baileys (`npm ci`) the first time a test needs it, if it is not
@@ -141,6 +142,11 @@ impl Baileys {
             seen.push(event.clone());
             self.backlog.push_back(event);
         }
+    }
+
+    /// Node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn command(&mut self, line: &str) {
