@@ -405,6 +405,56 @@ async fn an_instance_with_no_number_refuses_and_idempotency_keys_replay() {
     let got = inbox(&world, FRIEND, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(inbox(&world, FRIEND, 1).await.len(), 1, "{got:?}");
+
+    // A client that lost the answer asks again after the number was unlinked: the
+    // message was taken (and sent), and the answer says so, not "not connected".
+    world.phone_unlinks(PHONE).await;
+    gw.api
+        .wait_status(&inst, "disconnected", |s| s["connected"] == json!(false))
+        .await;
+    let (status, late) = send("order-1", "one").await;
+    assert_eq!((status, &late), (200, &first.1));
+    let (status, new) = send("order-2", "three").await;
+    assert_eq!(
+        (status, new),
+        (409, json!({ "error": "You are not connected." }))
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_text_deleted_from_the_queue_while_typing_is_not_sent() {
+    const PHONE: &str = "5511966660010";
+    const FRIEND: &str = "5511966660110";
+    let world = World::new().await;
+    contact(&world, FRIEND).await;
+    let (gw, inst, receiver) = linked(&world, PHONE).await;
+    // The sender shows "typing..." for 3 s before the text leaves; it is deleted then.
+    let (status, body) = send_text(
+        &gw,
+        &inst,
+        json!({ "phone": FRIEND, "message": "never mind", "delayTyping": 3 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let zaap_id = body["zaapId"].as_str().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let route = format!("queue/{zaap_id}");
+    let (status, answer) = instance_call(&gw, &inst, Method::DELETE, &route, None).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let (_, after) = sent(&gw, &inst, FRIEND, "this one").await;
+    let got = inbox(&world, FRIEND, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_ids: Vec<&Value> = got.iter().map(|m| &m["id"]).collect();
+    assert_eq!(
+        got_ids,
+        [&json!(after)],
+        "only the text not deleted: {got:?}"
+    );
+    let delivery = receiver.wait_delivered("delivery", 1).await;
+    assert_eq!(delivery.len(), 1);
+    assert_eq!(delivery[0].body["messageId"], after);
     gw.stop().await;
 }
 

@@ -12,7 +12,7 @@ use whatsapp_rust::{InboundDurabilityHook, Jid};
 
 use super::Hub;
 use super::zapi::{self, Received};
-use crate::store::{Inbound, Status};
+use crate::store::{Inbound, Status, StoreError};
 
 /// The client events messaging acts on.
 pub(crate) const MESSAGE_EVENTS: &[EventKind] = &[
@@ -37,7 +37,7 @@ impl InboundDurabilityHook for Hook {
     ) -> anyhow::Result<()> {
         let mut rows = Vec::with_capacity(batch.len());
         for item in batch {
-            if let Some(row) = self.row(&client, item).await {
+            if let Some(row) = self.row(&client, item).await? {
                 rows.push(row);
             }
         }
@@ -56,21 +56,25 @@ impl InboundDurabilityHook for Hook {
 
 impl Hook {
     /// The row (and ReceivedCallback) of a text message in a chat with one person;
-    /// anything else (protocol messages, groups, media for now) is not recorded.
-    async fn row(&self, client: &Client, item: &InboundMessage) -> Option<Inbound> {
+    /// anything else (protocol messages, groups, media for now) is not recorded. An
+    /// error leaves the batch unacknowledged: WhatsApp sends it again.
+    async fn row(
+        &self,
+        client: &Client,
+        item: &InboundMessage,
+    ) -> Result<Option<Inbound>, StoreError> {
         let info = &item.info;
         let source = &info.source;
         if source.is_group || !is_person(&source.chat) {
-            return None;
+            return Ok(None);
         }
         let base = item.message.get_base_message();
         let (text, is_edit, shown_id) = match edited(base) {
             Some((original, text)) => (text, true, original),
-            None => (
-                item.message.text_content()?.to_owned(),
-                false,
-                info.id.to_string(),
-            ),
+            None => match item.message.text_content() {
+                Some(text) => (text.to_owned(), false, info.id.to_string()),
+                None => return Ok(None),
+            },
         };
         let reply_to = base
             .extended_text_message
@@ -79,13 +83,12 @@ impl Hook {
             .and_then(|c| c.stanza_id.clone());
         let from_me = source.is_from_me;
         let from_api = from_me
-            && matches!(
-                self.hub
-                    .store
-                    .outbound_by_id(&self.instance, &info.id)
-                    .await,
-                Ok(Some(_))
-            );
+            && self
+                .hub
+                .store
+                .outbound_by_id(&self.instance, &info.id)
+                .await?
+                .is_some();
         // The other person: the chat, as their number when known.
         let chat = source
             .recipient
@@ -110,8 +113,9 @@ impl Hook {
         };
         // Messages this number sent elsewhere are told only with notifySentByMe.
         let notify = !from_me
-            || matches!(self.hub.store.instance(&self.instance).await, Ok(Some(r)) if r.webhooks.notify_sent_by_me);
-        Some(Inbound {
+            || (self.hub.store.instance(&self.instance).await?)
+                .is_some_and(|r| r.webhooks.notify_sent_by_me);
+        Ok(Some(Inbound {
             instance_id: self.instance.clone(),
             chat: source.chat.to_non_ad().to_string(),
             sender: source.sender.to_non_ad().to_string(),
@@ -121,7 +125,7 @@ impl Hook {
             from_me,
             sent_at: received.sent_at,
             event: notify.then(|| received.event()),
-        })
+        }))
     }
 
     /// Marks the messages read, if the instance reads automatically: after the

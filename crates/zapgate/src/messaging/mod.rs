@@ -278,6 +278,14 @@ impl Hub {
     /// Commits a message to the instance's queue, then wakes its sender. The message
     /// is durable once this returns.
     pub async fn send(&self, instance: &str, message: Outgoing) -> Result<Outbound, SendError> {
+        // A request made again answers as it did, whatever the number does since.
+        if let Some((key, hash)) = &message.idempotency {
+            match self.store.replayed(instance, key, hash).await? {
+                Some(Enqueued::Replayed(earlier)) => return Ok(earlier),
+                Some(_) => return Err(SendError::KeyReused),
+                None => {}
+            }
+        }
         let lane = self.lane(instance).ok_or(SendError::NotLinked)?;
         match lane.line() {
             Line::Unlinked => return Err(SendError::NotLinked),

@@ -20,8 +20,12 @@ use super::zapi::{self, errors};
 use super::{Hub, Lane, Line};
 use crate::store::{Outbound, Status, StoreError};
 
-/// Attempts at one message before it is given up with "Timeout on send message".
-const MAX_ATTEMPTS: i64 = 8;
+/// Failures of one message while its number stayed connected (WhatsApp did not ack
+/// it in time, or the client could not send it) before it is given up with Z-API's
+/// error. A drop of the connection does not count: the message waits for the next one.
+const MAX_STRIKES: u32 = 8;
+/// The longest wait after a message could not be sent.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// With nothing queued, the queue is looked at again after this: a new message wakes
 /// the sender at once, so this only bounds how long one queued in a race with an
 /// unlink may wait to be failed.
@@ -41,6 +45,18 @@ enum Step {
     Wait(Duration),
 }
 
+/// What became of a message on the wire.
+enum Ack {
+    /// WhatsApp took it.
+    Taken,
+    /// WhatsApp refused it, with this code.
+    Refused(String),
+    /// No ack in time while connected.
+    Late,
+    /// The connection changed before the ack.
+    Dropped,
+}
+
 /// What the sender keeps between messages.
 struct Sender {
     hub: Arc<Hub>,
@@ -51,6 +67,8 @@ struct Sender {
     pause: Option<(i64, Instant)>,
     /// Numbers asked about: the account's id, or `None` when not on WhatsApp.
     known: HashMap<String, (Option<Jid>, Instant)>,
+    /// The head's failures while connected (its queue position, how many).
+    strikes: (i64, u32),
 }
 
 pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationToken) {
@@ -62,6 +80,7 @@ pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationTo
         last_sent: None,
         pause: None,
         known: HashMap::new(),
+        strikes: (0, 0),
     };
     loop {
         let current = line.borrow_and_update().clone();
@@ -122,10 +141,22 @@ impl Sender {
         }
         let message = self.content(client, &head).await;
         let ack = self.lane.expect_ack(&head.message_id);
-        if let Err(e) = self.hub.store.message_sending(head.seq).await {
-            self.lane.forget_ack(&head.message_id);
-            return self.store_failed(e);
+        match self.hub.store.message_sending(head.seq).await {
+            Ok(true) => {}
+            // Deleted from the queue meanwhile: it does not go.
+            Ok(false) => {
+                self.lane.forget_ack(&head.message_id);
+                return Step::Again;
+            }
+            Err(e) => {
+                self.lane.forget_ack(&head.message_id);
+                return self.store_failed(e);
+            }
         }
+        // A change of line from now on (a clone starts from what the lane's own
+        // receiver last saw, which may be long ago).
+        let mut line = self.lane.line.clone();
+        line.borrow_and_update();
         let sent = match &head.edit_of {
             Some(original) => client
                 .edit_message_with_options(
@@ -148,35 +179,48 @@ impl Sender {
         if let Err(e) = sent {
             self.lane.forget_ack(&head.message_id);
             tracing::warn!(instance.id = %self.instance(), message.id = %head.message_id, error = %e, "a message could not be sent");
-            if head.attempts + 1 >= MAX_ATTEMPTS {
+            if line.has_changed().unwrap_or(true) || !client.is_connected() {
+                return Step::Wait(BACKOFF);
+            }
+            let strikes = self.strike(&head);
+            if strikes >= MAX_STRIKES {
                 return self.fail(&head, errors::FAILED).await;
             }
-            return Step::Wait(BACKOFF);
+            return Step::Wait((BACKOFF * 2u32.pow(strikes - 1)).min(MAX_BACKOFF));
         }
-        // A change of line from now on (a clone starts from what the lane's own
-        // receiver last saw, which may be long ago).
-        let mut line = self.lane.line.clone();
-        line.borrow_and_update();
-        let acked = tokio::select! {
-            acked = tokio::time::timeout(self.hub.config.ack_wait, ack) => acked.ok().and_then(Result::ok),
-            // A drop before the ack: sent again once connected.
-            _ = line.changed() => None,
+        let ack = tokio::select! {
+            acked = tokio::time::timeout(self.hub.config.ack_wait, ack) => match acked {
+                Ok(Ok(None)) => Ack::Taken,
+                Ok(Ok(Some(code))) => Ack::Refused(code),
+                _ => Ack::Late,
+            },
+            _ = line.changed() => Ack::Dropped,
         };
-        match acked {
-            Some(None) => self.sent(&head).await,
-            Some(Some(code)) => {
+        match ack {
+            Ack::Taken => self.sent(&head).await,
+            Ack::Refused(code) => {
                 tracing::warn!(instance.id = %self.instance(), message.id = %head.message_id, code, "WhatsApp refused a message");
                 self.fail(&head, zapi::refusal(&code)).await
             }
-            None => {
+            Ack::Late | Ack::Dropped => {
                 self.lane.forget_ack(&head.message_id);
-                if head.attempts + 1 >= MAX_ATTEMPTS {
+                if matches!(ack, Ack::Late) && self.strike(&head) >= MAX_STRIKES {
                     return self.fail(&head, errors::TIMEOUT).await;
                 }
                 tracing::info!(instance.id = %self.instance(), message.id = %head.message_id, "no ack from WhatsApp; the message goes again with the same id");
                 Step::Again
             }
         }
+    }
+
+    /// One more failure of the head while connected; how many it has had.
+    fn strike(&mut self, head: &Outbound) -> u32 {
+        let (seq, strikes) = &mut self.strikes;
+        if *seq != head.seq {
+            (*seq, *strikes) = (head.seq, 0);
+        }
+        *strikes += 1;
+        *strikes
     }
 
     /// How long the head must still wait after the previous message: its own

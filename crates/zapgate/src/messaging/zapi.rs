@@ -27,13 +27,15 @@ pub(crate) fn refusal(code: &str) -> &'static str {
     }
 }
 
-pub(crate) fn event(instance_id: &str, kind: WebhookKind, body: Value, at: i64) -> WebhookEvent {
+/// An event written now (its retry window counts from now, whenever WhatsApp says the
+/// thing happened: receipts drained after a long time offline are still delivered).
+pub(crate) fn event(instance_id: &str, kind: WebhookKind, body: Value) -> WebhookEvent {
     WebhookEvent {
         event_id: crate::random_hex(16),
         instance_id: instance_id.to_owned(),
         kind,
         body: body.to_string(),
-        created_at: at,
+        created_at: crate::unix_millis(),
     }
 }
 
@@ -57,7 +59,7 @@ pub(crate) fn delivery(
     if let Some(error) = error {
         body["error"] = json!(error);
     }
-    event(instance_id, WebhookKind::Delivery, body, at)
+    event(instance_id, WebhookKind::Delivery, body)
 }
 
 pub(crate) fn status_name(status: Status) -> &'static str {
@@ -87,7 +89,7 @@ pub(crate) fn status(
         "type": "MessageStatusCallback",
         "isGroup": false,
     });
-    event(instance_id, WebhookKind::MessageStatus, body, at)
+    event(instance_id, WebhookKind::MessageStatus, body)
 }
 
 /// A message received, as its `ReceivedCallback` tells it.
@@ -149,11 +151,6 @@ impl Received<'_> {
     }
 
     pub(crate) fn event(&self) -> WebhookEvent {
-        event(
-            self.instance_id,
-            WebhookKind::Received,
-            self.body(),
-            crate::unix_millis(),
-        )
+        event(self.instance_id, WebhookKind::Received, self.body())
     }
 }

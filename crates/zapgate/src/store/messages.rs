@@ -120,6 +120,14 @@ const STATUS_BOUND_EVERY: i64 = 100;
 
 #[async_trait]
 pub trait MessageStore: Send + Sync {
+    /// What an idempotency key of the instance already made, if anything: the
+    /// message (its request's `hash` is the same) or `KeyReused`.
+    async fn replayed(
+        &self,
+        instance_id: &str,
+        key: &str,
+        hash: &str,
+    ) -> Result<Option<Enqueued>, StoreError>;
     /// Queues a message unless `max_pending` are already waiting; a known idempotency
     /// key gives back the message it made.
     async fn enqueue_message(
@@ -144,8 +152,9 @@ pub trait MessageStore: Send + Sync {
         instance_id: &str,
         zaap_id: Option<&str>,
     ) -> Result<u64, StoreError>;
-    /// The message is going on the wire: its attempts count one more.
-    async fn message_sending(&self, seq: i64) -> Result<(), StoreError>;
+    /// The message is going on the wire: its attempts count one more. False when it
+    /// is no longer waiting (deleted from the queue, or settled).
+    async fn message_sending(&self, seq: i64) -> Result<bool, StoreError>;
     /// WhatsApp took the message (its ack), with its DeliveryCallback and, unless a
     /// receipt already moved it further, its status event, in the same transaction.
     async fn message_sent(
@@ -285,21 +294,8 @@ async fn enqueue(
 ) -> Result<Enqueued, StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     if let Some((key, hash)) = &m.idempotency {
-        let earlier = sqlx::query(concat!(
-            "SELECT ",
-            outbound_columns!(),
-            ", request_hash FROM outbound_messages WHERE instance_id = ? AND idempotency_key = ?"
-        ))
-        .bind(&m.instance_id)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = earlier {
-            let same: Option<String> = row.try_get("request_hash")?;
-            return Ok(match same.as_deref() == Some(hash.as_str()) {
-                true => Enqueued::Replayed(outbound(&row)?),
-                false => Enqueued::KeyReused,
-            });
+        if let Some(earlier) = replayed(&mut *tx, &m.instance_id, key, hash).await? {
+            return Ok(earlier);
         }
     }
     let pending: i64 = sqlx::query_scalar(
@@ -335,6 +331,33 @@ async fn enqueue(
     let queued = outbound(&row)?;
     tx.commit().await?;
     Ok(Enqueued::New(queued))
+}
+
+/// What an idempotency key already made: the message (`Replayed`) when `hash` is its
+/// request's, `KeyReused` when another request used the key; `None` when it is new.
+async fn replayed<'c>(
+    db: impl sqlx::SqliteExecutor<'c>,
+    instance_id: &str,
+    key: &str,
+    hash: &str,
+) -> Result<Option<Enqueued>, StoreError> {
+    let earlier = sqlx::query(concat!(
+        "SELECT ",
+        outbound_columns!(),
+        ", request_hash FROM outbound_messages WHERE instance_id = ? AND idempotency_key = ?"
+    ))
+    .bind(instance_id)
+    .bind(key)
+    .fetch_optional(db)
+    .await?;
+    let Some(row) = earlier else {
+        return Ok(None);
+    };
+    let same: Option<String> = row.try_get("request_hash")?;
+    Ok(Some(match same.as_deref() == Some(hash) {
+        true => Enqueued::Replayed(outbound(&row)?),
+        false => Enqueued::KeyReused,
+    }))
 }
 
 /// Received messages recorded in one transaction on `conn`; how many were new.
@@ -388,6 +411,15 @@ async fn record_inbound(
 
 #[async_trait]
 impl MessageStore for SqliteStore {
+    async fn replayed(
+        &self,
+        instance_id: &str,
+        key: &str,
+        hash: &str,
+    ) -> Result<Option<Enqueued>, StoreError> {
+        replayed(&self.read, instance_id, key, hash).await
+    }
+
     async fn enqueue_message(
         &self,
         m: &NewOutbound,
@@ -465,15 +497,16 @@ impl MessageStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn message_sending(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn message_sending(&self, seq: i64) -> Result<bool, StoreError> {
+        let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'sending', attempts = attempts + 1 \
              WHERE seq = ? AND state IN ('queued', 'sending')",
         )
         .bind(seq)
         .execute(&self.write)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(moved == 1)
     }
 
     async fn message_sent(
@@ -832,6 +865,43 @@ mod tests {
         assert_eq!(head[0].body, "0");
         assert_eq!(head[0].kind, "received");
         assert_eq!(head[1].body, dropped.to_string());
+    }
+
+    #[tokio::test]
+    async fn the_cap_on_connection_events_leaves_message_events_alone() {
+        let (_dir, store) = store().await;
+        sqlx::query(
+            "UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r', \
+             connected_callback_url = 'http://127.0.0.1:9/c'",
+        )
+        .execute(&store.write)
+        .await
+        .unwrap();
+        let event = |n: usize, kind| WebhookEvent {
+            event_id: format!("E{n}"),
+            instance_id: "I".into(),
+            kind,
+            body: format!("{n}"),
+            created_at: 20,
+        };
+        let mut tx = store.write.begin().await.unwrap();
+        for n in 0..3 {
+            assert!(
+                write_message_event(&mut tx, &event(n, WebhookKind::Received))
+                    .await
+                    .unwrap()
+            );
+        }
+        tx.commit().await.unwrap();
+        for n in 3..6 {
+            let connected = event(n, WebhookKind::Connected);
+            assert!(store.enqueue_webhook(&connected, 2).await.unwrap());
+        }
+        let (depth, _, dropped) = store.outbox_stats().await.unwrap();
+        assert_eq!((depth, dropped), (5, 1), "the oldest connection event went");
+        let pending = store.due_webhooks_of("I", 20, 10).await.unwrap();
+        let bodies: Vec<&str> = pending.iter().map(|e| e.body.as_str()).collect();
+        assert_eq!(bodies, ["0", "1", "2", "4", "5"]);
     }
 
     #[tokio::test]

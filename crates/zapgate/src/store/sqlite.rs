@@ -356,6 +356,7 @@ impl Store for SqliteStore {
             sqlx::query(
                 "UPDATE webhook_outbox SET done_at = ?1, outcome = 'dropped' WHERE seq IN \
                  (SELECT seq FROM webhook_outbox WHERE instance_id = ?2 AND done_at IS NULL \
+                  AND kind IN ('connected', 'disconnected') \
                   ORDER BY seq DESC LIMIT -1 OFFSET ?3)",
             )
             .bind(event.created_at)
