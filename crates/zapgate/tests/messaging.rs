@@ -2,6 +2,9 @@
 //! peers), through Z-API's routes and webhooks: what the contact's inbox holds, and
 //! what the webhook receiver got, exactly.
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../wa-sim/tests/common/baileys.rs"]
+mod baileys;
 mod common;
 
 use std::time::Duration;
@@ -609,5 +612,45 @@ async fn texts_arriving_across_a_kill_9_are_each_announced_once() {
     want.sort();
     assert_eq!(announced, want);
     let _ = inst;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_baileys_device_and_a_gateway_instance_exchange_texts() {
+    const PHONE: &str = "5511966660011";
+    const BAILEYS: &str = "5511966660111";
+    const WAIT: Duration = Duration::from_secs(60);
+    let world = World::new().await;
+    let (gw, inst, receiver) = linked(&world, PHONE).await;
+    // Baileys, another client altogether, linked to its own number on the same wa-sim.
+    let mut node = baileys::Baileys::start(&world.sim.ws_url(), &world.dir.path().join("baileys"));
+    let qr = node.wait_for("qr", WAIT).await["qr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = world.wa.scan(&qr, Some(BAILEYS)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    node.wait_for("open", WAIT).await;
+    node.wait_for("history", WAIT).await;
+
+    let (_, id) = sent(&gw, &inst, BAILEYS, "Olá, Baileys").await;
+    let got = node.wait_for("message", WAIT).await;
+    assert_eq!(got["id"], id, "{got}");
+    assert_eq!(got["text"], "Olá, Baileys");
+    // Baileys' delivery receipt comes back as RECEIVED.
+    wait_statuses(&receiver, &id, &["SENT", "RECEIVED"]).await;
+
+    node.command(&format!("send {PHONE}@s.whatsapp.net Oi, gateway"));
+    let went = node.wait_for("sent", WAIT).await;
+    let got = receiver.wait_delivered("received", 1).await;
+    let body = &got[0].body;
+    assert_eq!(body["type"], "ReceivedCallback");
+    assert_eq!(body["messageId"], went["id"]);
+    assert_eq!(body["phone"], BAILEYS);
+    assert_eq!(body["fromMe"], false);
+    assert_eq!(body["text"], json!({ "message": "Oi, gateway" }));
+    node.quit().await;
+    let errors = node.errors();
+    assert!(errors.is_empty(), "Baileys logged errors: {errors:#?}");
     gw.stop().await;
 }

@@ -218,7 +218,9 @@ impl Hub {
             Event::Receipt(receipt) if !receipt.source.is_from_me => {
                 use whatsapp_rust::types::presence::ReceiptType;
                 let status = match receipt.r#type {
-                    ReceiptType::Delivered => Status::Received,
+                    // `inactive`: delivered to a device whose user is not online (a
+                    // client that does not mark itself available, such as Baileys').
+                    ReceiptType::Delivered | ReceiptType::Inactive => Status::Received,
                     ReceiptType::Read => Status::Read,
                     ReceiptType::Played => Status::Played,
                     _ => return,
