@@ -96,6 +96,7 @@ pub async fn run(
     .context("loading instances")?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     metrics.follow(&manager, shutdown.clone());
+    metrics.follow_messages(&messaging, shutdown.clone());
     let deliveries = tokio_util::task::TaskTracker::new();
     webhooks::start(
         store.clone(),

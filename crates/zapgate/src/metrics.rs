@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::events_state_name;
 use crate::instance::{EventKind, Manager, State};
+use crate::messaging::zapi::status_name;
+use crate::messaging::{Hub, Told};
 use crate::store::Store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +33,11 @@ pub struct CauseLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,6 +69,13 @@ pub struct Metrics {
     outbox_dropped: Gauge,
     pub http_requests: Family<RouteLabel, Counter>,
     pub http_seconds: Family<LatencyLabel, Histogram>,
+    messages_received: Counter,
+    messages_sent: Counter,
+    messages_not_sent: Counter,
+    message_statuses: Family<StatusLabel, Counter>,
+    message_send_seconds: Histogram,
+    message_queue_depth: Gauge,
+    message_queue_oldest_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,6 +104,15 @@ impl Metrics {
             http_seconds: Family::new_with_constructor(|| {
                 Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0])
             }),
+            messages_received: Counter::default(),
+            messages_sent: Counter::default(),
+            messages_not_sent: Counter::default(),
+            message_statuses: Family::default(),
+            message_send_seconds: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0, 3600.0,
+            ]),
+            message_queue_depth: Gauge::default(),
+            message_queue_oldest_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("instances", "Instances by state", metrics.instances.clone());
@@ -154,6 +177,41 @@ impl Metrics {
             "HTTP request latency by matched route and method",
             metrics.http_seconds.clone(),
         );
+        registry.register(
+            "messages_received",
+            "Messages received (each announced by a ReceivedCallback)",
+            metrics.messages_received.clone(),
+        );
+        registry.register(
+            "messages_sent",
+            "Messages WhatsApp took (their DeliveryCallback)",
+            metrics.messages_sent.clone(),
+        );
+        registry.register(
+            "messages_not_sent",
+            "Messages given up (a DeliveryCallback with an error)",
+            metrics.messages_not_sent.clone(),
+        );
+        registry.register(
+            "message_statuses",
+            "Status changes of messages sent (MessageStatusCallback), by status",
+            metrics.message_statuses.clone(),
+        );
+        registry.register(
+            "message_send_seconds",
+            "Time from a send call to WhatsApp's ack, pauses and queueing included",
+            metrics.message_send_seconds.clone(),
+        );
+        registry.register(
+            "message_queue_depth",
+            "Messages waiting to be sent (or on their way)",
+            metrics.message_queue_depth.clone(),
+        );
+        registry.register(
+            "message_queue_oldest_seconds",
+            "Age of the oldest message waiting to be sent",
+            metrics.message_queue_oldest_seconds.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -187,13 +245,53 @@ impl Metrics {
         if let Ok((depth, oldest, dropped)) = store.outbox_stats().await {
             self.outbox_depth.set(depth as i64);
             self.outbox_dropped.set(dropped as i64);
-            let age = oldest.map_or(0, |at| (crate::unix_millis() - at).max(0) / 1000);
-            self.outbox_oldest_seconds.set(age);
+            self.outbox_oldest_seconds.set(age_secs(oldest));
+        }
+        if let Ok((depth, oldest)) = store.queue_stats().await {
+            self.message_queue_depth.set(depth as i64);
+            self.message_queue_oldest_seconds.set(age_secs(oldest));
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a string");
         text
+    }
+
+    /// Counts the messages sent and received, off messaging's events, until `shutdown`.
+    pub fn follow_messages(self: &Arc<Self>, hub: &Hub, shutdown: CancellationToken) {
+        let mut notes = hub.notes();
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let note = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    note = notes.recv() => note,
+                };
+                match note {
+                    Ok(note) => match note.told {
+                        Told::Received => metrics.messages_received.inc(),
+                        Told::Sent { waited_ms } => {
+                            metrics
+                                .message_send_seconds
+                                .observe(waited_ms.max(0) as f64 / 1000.0);
+                            metrics.messages_sent.inc()
+                        }
+                        Told::NotSent => metrics.messages_not_sent.inc(),
+                        Told::Status(status) => metrics
+                            .message_statuses
+                            .get_or_create(&StatusLabel {
+                                status: status_name(status).to_owned(),
+                            })
+                            .inc(),
+                    },
+                    Err(RecvError::Lagged(n)) => {
+                        metrics.events_missed.inc_by(n);
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+            }
+        });
     }
 
     /// Counts what the instances do, off their event bus, until `shutdown`.
@@ -248,4 +346,9 @@ impl Metrics {
             }
         });
     }
+}
+
+/// Seconds since `at` (unix ms); 0 for nothing.
+fn age_secs(at: Option<i64>) -> i64 {
+    at.map_or(0, |at| (crate::unix_millis() - at).max(0) / 1000)
 }

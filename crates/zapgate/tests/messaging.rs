@@ -145,6 +145,7 @@ async fn a_text_reaches_the_contact_once_and_its_statuses_come_back_as_z_api_tel
     let world = World::new().await;
     contact(&world, FRIEND).await;
     let (gw, inst, receiver) = linked(&world, PHONE).await;
+    let mut events = gw.api.events(&inst, None).await;
 
     let (zaap_id, message_id) = sent(&gw, &inst, FRIEND, "Olá, tudo bem?").await;
     assert_eq!(zaap_id.len(), 32);
@@ -194,6 +195,35 @@ async fn a_text_reaches_the_contact_once_and_its_statuses_come_back_as_z_api_tel
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(inbox(&world, FRIEND, 1).await.len(), 1);
     assert_eq!(receiver.delivered("delivery").len(), 1);
+
+    // The event stream told the same, with the webhooks' bodies (a receipt may
+    // overtake WhatsApp's ack, so the DeliveryCallback's place may vary).
+    let mut told = Vec::new();
+    while told.len() < 4 {
+        told.push(events.until("status").await.data.to_string());
+    }
+    let mut webhooks: Vec<String> = bodies(&receiver.delivered("delivery"))
+        .into_iter()
+        .chain(bodies(&receiver.delivered("status")))
+        .map(|b| b.to_string())
+        .collect();
+    told.sort();
+    webhooks.sort();
+    assert_eq!(told, webhooks);
+
+    let metrics = common::scrape(&gw).await;
+    for (name, want) in [
+        ("zapgate_messages_sent_total", 1.0),
+        ("zapgate_messages_not_sent_total", 0.0),
+        ("zapgate_messages_received_total", 0.0),
+        ("zapgate_message_statuses_total{status=\"SENT\"}", 1.0),
+        ("zapgate_message_statuses_total{status=\"RECEIVED\"}", 1.0),
+        ("zapgate_message_statuses_total{status=\"READ\"}", 1.0),
+        ("zapgate_message_send_seconds_count", 1.0),
+        ("zapgate_message_queue_depth", 0.0),
+    ] {
+        assert_eq!(metrics.get(name), Some(&want), "{name}");
+    }
     gw.stop().await;
 }
 
@@ -274,6 +304,10 @@ async fn a_contacts_text_arrives_as_a_received_callback_with_every_field() {
     assert_eq!(got[0]["text"], "Claro!");
     assert_eq!(got[0]["replyTo"], id, "{got:?}");
     assert_eq!(receiver.delivered("received").len(), 1);
+    assert_eq!(
+        common::scrape(&gw).await["zapgate_messages_received_total"],
+        1.0
+    );
     gw.stop().await;
 }
 
@@ -363,6 +397,9 @@ async fn bad_input_is_refused_and_an_unknown_number_gets_z_apis_error() {
         receiver.delivered("status").is_empty(),
         "no status for a message never sent"
     );
+    let metrics = common::scrape(&gw).await;
+    assert_eq!(metrics["zapgate_messages_not_sent_total"], 1.0);
+    assert_eq!(metrics["zapgate_messages_sent_total"], 0.0);
     gw.stop().await;
 }
 

@@ -10,8 +10,8 @@ use whatsapp_rust::types::events::{Event, EventKind, InboundMessage};
 use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::{InboundDurabilityHook, Jid};
 
-use super::Hub;
 use super::zapi::{self, Received};
+use super::{Hub, Told};
 use crate::store::{Inbound, Status, StoreError};
 
 /// The client events messaging acts on.
@@ -46,8 +46,9 @@ impl InboundDurabilityHook for Hook {
         }
         if self.hub.store.record_inbound(&rows).await? > 0 {
             self.hub.webhooks_due.notify_one();
-            let events: Vec<_> = rows.iter().filter_map(|r| r.event.clone()).collect();
-            self.hub.note(&events);
+            for event in rows.iter().filter_map(|r| r.event.as_ref()) {
+                self.hub.note(Told::Received, event);
+            }
         }
         self.auto_read(client, &rows);
         Ok(())
@@ -238,7 +239,7 @@ impl Hub {
                     written
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(event.clone());
+                        .push((status, event.clone()));
                     event
                 };
                 match self
@@ -249,7 +250,10 @@ impl Hub {
                     Ok(0) => {}
                     Ok(_) => {
                         self.webhooks_due.notify_one();
-                        self.note(&written.into_inner().unwrap_or_else(|p| p.into_inner()));
+                        let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
+                        for (moved, event) in &written {
+                            self.note(Told::Status(*moved), event);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(instance.id = %instance, error = %e, "could not record a receipt")
@@ -289,12 +293,13 @@ impl Hub {
                     sent_at: received.sent_at,
                     event: Some(received.event()),
                 };
-                let event = row.event.clone();
-                match self.store.record_inbound(&[row]).await {
+                match self.store.record_inbound(std::slice::from_ref(&row)).await {
                     Ok(0) => {}
                     Ok(_) => {
                         self.webhooks_due.notify_one();
-                        self.note(&event.into_iter().collect::<Vec<_>>());
+                        if let Some(event) = &row.event {
+                            self.note(Told::Received, event);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(instance.id = %instance, error = %e, "could not record a message waiting to be decrypted")

@@ -151,10 +151,26 @@ pub struct Outgoing {
     pub idempotency: Option<(String, String)>,
 }
 
-/// A message event, as its webhook tells it, for the instance's event stream.
+/// What a message event tells, for those that count them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Told {
+    /// A message came in (a ReceivedCallback).
+    Received,
+    /// WhatsApp took a message of ours (its DeliveryCallback), this long after the
+    /// API took it.
+    Sent { waited_ms: i64 },
+    /// A message of ours was given up (a DeliveryCallback with an error).
+    NotSent,
+    /// A message of ours moved to this status (a MessageStatusCallback).
+    Status(crate::store::Status),
+}
+
+/// A message event, as its webhook tells it, for the instance's event stream and the
+/// metrics.
 #[derive(Clone, Debug)]
 pub struct Note {
     pub instance: Arc<str>,
+    pub told: Told,
     /// `message` (a ReceivedCallback) or `status` (a DeliveryCallback or a
     /// MessageStatusCallback).
     pub name: &'static str,
@@ -335,22 +351,21 @@ impl Hub {
         self.notes.subscribe()
     }
 
-    /// Tells the event streams about webhook events just committed.
-    pub(crate) fn note(&self, events: &[crate::store::WebhookEvent]) {
+    /// Tells the event streams and the metrics about a webhook event just committed.
+    pub(crate) fn note(&self, told: Told, event: &crate::store::WebhookEvent) {
         if self.notes.receiver_count() == 0 {
             return;
         }
-        for event in events {
-            let name = match event.kind {
-                crate::store::WebhookKind::Received => "message",
-                _ => "status",
-            };
-            let _ = self.notes.send(Note {
-                instance: event.instance_id.as_str().into(),
-                name,
-                body: event.body.as_str().into(),
-            });
-        }
+        let name = match told {
+            Told::Received => "message",
+            _ => "status",
+        };
+        let _ = self.notes.send(Note {
+            instance: event.instance_id.as_str().into(),
+            told,
+            name,
+            body: event.body.as_str().into(),
+        });
     }
 
     /// Wakes an instance's sender (its queue changed).

@@ -17,7 +17,7 @@ use whatsapp_rust::send::{EditOptions, SendOptions};
 use whatsapp_rust::waproto::whatsapp as wa;
 
 use super::zapi::{self, errors};
-use super::{Hub, Lane, Line};
+use super::{Hub, Lane, Line, Told};
 use crate::store::{Outbound, Status, StoreError};
 
 /// Failures of one message while its number stayed connected (WhatsApp did not ack
@@ -323,8 +323,17 @@ impl Sender {
             .message_sent(head.seq, now, &delivery, &status)
             .await
         {
-            Ok(()) => {
+            Ok(written) => {
                 self.hub.webhooks_due.notify_one();
+                let told = [
+                    Told::Sent {
+                        waited_ms: now - head.created_at,
+                    },
+                    Told::Status(Status::Sent),
+                ];
+                for (told, event) in told.into_iter().zip([&delivery, &status]).take(written) {
+                    self.hub.note(told, event);
+                }
                 Step::Again
             }
             // Sent again later with the same id: a duplicate WhatsApp drops.
@@ -347,11 +356,14 @@ impl Sender {
         match self
             .hub
             .store
-            .message_failed(head.seq, error, &[delivery])
+            .message_failed(head.seq, error, std::slice::from_ref(&delivery))
             .await
         {
-            Ok(()) => {
-                self.hub.webhooks_due.notify_one();
+            Ok(written) => {
+                if written {
+                    self.hub.webhooks_due.notify_one();
+                    self.hub.note(Told::NotSent, &delivery);
+                }
                 Step::Again
             }
             Err(e) => self.store_failed(e),

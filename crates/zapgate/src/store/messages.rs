@@ -120,6 +120,9 @@ const STATUS_BOUND_EVERY: i64 = 100;
 
 #[async_trait]
 pub trait MessageStore: Send + Sync {
+    /// Messages waiting to be sent (or on their way), all instances, and when the
+    /// oldest was queued.
+    async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError>;
     /// What an idempotency key of the instance already made, if anything: the
     /// message (its request's `hash` is the same) or `KeyReused`.
     async fn replayed(
@@ -157,20 +160,22 @@ pub trait MessageStore: Send + Sync {
     async fn message_sending(&self, seq: i64) -> Result<bool, StoreError>;
     /// WhatsApp took the message (its ack), with its DeliveryCallback and, unless a
     /// receipt already moved it further, its status event, in the same transaction.
+    /// How many of the two it wrote: 0 (it was settled already), 1 or 2.
     async fn message_sent(
         &self,
         seq: i64,
         at: i64,
         delivery: &WebhookEvent,
         status: &WebhookEvent,
-    ) -> Result<(), StoreError>;
-    /// The message will never be sent: why, and its events.
+    ) -> Result<usize, StoreError>;
+    /// The message will never be sent: why, and its events. False when it was no
+    /// longer waiting (nothing written).
     async fn message_failed(
         &self,
         seq: i64,
         error: &str,
         events: &[WebhookEvent],
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// A receipt for the instance's messages `ids` to `chat_phone` (digits; `None`:
     /// any chat): moves those it advances to `status` and writes, in the same
     /// transaction, the event `event` makes of the ids it moved and their phone.
@@ -411,6 +416,16 @@ async fn record_inbound(
 
 #[async_trait]
 impl MessageStore for SqliteStore {
+    async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let (depth, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(created_at) FROM outbound_messages \
+             WHERE state IN ('queued', 'sending')",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok((depth as u64, oldest))
+    }
+
     async fn replayed(
         &self,
         instance_id: &str,
@@ -515,7 +530,7 @@ impl MessageStore for SqliteStore {
         at: i64,
         delivery: &WebhookEvent,
         status: &WebhookEvent,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         // The state after: 'sent' when it was on its way; further on when a receipt
         // overtook the ack (which then announced SENT itself).
@@ -529,14 +544,17 @@ impl MessageStore for SqliteStore {
         .bind(seq)
         .fetch_optional(&mut *tx)
         .await?;
+        let mut written = 0;
         if let Some(after) = after {
             write_message_event(&mut tx, delivery).await?;
+            written = 1;
             if after == "sent" {
                 write_message_event(&mut tx, status).await?;
+                written = 2;
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(written)
     }
 
     async fn message_failed(
@@ -544,7 +562,7 @@ impl MessageStore for SqliteStore {
         seq: i64,
         error: &str,
         events: &[WebhookEvent],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'failed', error = ? \
@@ -559,7 +577,7 @@ impl MessageStore for SqliteStore {
             write_events(&mut tx, events).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(moved == 1)
     }
 
     async fn message_status(
