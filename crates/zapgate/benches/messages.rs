@@ -6,7 +6,8 @@
 //! contacts: its messages per second and per CPU-second.
 //!
 //! `cargo bench -p zapgate --bench messages -- [--instances 100] [--burst 20]
-//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 2000] [--env K=V ...]`
+//!  [--single 500] [--rate 500] [--secs 10] [--queued 50] [--baileys 2000] [--webhooks 1]
+//!  [--env K=V ...]`
 //!
 //! The gateway is a release sandbox build in its own process, with Z-API's pacing off
 //! (`ZAPGATE_SEND_INTERVAL_MS=0`) and its message webhooks set to a receiver in this
@@ -45,6 +46,8 @@ struct Args {
     secs: u64,
     queued: usize,
     baileys: usize,
+    /// Whether the instances' message webhooks are set (`--webhooks 0`: none).
+    webhooks: bool,
     env: Vec<(String, String)>,
 }
 
@@ -60,6 +63,7 @@ impl Args {
             secs: args.number("--secs", 10),
             queued: get("--queued", 50),
             baileys: get("--baileys", 2000),
+            webhooks: get("--webhooks", 1) != 0,
             env: args.env(),
         }
     }
@@ -174,7 +178,7 @@ async fn main() {
     let instances = fleet::create(&gw, n, "sender").await;
     fleet::link(&gw, &world, &instances, "55118", 10_000_000, 32).await;
     let receiver = Receiver::start().await;
-    for inst in &instances {
+    for inst in instances.iter().filter(|_| args.webhooks) {
         for (route, path) in [
             ("update-webhook-received", "received"),
             ("update-webhook-delivery", "delivery"),

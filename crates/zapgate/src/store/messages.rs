@@ -421,7 +421,7 @@ impl MessageStore for SqliteStore {
             "SELECT COUNT(*), MIN(created_at) FROM outbound_messages \
              WHERE state IN ('queued', 'sending')",
         )
-        .fetch_one(&self.read)
+        .fetch_one(&mut *self.read.lock().await?)
         .await?;
         Ok((depth as u64, oldest))
     }
@@ -432,7 +432,7 @@ impl MessageStore for SqliteStore {
         key: &str,
         hash: &str,
     ) -> Result<Option<Enqueued>, StoreError> {
-        replayed(&self.read, instance_id, key, hash).await
+        replayed(&mut *self.read.lock().await?, instance_id, key, hash).await
     }
 
     async fn enqueue_message(
@@ -454,7 +454,7 @@ impl MessageStore for SqliteStore {
              ORDER BY seq LIMIT 1"
         ))
         .bind(instance_id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?;
         Ok(row.as_ref().map(outbound).transpose()?)
     }
@@ -464,7 +464,7 @@ impl MessageStore for SqliteStore {
             "SELECT DISTINCT instance_id FROM outbound_messages \
              WHERE state IN ('queued', 'sending')",
         )
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.lock().await?)
         .await?)
     }
 
@@ -479,7 +479,7 @@ impl MessageStore for SqliteStore {
              AND state IN ('queued', 'sending')",
         )
         .bind(instance_id)
-        .fetch_one(&self.read)
+        .fetch_one(&mut *self.read.lock().await?)
         .await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -490,7 +490,7 @@ impl MessageStore for SqliteStore {
         .bind(instance_id)
         .bind(i64::from(page_size))
         .bind(i64::from(page.saturating_sub(1)) * i64::from(page_size))
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.lock().await?)
         .await?;
         let items = rows.iter().map(outbound).collect::<Result<_, _>>()?;
         Ok((items, total as u64))
@@ -507,7 +507,7 @@ impl MessageStore for SqliteStore {
         )
         .bind(instance_id)
         .bind(zaap_id)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -518,7 +518,7 @@ impl MessageStore for SqliteStore {
              WHERE seq = ? AND state IN ('queued', 'sending')",
         )
         .bind(seq)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?
         .rows_affected();
         Ok(moved == 1)
@@ -531,7 +531,8 @@ impl MessageStore for SqliteStore {
         delivery: &WebhookEvent,
         status: &WebhookEvent,
     ) -> Result<usize, StoreError> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         // The state after: 'sent' when it was on its way; further on when a receipt
         // overtook the ack (which then announced SENT itself).
         let after: Option<String> = sqlx::query_scalar(
@@ -563,7 +564,8 @@ impl MessageStore for SqliteStore {
         error: &str,
         events: &[WebhookEvent],
     ) -> Result<bool, StoreError> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'failed', error = ? \
              WHERE seq = ? AND state IN ('queued', 'sending')",
@@ -594,7 +596,8 @@ impl MessageStore for SqliteStore {
             Status::Read | Status::Played => "read_at",
         };
         let before = status.before();
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         // The ids each phone's messages moved, in the order they came.
         let mut moved: Vec<(String, Vec<String>)> = Vec::new();
         // A receipt that overtook WhatsApp's ack still proves the message was sent:
@@ -664,7 +667,7 @@ impl MessageStore for SqliteStore {
         ))
         .bind(instance_id)
         .bind(message_id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?;
         Ok(row.as_ref().map(outbound).transpose()?)
     }
@@ -687,12 +690,13 @@ impl MessageStore for SqliteStore {
         )
         .bind(instance_id)
         .bind(message_id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?)
     }
 
     async fn forget_messages(&self, before: i64) -> Result<u64, StoreError> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         let sent = sqlx::query(
             "DELETE FROM outbound_messages WHERE created_at < ? \
              AND state NOT IN ('queued', 'sending')",
@@ -716,7 +720,7 @@ impl MessageStore for SqliteStore {
              WHERE id = ?",
         )
         .bind(instance_id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?;
         Ok(row.unwrap_or_default())
     }
@@ -725,7 +729,7 @@ impl MessageStore for SqliteStore {
         let done = sqlx::query("UPDATE instances SET auto_read_message = ? WHERE id = ?")
             .bind(on)
             .bind(instance_id)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -739,7 +743,7 @@ impl MessageStore for SqliteStore {
             sqlx::query("UPDATE instances SET disable_enqueue_when_disconnected = ? WHERE id = ?")
                 .bind(disabled)
                 .bind(instance_id)
-                .execute(&self.write)
+                .execute(&mut *self.write.lock().await?)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -857,11 +861,12 @@ mod tests {
             created_at: 20,
         };
         sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
-            .execute(&store.write)
+            .execute(&mut *store.write.lock().await.unwrap())
             .await
             .unwrap();
         let written = STATUS_BACKLOG + 2 * STATUS_BOUND_EVERY;
-        let mut tx = store.write.begin().await.unwrap();
+        let mut writer = store.write.lock().await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
         assert!(write_message_event(&mut tx, &received(0)).await.unwrap());
         for n in 0..written {
             let mut event = status_event(Status::Sent, &[], "");
@@ -870,6 +875,7 @@ mod tests {
         }
         assert!(write_message_event(&mut tx, &received(1)).await.unwrap());
         tx.commit().await.unwrap();
+        drop(writer);
 
         let (depth, _, dropped) = store.outbox_stats().await.unwrap();
         let kept = written - dropped as i64;
@@ -892,7 +898,7 @@ mod tests {
             "UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r', \
              connected_callback_url = 'http://127.0.0.1:9/c'",
         )
-        .execute(&store.write)
+        .execute(&mut *store.write.lock().await.unwrap())
         .await
         .unwrap();
         let event = |n: usize, kind| WebhookEvent {
@@ -902,7 +908,8 @@ mod tests {
             body: format!("{n}"),
             created_at: 20,
         };
-        let mut tx = store.write.begin().await.unwrap();
+        let mut writer = store.write.lock().await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
         for n in 0..3 {
             assert!(
                 write_message_event(&mut tx, &event(n, WebhookKind::Received))
@@ -911,6 +918,7 @@ mod tests {
             );
         }
         tx.commit().await.unwrap();
+        drop(writer);
         for n in 3..6 {
             let connected = event(n, WebhookKind::Connected);
             assert!(store.enqueue_webhook(&connected, 2).await.unwrap());
@@ -925,13 +933,15 @@ mod tests {
     #[tokio::test]
     async fn read_ahead_waits_for_a_head_not_due() {
         let (_dir, store) = store().await;
-        let mut tx = store.write.begin().await.unwrap();
+        let mut writer = store.write.lock().await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
         for _ in 0..3 {
             write_message_event(&mut tx, &status_event(Status::Sent, &[], ""))
                 .await
                 .unwrap();
         }
         tx.commit().await.unwrap();
+        drop(writer);
         let all = store.due_webhooks_of("I", 20, 10).await.unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(store.due_webhooks_of("I", 20, 2).await.unwrap().len(), 2);
@@ -1026,7 +1036,7 @@ mod tests {
     async fn a_message_received_twice_is_recorded_and_announced_once() {
         let (_dir, store) = store().await;
         sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
-            .execute(&store.write)
+            .execute(&mut *store.write.lock().await.unwrap())
             .await
             .unwrap();
         let row = Inbound {

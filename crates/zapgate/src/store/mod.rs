@@ -1,6 +1,7 @@
 //! Persistence of the instance registry behind a narrow, domain-shaped trait.
 //! SQLite is the default backend; the URL scheme picks the backend.
 
+mod conns;
 mod messages;
 mod session_import;
 mod session_keys;

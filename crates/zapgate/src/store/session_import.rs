@@ -153,7 +153,7 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
         .await
         .map_err(lost)?;
     let device = file.load().await.map_err(lost)?;
-    let mut conn = db.write.acquire().await?;
+    let mut conn = db.write.lock().await?;
     sqlx::query("ATTACH DATABASE ? AS old")
         .bind(path.to_string_lossy().into_owned())
         .execute(&mut *conn)
@@ -237,9 +237,9 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
     }
     .await;
     if let Err(e) = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await {
-        // The connection still has the file attached: it is not used again.
+        // The writing connection keeps the file attached (and open) until the gateway
+        // restarts; nothing reads it through that name.
         tracing::warn!(path = %path.display(), error = %e, "could not detach an imported session file");
-        conn.close_on_drop();
     }
     drop(file);
     copied

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::query_builder::Separated;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Connection as _, QueryBuilder, Row, Sqlite};
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
@@ -85,7 +85,7 @@ impl SessionKeys {
         sqlx::query_scalar(sql)
             .bind(self.id)
             .bind(key)
-            .fetch_optional(&self.db.read)
+            .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)
     }
@@ -95,7 +95,7 @@ impl SessionKeys {
         sqlx::query(sql)
             .bind(self.id)
             .bind(key)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(|done| done.rows_affected())
             .map_err(db)
@@ -115,12 +115,13 @@ impl SessionKeys {
             n if n <= ROWS => statement(rows)
                 .build()
                 .persistent(prepared(n))
-                .execute(&self.db.write)
+                .execute(&mut *self.db.write.lock().await.map_err(db)?)
                 .await
                 .map(drop)
                 .map_err(db),
             _ => {
-                let mut tx = self.db.write.begin().await.map_err(db)?;
+                let mut writer = self.db.write.lock().await.map_err(db)?;
+                let mut tx = writer.begin().await.map_err(db)?;
                 for chunk in rows.chunks(ROWS) {
                     statement(chunk)
                         .build()
@@ -166,7 +167,7 @@ impl SessionKeys {
         sqlx::query_scalar(sql)
             .bind(self.id)
             .bind(key)
-            .fetch_one(&self.db.read)
+            .fetch_one(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)
     }
@@ -281,7 +282,7 @@ impl SignalStore for SessionKeys {
             sqlx::query_scalar("SELECT record FROM prekey WHERE session = ? AND id = ?")
                 .bind(self.id)
                 .bind(i64::from(id))
-                .fetch_optional(&self.db.read)
+                .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
                 .await
                 .map_err(db)?;
         Ok(found.map(Bytes::from))
@@ -298,8 +299,13 @@ impl SignalStore for SessionKeys {
                 list.push_bind(i64::from(*id));
             }
             query.push(")");
-            let rows = query.build().persistent(false).fetch_all(&self.db.read);
-            for row in rows.await.map_err(db)? {
+            let rows = query
+                .build()
+                .persistent(false)
+                .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
+                .await
+                .map_err(db)?;
+            for row in rows {
                 let id: i64 = row.try_get(0).map_err(db)?;
                 let record: Vec<u8> = row.try_get(1).map_err(db)?;
                 found.push((id as u32, Bytes::from(record)));
@@ -312,7 +318,8 @@ impl SignalStore for SessionKeys {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
+        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut tx = writer.begin().await.map_err(db)?;
         for chunk in ids.chunks(CHUNK) {
             let mut query =
                 QueryBuilder::<Sqlite>::new("UPDATE prekey SET uploaded = 1 WHERE session = ");
@@ -336,7 +343,7 @@ impl SignalStore for SessionKeys {
         sqlx::query("DELETE FROM prekey WHERE session = ? AND id = ?")
             .bind(self.id)
             .bind(i64::from(id))
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -346,7 +353,7 @@ impl SignalStore for SessionKeys {
         let max: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM prekey WHERE session = ?")
                 .bind(self.id)
-                .fetch_one(&self.db.read)
+                .fetch_one(&mut *self.db.read.lock().await.map_err(db)?)
                 .await
                 .map_err(db)?;
         Ok(max as u32)
@@ -360,7 +367,7 @@ impl SignalStore for SessionKeys {
         .bind(self.id)
         .bind(i64::from(id))
         .bind(record)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -370,7 +377,7 @@ impl SignalStore for SessionKeys {
         sqlx::query_scalar("SELECT record FROM signed_prekey WHERE session = ? AND id = ?")
             .bind(self.id)
             .bind(i64::from(id))
-            .fetch_optional(&self.db.read)
+            .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)
     }
@@ -379,7 +386,7 @@ impl SignalStore for SessionKeys {
         let rows: Vec<(i64, Vec<u8>)> =
             sqlx::query_as("SELECT id, record FROM signed_prekey WHERE session = ? ORDER BY id")
                 .bind(self.id)
-                .fetch_all(&self.db.read)
+                .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
                 .await
                 .map_err(db)?;
         Ok(rows.into_iter().map(|(id, r)| (id as u32, r)).collect())
@@ -389,7 +396,7 @@ impl SignalStore for SessionKeys {
         sqlx::query("DELETE FROM signed_prekey WHERE session = ? AND id = ?")
             .bind(self.id)
             .bind(i64::from(id))
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -422,7 +429,7 @@ impl AppSyncStore for SessionKeys {
             sqlx::query_scalar("SELECT key FROM sync_key WHERE session = ? AND key_id = ?")
                 .bind(self.id)
                 .bind(key_id)
-                .fetch_optional(&self.db.read)
+                .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
                 .await
                 .map_err(db)?;
         // A key that does not read is as good as absent: the client asks for it again.
@@ -443,7 +450,7 @@ impl AppSyncStore for SessionKeys {
         .bind(self.id)
         .bind(key_id)
         .bind(sync_key_to_json(&key)?)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -488,7 +495,7 @@ impl AppSyncStore for SessionKeys {
         .bind(self.id)
         .bind(name)
         .bind(index_mac)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -513,8 +520,13 @@ impl AppSyncStore for SessionKeys {
                 list.push_bind(&index_mac[..]);
             }
             query.push(")");
-            let rows = query.build().persistent(false).fetch_all(&self.db.read);
-            for row in rows.await.map_err(db)? {
+            let rows = query
+                .build()
+                .persistent(false)
+                .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
+                .await
+                .map_err(db)?;
+            for row in rows {
                 let index_mac: Vec<u8> = row.try_get(0).map_err(db)?;
                 let value_mac: Vec<u8> = row.try_get(1).map_err(db)?;
                 if let Ok(index_mac) = index_mac.try_into() {
@@ -529,7 +541,8 @@ impl AppSyncStore for SessionKeys {
         if index_macs.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
+        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut tx = writer.begin().await.map_err(db)?;
         for index_mac in index_macs {
             sqlx::query(
                 "DELETE FROM mutation_mac WHERE session = ? AND name = ? AND index_mac = ?",
@@ -555,7 +568,7 @@ impl AppSyncStore for SessionKeys {
             "SELECT key_id, key FROM sync_key WHERE session = ? ORDER BY key_id DESC",
         )
         .bind(self.id)
-        .fetch_all(&self.db.read)
+        .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)?;
         Ok(rows
@@ -656,7 +669,8 @@ impl SessionKeys {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
+        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut tx = writer.begin().await.map_err(db)?;
         for k in keys {
             sqlx::query(DELETE_PENDING)
                 .bind(self.id)
@@ -675,7 +689,7 @@ impl SessionKeys {
         sqlx::query(sql)
             .bind(self.id)
             .bind(cutoff)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(|done| done.rows_affected() as u32)
             .map_err(db)
@@ -691,7 +705,7 @@ impl ProtocolStore for SessionKeys {
         )
         .bind(self.id)
         .bind(group_jid)
-        .fetch_all(&self.db.read)
+        .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -714,7 +728,8 @@ impl ProtocolStore for SessionKeys {
         if device_jids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.write.begin().await.map_err(db)?;
+        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut tx = writer.begin().await.map_err(db)?;
         for device_jid in device_jids {
             sqlx::query("DELETE FROM sender_key_device WHERE session = ? AND device_jid = ?")
                 .bind(self.id)
@@ -729,7 +744,7 @@ impl ProtocolStore for SessionKeys {
     async fn clear_all_sender_key_devices(&self) -> Result<()> {
         sqlx::query("DELETE FROM sender_key_device WHERE session = ?")
             .bind(self.id)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -739,7 +754,7 @@ impl ProtocolStore for SessionKeys {
         let row = sqlx::query("SELECT * FROM lid_pn WHERE session = ? AND lid = ?")
             .bind(self.id)
             .bind(lid)
-            .fetch_optional(&self.db.read)
+            .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)?;
         row.as_ref().map(lid_entry).transpose()
@@ -753,7 +768,7 @@ impl ProtocolStore for SessionKeys {
         )
         .bind(self.id)
         .bind(phone)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)?;
         row.as_ref().map(lid_entry).transpose()
@@ -770,7 +785,7 @@ impl ProtocolStore for SessionKeys {
     async fn get_all_lid_mappings(&self) -> Result<Vec<LidPnMappingEntry>> {
         let rows = sqlx::query("SELECT * FROM lid_pn WHERE session = ?")
             .bind(self.id)
-            .fetch_all(&self.db.read)
+            .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)?;
         rows.iter().map(lid_entry).collect()
@@ -785,7 +800,7 @@ impl ProtocolStore for SessionKeys {
         .bind(address)
         .bind(message_id)
         .bind(base_key)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -803,7 +818,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(address)
         .bind(message_id)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)?;
         Ok(stored.is_some_and(|stored| stored == current_base_key))
@@ -814,7 +829,7 @@ impl ProtocolStore for SessionKeys {
             .bind(self.id)
             .bind(address)
             .bind(message_id)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -835,7 +850,7 @@ impl ProtocolStore for SessionKeys {
         )
         .bind(self.id)
         .bind(user)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)?;
         let Some(row) = row else { return Ok(None) };
@@ -877,7 +892,7 @@ impl ProtocolStore for SessionKeys {
         )
         .bind(self.id)
         .bind(jid)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)?;
         Ok(
@@ -901,7 +916,7 @@ impl ProtocolStore for SessionKeys {
         .bind(&entry.token[..])
         .bind(entry.token_timestamp)
         .bind(entry.sender_timestamp)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -915,7 +930,7 @@ impl ProtocolStore for SessionKeys {
     async fn get_all_tc_token_jids(&self) -> Result<Vec<String>> {
         sqlx::query_scalar("SELECT jid FROM tc_token WHERE session = ? ORDER BY jid")
             .bind(self.id)
-            .fetch_all(&self.db.read)
+            .fetch_all(&mut *self.db.read.lock().await.map_err(db)?)
             .await
             .map_err(db)
     }
@@ -930,7 +945,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(token_cutoff)
         .bind(sender_cutoff)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(|done| done.rows_affected() as u32)
         .map_err(db)
@@ -951,7 +966,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(jid)
         .bind(sender_timestamp)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -975,7 +990,7 @@ impl ProtocolStore for SessionKeys {
         .bind(jid)
         .bind(token)
         .bind(token_timestamp)
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -997,7 +1012,7 @@ impl ProtocolStore for SessionKeys {
         .bind(message_id)
         .bind(payload)
         .bind(now())
-        .execute(&self.db.write)
+        .execute(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -1011,7 +1026,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(chat_jid)
         .bind(message_id)
-        .fetch_optional(&self.db.write)
+        .fetch_optional(&mut *self.db.write.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -1051,7 +1066,7 @@ impl ProtocolStore for SessionKeys {
         .bind(chat)
         .bind(sender)
         .bind(id)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -1116,7 +1131,7 @@ impl MsgSecretStore for SessionKeys {
         .bind(chat)
         .bind(sender)
         .bind(msg_id)
-        .fetch_optional(&self.db.read)
+        .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -1134,7 +1149,7 @@ impl DeviceStore for SessionKeys {
         sqlx::query("UPDATE session SET device = ? WHERE id = ?")
             .bind(device_to_json(device)?)
             .bind(self.id)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map_err(db)
             .and_then(|done| match done.rows_affected() {
@@ -1148,7 +1163,7 @@ impl DeviceStore for SessionKeys {
         let found: Option<Option<Vec<u8>>> =
             sqlx::query_scalar("SELECT device FROM session WHERE id = ?")
                 .bind(self.id)
-                .fetch_optional(&self.db.read)
+                .fetch_optional(&mut *self.db.read.lock().await.map_err(db)?)
                 .await
                 .map_err(db)?;
         found
@@ -1162,7 +1177,7 @@ impl DeviceStore for SessionKeys {
             "SELECT EXISTS (SELECT 1 FROM session WHERE id = ? AND device IS NOT NULL)",
         )
         .bind(self.id)
-        .fetch_one(&self.db.read)
+        .fetch_one(&mut *self.db.read.lock().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -1172,7 +1187,7 @@ impl DeviceStore for SessionKeys {
         sqlx::query("UPDATE session SET device = ? WHERE id = ? AND device IS NULL")
             .bind(device_to_json(&Device::new())?)
             .bind(self.id)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await.map_err(db)?)
             .await
             .map_err(db)?;
         Ok(self.id as i32)

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use super::StoreError;
+use super::conns::Conns;
 use super::session_keys::SessionKeys;
 use whatsapp_rust::wacore::store::traits::Backend;
 
@@ -67,8 +66,8 @@ pub struct SqliteSessions {
 /// The database's connections: one writes, so sessions' writes queue instead of taking
 /// turns at SQLite's lock; two read beside it (WAL).
 pub(super) struct Db {
-    pub(super) write: SqlitePool,
-    pub(super) read: SqlitePool,
+    pub(super) write: Conns,
+    pub(super) read: Conns,
 }
 
 impl SqliteSessions {
@@ -82,24 +81,12 @@ impl SqliteSessions {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(WRITE_WAIT);
-        let write = SqlitePoolOptions::new()
-            .min_connections(1)
-            .max_connections(1)
-            .acquire_timeout(WRITE_WAIT)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.clone())
+        let write = Conns::open(&options, 1, WRITE_WAIT).await?;
+        sqlx::migrate!("./migrations/sessions")
+            .run(&mut *write.lock().await?)
             .await?;
-        sqlx::migrate!("./migrations/sessions").run(&write).await?;
-        let read = SqlitePoolOptions::new()
-            // both opened now: the open files a session costs do not move later
-            .min_connections(2)
-            .max_connections(2)
-            .acquire_timeout(WRITE_WAIT)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.read_only(true))
-            .await?;
+        // Both opened now: the open files a session costs do not move later.
+        let read = Conns::open(&options.read_only(true), 2, WRITE_WAIT).await?;
         let sessions = Self {
             path: path.to_owned(),
             db: Arc::new(Db { write, read }),
@@ -123,7 +110,7 @@ impl SessionStore for SqliteSessions {
     async fn exists(&self, instance: &str) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar("SELECT id FROM session WHERE instance = ?")
             .bind(instance)
-            .fetch_optional(&self.db.read)
+            .fetch_optional(&mut *self.db.read.lock().await?)
             .await?;
         Ok(found.is_some())
     }
@@ -132,7 +119,7 @@ impl SessionStore for SqliteSessions {
         // Every other row goes with it (ON DELETE CASCADE).
         sqlx::query("DELETE FROM session WHERE instance = ?")
             .bind(instance)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await?)
             .await?;
         Ok(())
     }
@@ -141,7 +128,7 @@ impl SessionStore for SqliteSessions {
         Ok(sqlx::query_scalar(
             "SELECT instance FROM session WHERE instance NOT LIKE 'set-aside/%' ORDER BY id",
         )
-        .fetch_all(&self.db.read)
+        .fetch_all(&mut *self.db.read.lock().await?)
         .await?)
     }
 
@@ -151,7 +138,7 @@ impl SessionStore for SqliteSessions {
         sqlx::query("UPDATE session SET instance = ? WHERE instance = ?")
             .bind(&name)
             .bind(instance)
-            .execute(&self.db.write)
+            .execute(&mut *self.db.write.lock().await?)
             .await?;
         Ok(name)
     }
@@ -164,7 +151,7 @@ impl SessionStore for SqliteSessions {
              THEN json_extract(CAST(device AS TEXT), '$.pn') END \
              FROM session ORDER BY id",
         )
-        .fetch_all(&self.db.read)
+        .fetch_all(&mut *self.db.read.lock().await?)
         .await?;
         Ok(rows
             .into_iter()
@@ -197,7 +184,7 @@ impl Db {
         )
         .bind(instance)
         .bind(crate::unix_millis() / 1000)
-        .fetch_one(&self.write)
+        .fetch_one(&mut *self.write.lock().await?)
         .await
     }
 }
@@ -406,7 +393,7 @@ mod tests {
         );
         assert_eq!(new.get_max_prekey_id().await.unwrap(), 0);
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM prekey")
-            .fetch_one(&sessions.db.read)
+            .fetch_one(&mut *sessions.db.read.lock().await.unwrap())
             .await
             .unwrap();
         assert_eq!(rows, 0, "the wiped session's rows went with it");
@@ -456,7 +443,7 @@ mod tests {
         let aside = sessions.set_aside("A", true).await.unwrap();
         assert!(aside.ends_with(super::TO_UNLINK), "{aside}");
         sqlx::query("INSERT INTO session (instance, created_at, device) VALUES ('D', 0, x'7b')")
-            .execute(&sessions.db.write)
+            .execute(&mut *sessions.db.write.lock().await.unwrap())
             .await
             .unwrap();
         assert_eq!(
@@ -639,7 +626,7 @@ mod tests {
         std::fs::copy(legacy.join("imported").join(old), legacy.join("A.db")).unwrap();
         let sessions = open(dir.path()).await;
         let names: Vec<String> = sqlx::query_scalar("SELECT instance FROM session ORDER BY id")
-            .fetch_all(&sessions.db.read)
+            .fetch_all(&mut *sessions.db.read.lock().await.unwrap())
             .await
             .unwrap();
         assert_eq!(names.len(), 2, "{names:?}");

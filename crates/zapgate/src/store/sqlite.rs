@@ -3,25 +3,25 @@
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteRow, SqliteSynchronous};
+use sqlx::{Connection as _, QueryBuilder, Row};
 
+use super::conns::Conns;
 use super::{
     Attempt, InstanceRecord, Link, LinkPage, LinkPageMade, OutboxEntry, Page, Store, StoreError,
     WebhookEvent, WebhookKind, Webhooks,
 };
 
+/// The writing connection, held.
+pub(super) type Writer<'a> = tokio::sync::MutexGuard<'a, sqlx::SqliteConnection>;
+
 pub struct SqliteStore {
     /// The one connection that writes: writes queue for it instead of taking turns at
     /// SQLite's lock, whose busy handler sleeps (tens of milliseconds at a time) when
     /// several connections write at once.
-    pub(super) write: SqlitePool,
+    pub(super) write: Conns,
     /// Read-only connections beside it (WAL): a write on one of them fails loudly.
-    pub(super) read: SqlitePool,
+    pub(super) read: Conns,
 }
 
 /// A write waits this long for the writing connection before it fails as busy.
@@ -37,28 +37,19 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true);
-        let write = SqlitePoolOptions::new()
-            .min_connections(1)
-            .max_connections(1)
-            // A caller waiting this long for a connection hears "busy" and may retry.
-            .acquire_timeout(WRITE_WAIT)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.clone())
+        // A caller waiting WRITE_WAIT for a connection hears "busy" and may retry.
+        let write = Conns::open(&options, 1, WRITE_WAIT).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut *write.lock().await?)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
-        let read = SqlitePoolOptions::new()
-            .max_connections(3)
-            .acquire_timeout(WRITE_WAIT)
-            .connect_with(options.read_only(true))
-            .await?;
+        let read = Conns::open(&options.read_only(true), 3, WRITE_WAIT).await?;
         Ok(Self { write, read })
     }
 
     /// The writing connection, set so that its next commit is on disk before it
     /// returns; give it back through [`relax`].
-    pub(super) async fn durable(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
-        let mut conn = self.write.acquire().await?;
+    pub(super) async fn durable(&self) -> Result<Writer<'_>, StoreError> {
+        let mut conn = self.write.lock().await?;
         sqlx::query("PRAGMA synchronous = FULL")
             .execute(&mut *conn)
             .await?;
@@ -68,7 +59,7 @@ impl SqliteStore {
 
 /// The writing connection back to commits at checkpoints. One not relaxed (an error
 /// on the way) stays on `FULL`: slower, never less safe.
-pub(super) async fn relax(mut conn: PoolConnection<Sqlite>) {
+pub(super) async fn relax(mut conn: Writer<'_>) {
     let _ = sqlx::query("PRAGMA synchronous = NORMAL")
         .execute(&mut *conn)
         .await;
@@ -166,7 +157,7 @@ impl Store for SqliteStore {
         .bind(&i.webhooks.message_status)
         .bind(&i.webhooks.chat_presence)
         .bind(i.webhooks.notify_sent_by_me)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?;
         Ok(())
     }
@@ -177,7 +168,7 @@ impl Store for SqliteStore {
             columns!(),
             " FROM instances ORDER BY created_at, rowid"
         ))
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.lock().await?)
         .await?;
         Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
     }
@@ -206,7 +197,10 @@ impl Store for SqliteStore {
         };
         let mut count = QueryBuilder::new("SELECT COUNT(*) FROM instances");
         filter(&mut count);
-        let total: i64 = count.build_query_scalar().fetch_one(&self.read).await?;
+        let total: i64 = count
+            .build_query_scalar()
+            .fetch_one(&mut *self.read.lock().await?)
+            .await?;
 
         let mut select = QueryBuilder::new(concat!("SELECT ", columns!(), " FROM instances"));
         filter(&mut select);
@@ -215,7 +209,10 @@ impl Store for SqliteStore {
             .push_bind(i64::from(page_size))
             .push(" OFFSET ")
             .push_bind(i64::from(page.saturating_sub(1)) * i64::from(page_size));
-        let rows = select.build().fetch_all(&self.read).await?;
+        let rows = select
+            .build()
+            .fetch_all(&mut *self.read.lock().await?)
+            .await?;
         Ok(Page {
             items: rows.iter().map(record).collect::<Result<_, _>>()?,
             total: total as u64,
@@ -223,7 +220,8 @@ impl Store for SqliteStore {
     }
 
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError> {
-        let mut tx = self.write.begin().await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
         sqlx::query("UPDATE instances SET phone = ?, linked_at = ?, platform = ? WHERE id = ?")
             .bind(link.map(|l| &l.phone))
             .bind(link.map(|l| l.linked_at))
@@ -252,7 +250,7 @@ impl Store for SqliteStore {
             " FROM instances WHERE id = ?"
         ))
         .bind(id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?;
         Ok(row.as_ref().map(record).transpose()?)
     }
@@ -285,7 +283,7 @@ impl Store for SqliteStore {
         let done = sqlx::query(statement)
             .bind(url)
             .bind(id)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -305,7 +303,7 @@ impl Store for SqliteStore {
             .bind(url)
             .bind(notify_sent_by_me)
             .bind(id)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -314,7 +312,7 @@ impl Store for SqliteStore {
         let done = sqlx::query("UPDATE instances SET notify_sent_by_me = ? WHERE id = ?")
             .bind(notify)
             .bind(id)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -336,7 +334,8 @@ impl Store for SqliteStore {
             // Their events come with messaging.
             _ => return Ok(false),
         };
-        let mut tx = self.write.begin().await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
         sqlx::query("UPDATE instances SET webhook_connected = ? WHERE id = ?")
             .bind(event.kind == WebhookKind::Connected)
             .bind(&event.instance_id)
@@ -373,7 +372,7 @@ impl Store for SqliteStore {
         let said: Option<Option<bool>> =
             sqlx::query_scalar("SELECT webhook_connected FROM instances WHERE id = ?")
                 .bind(instance_id)
-                .fetch_optional(&self.read)
+                .fetch_optional(&mut *self.read.lock().await?)
                 .await?;
         Ok(said.flatten())
     }
@@ -384,7 +383,8 @@ impl Store for SqliteStore {
         url: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.write.begin().await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
         for statement in [
             "UPDATE instances SET connected_callback_url = NULL WHERE id = ? AND connected_callback_url = ?",
             "UPDATE instances SET disconnected_callback_url = NULL WHERE id = ? AND disconnected_callback_url = ?",
@@ -416,7 +416,7 @@ impl Store for SqliteStore {
     async fn forget_settled_webhooks(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM webhook_outbox WHERE done_at < ?")
             .bind(before)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(done.rows_affected())
     }
@@ -444,7 +444,7 @@ impl Store for SqliteStore {
         }
         q.push(" ORDER BY next_attempt_at LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = q.build().fetch_all(&self.read).await?;
+        let rows = q.build().fetch_all(&mut *self.read.lock().await?).await?;
         Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
     }
 
@@ -461,7 +461,9 @@ impl Store for SqliteStore {
             }
             q.push(")");
         }
-        Ok(q.build_query_scalar().fetch_one(&self.read).await?)
+        Ok(q.build_query_scalar()
+            .fetch_one(&mut *self.read.lock().await?)
+            .await?)
     }
 
     async fn due_webhooks_of(
@@ -477,7 +479,7 @@ impl Store for SqliteStore {
         ))
         .bind(instance_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.lock().await?)
         .await?;
         let entries = rows
             .iter()
@@ -524,7 +526,7 @@ impl Store for SqliteStore {
         .bind(done)
         .bind(outcome)
         .bind(seq)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?;
         Ok(())
     }
@@ -535,7 +537,7 @@ impl Store for SqliteStore {
              MIN(created_at) FILTER (WHERE done_at IS NULL), \
              COUNT(*) FILTER (WHERE outcome = 'dropped') FROM webhook_outbox",
         )
-        .fetch_one(&self.read)
+        .fetch_one(&mut *self.read.lock().await?)
         .await?;
         Ok((depth as u64, oldest, dropped as u64))
     }
@@ -552,7 +554,7 @@ impl Store for SqliteStore {
         ))
         .bind(instance_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.lock().await?)
         .await?;
         Ok(rows.iter().map(outbox_entry).collect::<Result<_, _>>()?)
     }
@@ -570,7 +572,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(instance_id)
         .bind(event_id)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -579,13 +581,14 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE instances SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
             .bind(at)
             .bind(id)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(())
     }
 
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.write.begin().await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
         for statement in [
             "DELETE FROM outbound_messages WHERE instance_id = ?",
             "DELETE FROM inbound_messages WHERE instance_id = ?",
@@ -603,7 +606,8 @@ impl Store for SqliteStore {
         forget_before: i64,
         max_live: u64,
     ) -> Result<LinkPageMade, StoreError> {
-        let mut tx = self.write.begin().await?;
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
         sqlx::query("DELETE FROM link_pages WHERE expires_at < ? OR revoked_at < ? OR used_at < ?")
             .bind(forget_before)
             .bind(forget_before)
@@ -651,7 +655,7 @@ impl Store for SqliteStore {
              pair_codes FROM link_pages WHERE token_hash = ?",
         )
         .bind(token_hash)
-        .fetch_optional(&self.read)
+        .fetch_optional(&mut *self.read.lock().await?)
         .await?;
         row.map(|row| {
             Ok(LinkPage {
@@ -675,7 +679,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE link_pages SET pair_codes = MAX(pair_codes, ?) WHERE token_hash = ?")
             .bind(pair_codes)
             .bind(token_hash)
-            .execute(&self.write)
+            .execute(&mut *self.write.lock().await?)
             .await?;
         Ok(())
     }
@@ -688,13 +692,15 @@ impl Store for SqliteStore {
         .bind(at)
         .bind(instance_id)
         .bind(at)
-        .execute(&self.write)
+        .execute(&mut *self.write.lock().await?)
         .await?;
         Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.read).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.read.lock().await?)
+            .await?;
         Ok(())
     }
 }
