@@ -241,13 +241,9 @@ fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
     })
 }
 
-/// Writes a webhook event of a message kind if the instance has a URL for it; returns
-/// whether it did. Status events past 20,000 drop the oldest of theirs (migration 0010).
-pub(super) async fn write_message_event(
-    tx: &mut Transaction<'_, Sqlite>,
-    event: &WebhookEvent,
-) -> Result<bool, StoreError> {
-    let (kind, url) = match event.kind {
+/// A message event's kind in the outbox, and the instance's URL for it (SQL).
+fn outbox_kind(kind: WebhookKind) -> Option<(&'static str, &'static str)> {
+    Some(match kind {
         WebhookKind::Received => (
             "received",
             "COALESCE(received_callback_url, received_delivery_callback_url)",
@@ -257,7 +253,36 @@ pub(super) async fn write_message_event(
             "COALESCE(delivery_callback_url, received_delivery_callback_url)",
         ),
         WebhookKind::MessageStatus => ("message-status", "message_status_callback_url"),
-        _ => return Ok(false),
+        _ => return None,
+    })
+}
+
+/// Runs `query`, statements from `BEGIN IMMEDIATE` to `COMMIT` sharing their `?N`
+/// parameters, in one call to the connection's thread (each call is a hand-over
+/// between threads, which costs more than these statements); the rows they return. A
+/// failure midway rolls back, so the connection is never left inside a transaction.
+async fn script<'q>(
+    conn: &mut SqliteConnection,
+    query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+) -> Result<Vec<SqliteRow>, StoreError> {
+    match query.fetch_all(&mut *conn).await {
+        Ok(rows) => Ok(rows),
+        Err(e) => {
+            // Refused when no transaction is open (it failed before BEGIN): harmless.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Writes a webhook event of a message kind if the instance has a URL for it; returns
+/// whether it did. Status events past 20,000 drop the oldest of theirs (migration 0010).
+pub(super) async fn write_message_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    event: &WebhookEvent,
+) -> Result<bool, StoreError> {
+    let Some((kind, url)) = outbox_kind(event.kind) else {
+        return Ok(false);
     };
     let statement = format!(
         "INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, created_at, \
@@ -290,52 +315,54 @@ async fn write_events(
     Ok(())
 }
 
-/// The message queued in one transaction on `conn`, unless a replay, a reused key or a
-/// full queue says otherwise.
+/// The message queued on `conn` (set durable), in one transaction and one call,
+/// unless a replay, a reused key or a full queue says otherwise.
 async fn enqueue(
     conn: &mut SqliteConnection,
     m: &NewOutbound,
     max_pending: i64,
 ) -> Result<Enqueued, StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    if let Some((key, hash)) = &m.idempotency {
-        if let Some(earlier) = replayed(&mut *tx, &m.instance_id, key, hash).await? {
+    const QUEUE: &str = concat!(
+        "BEGIN IMMEDIATE; \
+         INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
+         reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
+         WHERE (SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ?2 \
+                AND state IN ('queued', 'sending')) < ?13 \
+         AND NOT EXISTS (SELECT 1 FROM outbound_messages WHERE instance_id = ?2 \
+                         AND idempotency_key = ?10) \
+         RETURNING ",
+        outbound_columns!(),
+        "; COMMIT;"
+    );
+    let (key, hash) = match &m.idempotency {
+        Some((key, hash)) => (Some(key.as_str()), Some(hash.as_str())),
+        None => (None, None),
+    };
+    let query = sqlx::query(QUEUE)
+        .bind(&m.zaap_id)
+        .bind(&m.instance_id)
+        .bind(&m.message_id)
+        .bind(&m.phone)
+        .bind(&m.text)
+        .bind(&m.reply_to)
+        .bind(&m.edit_of)
+        .bind(m.delay_ms)
+        .bind(m.typing_ms)
+        .bind(key)
+        .bind(hash)
+        .bind(m.created_at)
+        .bind(max_pending);
+    if let Some(row) = script(conn, query).await?.first() {
+        return Ok(Enqueued::New(outbound(row)?));
+    }
+    // Not queued: the key made a message before, or the queue is full.
+    if let (Some(key), Some(hash)) = (key, hash) {
+        if let Some(earlier) = replayed(&mut *conn, &m.instance_id, key, hash).await? {
             return Ok(earlier);
         }
     }
-    let pending: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM outbound_messages WHERE instance_id = ? \
-         AND state IN ('queued', 'sending')",
-    )
-    .bind(&m.instance_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if pending >= max_pending {
-        return Ok(Enqueued::Full);
-    }
-    let row = sqlx::query(concat!(
-        "INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
-         reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
-        outbound_columns!()
-    ))
-    .bind(&m.zaap_id)
-    .bind(&m.instance_id)
-    .bind(&m.message_id)
-    .bind(&m.phone)
-    .bind(&m.text)
-    .bind(&m.reply_to)
-    .bind(&m.edit_of)
-    .bind(m.delay_ms)
-    .bind(m.typing_ms)
-    .bind(m.idempotency.as_ref().map(|(k, _)| k))
-    .bind(m.idempotency.as_ref().map(|(_, h)| h))
-    .bind(m.created_at)
-    .fetch_one(&mut *tx)
-    .await?;
-    let queued = outbound(&row)?;
-    tx.commit().await?;
-    Ok(Enqueued::New(queued))
+    Ok(Enqueued::Full)
 }
 
 /// What an idempotency key already made: the message (`Replayed`) when `hash` is its
@@ -531,31 +558,47 @@ impl MessageStore for SqliteStore {
         delivery: &WebhookEvent,
         status: &WebhookEvent,
     ) -> Result<usize, StoreError> {
-        let mut writer = self.write.lock().await?;
-        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         // The state after: 'sent' when it was on its way; further on when a receipt
-        // overtook the ack (which then announced SENT itself).
-        let after: Option<String> = sqlx::query_scalar(
-            "UPDATE outbound_messages SET sent_at = ?, error = NULL, \
-             state = CASE state WHEN 'sending' THEN 'sent' ELSE state END \
-             WHERE seq = ? AND sent_at IS NULL AND state NOT IN ('queued', 'failed') \
-             RETURNING state",
-        )
-        .bind(at)
-        .bind(seq)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut written = 0;
-        if let Some(after) = after {
-            write_message_event(&mut tx, delivery).await?;
-            written = 1;
-            if after == "sent" {
-                write_message_event(&mut tx, status).await?;
-                written = 2;
-            }
-        }
-        tx.commit().await?;
-        Ok(written)
+        // overtook the ack (which then announced SENT itself). The events follow only
+        // an UPDATE that moved it (`changes()` is still that statement's count while
+        // the INSERT runs), the status only when it is 'sent'.
+        static SENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let (delivery, delivery_url) = outbox_kind(WebhookKind::Delivery).unwrap();
+            let (status, status_url) = outbox_kind(WebhookKind::MessageStatus).unwrap();
+            format!(
+                "BEGIN IMMEDIATE; \
+                 UPDATE outbound_messages SET sent_at = ?1, error = NULL, \
+                 state = CASE state WHEN 'sending' THEN 'sent' ELSE state END \
+                 WHERE seq = ?2 AND sent_at IS NULL AND state NOT IN ('queued', 'failed') \
+                 RETURNING state; \
+                 INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, \
+                 created_at, next_attempt_at) \
+                 SELECT ?3, id, '{delivery}', {delivery_url}, ?4, ?5, ?5 FROM instances \
+                 WHERE id = ?6 AND changes() = 1 AND {delivery_url} IS NOT NULL \
+                 UNION ALL \
+                 SELECT ?7, id, '{status}', {status_url}, ?8, ?9, ?9 FROM instances \
+                 WHERE id = ?6 AND changes() = 1 AND {status_url} IS NOT NULL \
+                 AND (SELECT state FROM outbound_messages WHERE seq = ?2) = 'sent'; \
+                 COMMIT;"
+            )
+        });
+        let query = sqlx::query(sqlx::AssertSqlSafe(SENT.as_str()))
+            .bind(at)
+            .bind(seq)
+            .bind(&delivery.event_id)
+            .bind(&delivery.body)
+            .bind(delivery.created_at)
+            .bind(&delivery.instance_id)
+            .bind(&status.event_id)
+            .bind(&status.body)
+            .bind(status.created_at);
+        let rows = script(&mut *self.write.lock().await?, query).await?;
+        let after: Option<String> = rows.first().map(|r| r.try_get(0)).transpose()?;
+        Ok(match after.as_deref() {
+            None => 0,
+            Some("sent") => 2,
+            Some(_) => 1,
+        })
     }
 
     async fn message_failed(
@@ -970,6 +1013,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_ack_announces_the_delivery_and_sent_once() {
+        let (_dir, store) = store().await;
+        let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
+            panic!()
+        };
+        store.message_sending(m.seq).await.unwrap();
+        // The delivery event gets a seq the status bound looks at (every 100th): its
+        // trigger runs inside the INSERT, and the SENT after it must still be written.
+        let mut writer = store.write.lock().await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
+        write_message_event(&mut tx, &status_event(Status::Read, &[], "earlier"))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE sqlite_sequence SET seq = 99 WHERE name = 'webhook_outbox'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        drop(writer);
+        let delivery = WebhookEvent {
+            kind: WebhookKind::Delivery,
+            ..status_event(Status::Sent, &["D".into()], "x")
+        };
+        let sent = status_event(Status::Sent, &["SENT".into()], "x");
+        let written = store.message_sent(m.seq, 21, &delivery, &sent).await;
+        assert_eq!(written.unwrap(), 2);
+        let written = store.message_sent(m.seq, 22, &delivery, &sent).await;
+        assert_eq!(written.unwrap(), 0, "acked twice: announced once");
+        let events = store.recent_webhooks("I", 10).await.unwrap();
+        let seen: Vec<(i64, &str, &str)> = events
+            .iter()
+            .rev()
+            .map(|e| (e.seq, e.kind.as_str(), e.body.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, "message-status", "[] earlier"),
+                (100, "delivery", "[\"D\"] x"),
+                (101, "message-status", "[\"SENT\"] x"),
+            ]
+        );
+        let after = store.outbound_by_id("I", "M1").await.unwrap().unwrap();
+        assert_eq!((after.state.as_str(), after.sent_at), ("sent", Some(21)));
+        // A message failed meanwhile (or never on its way) is not announced as sent.
+        let Enqueued::New(queued) = store.enqueue_message(&message(2, None), 10).await.unwrap()
+        else {
+            panic!()
+        };
+        let written = store.message_sent(queued.seq, 23, &delivery, &sent).await;
+        assert_eq!(written.unwrap(), 0);
+        assert_eq!(store.recent_webhooks("I", 10).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
     async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent() {
         let (_dir, store) = store().await;
         let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
@@ -988,15 +1086,11 @@ mod tests {
             ..status_event(Status::Sent, &["D".into()], "x")
         };
         let sent = status_event(Status::Sent, &["SENT".into()], "x");
-        store
-            .message_sent(m.seq, 21, &delivery, &sent)
-            .await
-            .unwrap();
+        let written = store.message_sent(m.seq, 21, &delivery, &sent).await;
+        assert_eq!(written.unwrap(), 1, "the delivery alone");
         // Acked twice (a resend after a crash): announced once.
-        store
-            .message_sent(m.seq, 22, &delivery, &sent)
-            .await
-            .unwrap();
+        let written = store.message_sent(m.seq, 22, &delivery, &sent).await;
+        assert_eq!(written.unwrap(), 0);
         // SENT and RECEIVED at the receipt, the delivery at the ack.
         assert_eq!(
             pending_kinds(&store).await,
