@@ -32,6 +32,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const IDLE: Duration = Duration::from_secs(600);
 /// After a failure to reach WhatsApp or the database.
 const BACKOFF: Duration = Duration::from_secs(2);
+/// Messages read from the queue at once: the next ones go without reading it again
+/// while each before them is settled (a deletion meanwhile is still seen, when the
+/// message is marked on its way).
+const READ_AHEAD: u32 = 16;
 /// How long an answer about a number is believed.
 const KNOWN_ON_WHATSAPP: Duration = Duration::from_secs(24 * 3600);
 const KNOWN_NOT_ON_WHATSAPP: Duration = Duration::from_secs(3600);
@@ -69,6 +73,10 @@ struct Sender {
     known: HashMap<String, (Option<Jid>, Instant)>,
     /// The head's failures while connected (its queue position, how many).
     strikes: (i64, u32),
+    /// The queue's next messages, as read; dropped unless the one before them settled.
+    ahead: std::collections::VecDeque<Outbound>,
+    /// Messages settled (sent, or given up) so far.
+    settled: u64,
 }
 
 pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationToken) {
@@ -81,6 +89,8 @@ pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationTo
         pause: None,
         known: HashMap::new(),
         strikes: (0, 0),
+        ahead: std::collections::VecDeque::new(),
+        settled: 0,
     };
     loop {
         let current = line.borrow_and_update().clone();
@@ -119,10 +129,29 @@ impl Sender {
 
     /// Sends the head of the queue, if there is one and its pause is over.
     async fn next(&mut self, client: &Arc<Client>) -> Step {
-        let head = match self.hub.store.queue_head(self.instance()).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return Step::Wait(IDLE),
-            Err(e) => return self.store_failed(e),
+        let settled = self.settled;
+        let step = self.send_head(client).await;
+        if self.settled == settled {
+            // The head stays (its attempts changed), or the queue did: read it again.
+            self.ahead.clear();
+        }
+        step
+    }
+
+    async fn send_head(&mut self, client: &Arc<Client>) -> Step {
+        if self.ahead.is_empty() {
+            match self
+                .hub
+                .store
+                .queue_front(self.instance(), READ_AHEAD)
+                .await
+            {
+                Ok(front) => self.ahead.extend(front),
+                Err(e) => return self.store_failed(e),
+            }
+        }
+        let Some(head) = self.ahead.pop_front() else {
+            return Step::Wait(IDLE);
         };
         if let Some(wait) = self.pause_before(&head) {
             return Step::Wait(wait);
@@ -324,6 +353,7 @@ impl Sender {
             .await
         {
             Ok(written) => {
+                self.settled += 1;
                 self.hub.webhooks_due.notify_one();
                 let told = [
                     Told::Sent {
@@ -360,6 +390,7 @@ impl Sender {
             .await
         {
             Ok(written) => {
+                self.settled += 1;
                 if written {
                     self.hub.webhooks_due.notify_one();
                     self.hub.note(Told::NotSent, &delivery);

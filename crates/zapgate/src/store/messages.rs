@@ -138,8 +138,13 @@ pub trait MessageStore: Send + Sync {
         message: &NewOutbound,
         max_pending: i64,
     ) -> Result<Enqueued, StoreError>;
+    /// The first `limit` messages of the instance's queue, in order.
+    async fn queue_front(&self, instance_id: &str, limit: u32)
+    -> Result<Vec<Outbound>, StoreError>;
     /// The first message of the instance's queue.
-    async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError>;
+    async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError> {
+        Ok(self.queue_front(instance_id, 1).await?.into_iter().next())
+    }
     /// Instances with messages waiting.
     async fn instances_with_queue(&self) -> Result<Vec<String>, StoreError>;
     /// One page (1-based) of the instance's queue, and how many wait in all.
@@ -315,15 +320,16 @@ async fn write_events(
     Ok(())
 }
 
-/// The message queued on `conn` (set durable), in one transaction and one call,
-/// unless a replay, a reused key or a full queue says otherwise.
+/// The message queued on `conn` in one transaction, on disk before this returns, and
+/// in one call, unless a replay, a reused key or a full queue says otherwise. A failure
+/// may leave the connection's commits durable: give it back through [`relax`].
 async fn enqueue(
     conn: &mut SqliteConnection,
     m: &NewOutbound,
     max_pending: i64,
 ) -> Result<Enqueued, StoreError> {
     const QUEUE: &str = concat!(
-        "BEGIN IMMEDIATE; \
+        "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; \
          INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
          reply_to, edit_of, delay_ms, typing_ms, idempotency_key, request_hash, created_at) \
          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
@@ -333,7 +339,7 @@ async fn enqueue(
                          AND idempotency_key = ?10) \
          RETURNING ",
         outbound_columns!(),
-        "; COMMIT;"
+        "; COMMIT; PRAGMA synchronous = NORMAL;"
     );
     let (key, hash) = match &m.idempotency {
         Some((key, hash)) => (Some(key.as_str()), Some(hash.as_str())),
@@ -467,23 +473,30 @@ impl MessageStore for SqliteStore {
         m: &NewOutbound,
         max_pending: i64,
     ) -> Result<Enqueued, StoreError> {
-        let mut conn = self.durable().await?;
+        let mut conn = self.write.lock().await?;
         let enqueued = enqueue(&mut conn, m, max_pending).await;
-        relax(conn).await;
+        if enqueued.is_err() {
+            relax(conn).await;
+        }
         enqueued
     }
 
-    async fn queue_head(&self, instance_id: &str) -> Result<Option<Outbound>, StoreError> {
-        let row = sqlx::query(concat!(
+    async fn queue_front(
+        &self,
+        instance_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let rows = sqlx::query(concat!(
             "SELECT ",
             outbound_columns!(),
             " FROM outbound_messages WHERE instance_id = ? AND state IN ('queued', 'sending') \
-             ORDER BY seq LIMIT 1"
+             ORDER BY seq LIMIT ?"
         ))
         .bind(instance_id)
-        .fetch_optional(&mut *self.read.lock().await?)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.read.lock().await?)
         .await?;
-        Ok(row.as_ref().map(outbound).transpose()?)
+        Ok(rows.iter().map(outbound).collect::<Result<_, _>>()?)
     }
 
     async fn instances_with_queue(&self) -> Result<Vec<String>, StoreError> {
