@@ -272,7 +272,7 @@ async fn main() {
     });
 
     // A steady rate, spread over the instances: the latency a user sees.
-    let before = Sample::of(gw.pid());
+    let (before, own_before) = (Sample::of(gw.pid()), Sample::of(std::process::id()));
     let count = args.rate * args.secs as usize;
     let every = Duration::from_secs_f64(1.0 / args.rate as f64);
     let started = tokio::time::Instant::now();
@@ -287,19 +287,23 @@ async fn main() {
     let steady: Vec<Sent> = calls.join_all().await;
     let arrived = arrivals(&world, &steady, &mut held).await;
     let after = Sample::of(gw.pid());
+    let own_after = Sample::of(std::process::id());
     let steady_latency = latencies(&steady, &arrived);
     let cpu_secs = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / 100.0;
+    let own_secs = own_after.cpu_ticks.saturating_sub(own_before.cpu_ticks) as f64 / 100.0;
     println!(
-        "steady: {count} messages at {}/s over {} s; latency {steady_latency}; gateway CPU {:.0}%",
+        "steady: {count} messages at {}/s over {} s; latency {steady_latency}; gateway CPU {:.0}%, wa-sim with the bench {:.0}%",
         args.rate,
         args.secs,
-        cpu_secs * 100.0 / args.secs as f64
+        cpu_secs * 100.0 / args.secs as f64,
+        own_secs * 100.0 / args.secs as f64
     );
     result["steady"] = json!({
         "ratePerSec": args.rate,
         "messages": count,
         "latency": steady_latency,
         "gatewayCpuPercent": cpu_secs * 100.0 / args.secs as f64,
+        "simAndBenchCpuPercent": own_secs * 100.0 / args.secs as f64,
     });
 
     // Numbers down: what queued messages cost, and how fast the queues drain after.
@@ -332,17 +336,12 @@ async fn queued_cost(
     per_instance: usize,
     held: &mut HashMap<String, usize>,
 ) -> Value {
-    let db = || {
-        ["zapgate.db", "zapgate.db-wal"]
-            .iter()
-            .map(|f| std::fs::metadata(world.data_dir().join(f)).map_or(0, |m| m.len()))
-            .sum::<u64>()
-    };
+    let db = || used_bytes(world.data_dir().join("zapgate.db"));
     let (status, body) = world.wa.outage(3600).await.unwrap();
     assert_eq!(status, 200, "{body}");
     // Until the instances see the drop.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss, bytes) = (Sample::of(gw.pid()).rss, db());
+    let (rss, bytes) = (Sample::of(gw.pid()).rss, db().await);
     let sent: Vec<Sent> = stream::iter(0..per_instance)
         .flat_map(|i| stream::iter(pairs.iter().map(move |p| (i, *p))))
         .map(|(i, (inst, contact))| send(gw, inst, contact, format!("queued while down {i}")))
@@ -351,7 +350,7 @@ async fn queued_cost(
         .await;
     let total = sent.len() as f64;
     let rss_per = Sample::of(gw.pid()).rss.saturating_sub(rss) as f64 * 1024.0 / total;
-    let db_per = db().saturating_sub(bytes) as f64 / total;
+    let db_per = db().await.saturating_sub(bytes) as f64 / total;
     let (status, body) = world.wa.outage(0).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let back = Instant::now();
@@ -434,4 +433,24 @@ async fn baileys_burst(node: &mut baileys::Baileys, count: usize, jids: &str) ->
             _ => {}
         }
     }
+}
+
+/// The bytes of the database's pages in use (free pages left out), as a reader sees
+/// the database now (what the write-ahead log holds included).
+async fn used_bytes(path: std::path::PathBuf) -> u64 {
+    use sqlx::Connection as _;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("the gateway's database opens");
+    let used: i64 = sqlx::query_scalar(
+        "SELECT (p.page_count - f.freelist_count) * s.page_size \
+         FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("SQLite says its size");
+    used as u64
 }
