@@ -157,26 +157,20 @@ impl Worker {
                     let Some(entry) = next.pop_front() else {
                         break;
                     };
-                    let instance = entry.instance_id.clone();
-                    match deliver(&*store, &client, &config, entry).await {
-                        Delivered::Yes => {}
-                        // What was read ahead may have changed (a URL stopped by a 410).
-                        Delivered::No => next.clear(),
-                        Delivered::Unrecorded => {
+                    // The last event read: its record reads the next ones, in the same
+                    // call. Nothing due (a dispatch finds it when it is): the slot goes
+                    // back.
+                    let ahead = if next.is_empty() { READ_AHEAD } else { 0 };
+                    match deliver(&*store, &client, &config, entry, ahead).await {
+                        (Delivered::Yes, more) => next.extend(more),
+                        // What was read ahead may have changed (a URL stopped by a 410);
+                        // the dispatch reads it again.
+                        (Delivered::No, _) => next.clear(),
+                        (Delivered::Unrecorded, _) => {
                             // It is due again at once: wait before retrying.
                             tokio::time::sleep(RECORD_BACKOFF).await;
                             break;
                         }
-                    }
-                    if next.is_empty() {
-                        let now = crate::unix_millis();
-                        // Nothing due (a dispatch finds it when it is), or not readable
-                        // now (the dispatch reads it again): the slot goes back.
-                        next = store
-                            .due_webhooks_of(&instance, now, READ_AHEAD)
-                            .await
-                            .unwrap_or_default()
-                            .into();
                     }
                 }
                 drop(slot);
@@ -230,13 +224,15 @@ enum Delivered {
     Unrecorded,
 }
 
-/// One attempt at one event, and its outcome written back.
+/// One attempt at one event, and its outcome written back; with `ahead` > 0, the
+/// instance's next due events, read with the record.
 async fn deliver(
     store: &dyn Store,
     client: &reqwest::Client,
     config: &DelivererConfig,
     entry: OutboxEntry,
-) -> Delivered {
+    ahead: u32,
+) -> (Delivered, Vec<OutboxEntry>) {
     let timestamp = crate::unix_millis() / 1000;
     let mut request = client
         .post(&entry.url)
@@ -312,11 +308,17 @@ async fn deliver(
             result: result.to_owned(),
         })
         .inc();
-    if let Err(e) = store.webhook_attempted(entry.seq, now, &attempt).await {
-        // The event stays pending: delivered again later, at least once.
-        tracing::error!(event.id = %entry.event_id, error = %e, "could not record a webhook delivery");
-        return Delivered::Unrecorded;
-    }
+    let more = match store
+        .webhook_attempted(entry.seq, now, &attempt, ahead)
+        .await
+    {
+        Ok(more) => more,
+        Err(e) => {
+            // The event stays pending: delivered again later, at least once.
+            tracing::error!(event.id = %entry.event_id, error = %e, "could not record a webhook delivery");
+            return (Delivered::Unrecorded, Vec::new());
+        }
+    };
     if matches!(
         attempt,
         Attempt::Done {
@@ -332,8 +334,8 @@ async fn deliver(
         }
     }
     match result {
-        "delivered" => Delivered::Yes,
-        _ => Delivered::No,
+        "delivered" => (Delivered::Yes, more),
+        _ => (Delivered::No, Vec::new()),
     }
 }
 

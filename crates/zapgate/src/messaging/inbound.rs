@@ -44,10 +44,14 @@ impl InboundDurabilityHook for Hook {
         if rows.is_empty() {
             return Ok(());
         }
-        if self.hub.store.record_inbound(&rows).await? > 0 {
+        let new = self.hub.store.record_inbound(&rows).await?;
+        if new.contains(&true) {
             self.hub.webhooks_due.notify_one();
-            for event in rows.iter().filter_map(|r| r.event.as_ref()) {
-                self.hub.note(Told::Received, event);
+            // A message recorded before (a redelivery) was announced then.
+            for (row, _) in rows.iter().zip(&new).filter(|(_, new)| **new) {
+                if let Some(event) = &row.event {
+                    self.hub.note(Told::Received, event);
+                }
             }
         }
         self.auto_read(client, &rows);
@@ -294,7 +298,7 @@ impl Hub {
                     event: Some(received.event()),
                 };
                 match self.store.record_inbound(std::slice::from_ref(&row)).await {
-                    Ok(0) => {}
+                    Ok(new) if new != [true] => {}
                     Ok(_) => {
                         self.webhooks_due.notify_one();
                         if let Some(event) = &row.event {

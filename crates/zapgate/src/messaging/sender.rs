@@ -77,6 +77,8 @@ struct Sender {
     ahead: std::collections::VecDeque<Outbound>,
     /// Messages settled (sent, or given up) so far.
     settled: u64,
+    /// The head went back to `ahead` to wait for its pause.
+    paused: bool,
 }
 
 pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationToken) {
@@ -91,9 +93,14 @@ pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationTo
         strikes: (0, 0),
         ahead: std::collections::VecDeque::new(),
         settled: 0,
+        paused: false,
     };
     loop {
         let current = line.borrow_and_update().clone();
+        if !matches!(current, Line::Up(_)) {
+            // Read again when back: the queue may change meanwhile.
+            sender.ahead.clear();
+        }
         let work = async {
             match current {
                 Line::Unlinked => sender.fail_all().await,
@@ -131,7 +138,7 @@ impl Sender {
     async fn next(&mut self, client: &Arc<Client>) -> Step {
         let settled = self.settled;
         let step = self.send_head(client).await;
-        if self.settled == settled {
+        if self.settled == settled && !std::mem::take(&mut self.paused) {
             // The head stays (its attempts changed), or the queue did: read it again.
             self.ahead.clear();
         }
@@ -154,6 +161,8 @@ impl Sender {
             return Step::Wait(IDLE);
         };
         if let Some(wait) = self.pause_before(&head) {
+            self.ahead.push_front(head);
+            self.paused = true;
             return Step::Wait(wait);
         }
         let jid = match self.account_of(client, &head.phone).await {

@@ -3,15 +3,16 @@
 //! (and, by default, when taken), each a trip to the connection's thread, which on
 //! this gateway's busiest paths cost more than the statements themselves.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 pub(crate) struct Conns {
-    conns: Vec<Mutex<SqliteConnection>>,
+    conns: Vec<Arc<Mutex<SqliteConnection>>>,
     next: AtomicUsize,
     /// How long a caller waits for a connection before hearing that the database is
     /// busy (`PoolTimedOut`, as a pool would say).
@@ -27,7 +28,9 @@ impl Conns {
     ) -> Result<Self, sqlx::Error> {
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
-            conns.push(Mutex::new(SqliteConnection::connect_with(options).await?));
+            conns.push(Arc::new(Mutex::new(
+                SqliteConnection::connect_with(options).await?,
+            )));
         }
         Ok(Self {
             conns,
@@ -43,9 +46,27 @@ impl Conns {
                 return Ok(conn);
             }
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        tokio::time::timeout(self.wait, self.conns[turn].lock())
+        tokio::time::timeout(self.wait, self.in_turn().lock())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)
+    }
+
+    /// As [`Self::lock`], for a task of its own (one that must finish what it began on
+    /// the connection even if its caller goes away).
+    pub(crate) async fn lock_owned(
+        &self,
+    ) -> Result<OwnedMutexGuard<SqliteConnection>, sqlx::Error> {
+        for conn in &self.conns {
+            if let Ok(conn) = conn.clone().try_lock_owned() {
+                return Ok(conn);
+            }
+        }
+        tokio::time::timeout(self.wait, self.in_turn().clone().lock_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)
+    }
+
+    fn in_turn(&self) -> &Arc<Mutex<SqliteConnection>> {
+        &self.conns[self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()]
     }
 }

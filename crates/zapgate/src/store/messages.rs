@@ -7,6 +7,7 @@ use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::conns::Conns;
 use super::sqlite::relax;
 use super::{SqliteStore, StoreError, WebhookEvent, WebhookKind};
 
@@ -199,8 +200,8 @@ pub trait MessageStore: Send + Sync {
         message_id: &str,
     ) -> Result<Option<Outbound>, StoreError>;
     /// Records received messages and their events, all or nothing; a message already
-    /// recorded is skipped with its event. Returns how many were new.
-    async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError>;
+    /// recorded is skipped with its event. Returns whether each was new.
+    async fn record_inbound(&self, messages: &[Inbound]) -> Result<Vec<bool>, StoreError>;
     /// The text of a message received, by its WhatsApp id (for quoting it).
     async fn inbound_text(
         &self,
@@ -262,21 +263,33 @@ fn outbox_kind(kind: WebhookKind) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// Runs `query`, statements from `BEGIN IMMEDIATE` to `COMMIT` sharing their `?N`
-/// parameters, in one call to the connection's thread (each call is a hand-over
-/// between threads, which costs more than these statements); the rows they return. A
-/// failure midway rolls back, so the connection is never left inside a transaction.
-async fn script<'q>(
-    conn: &mut SqliteConnection,
-    query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+/// Runs `query` on the writing connection: statements from `BEGIN IMMEDIATE` to
+/// `COMMIT` sharing their `?N` parameters, in one call to the connection's thread (each
+/// call is a hand-over between threads, which costs more than these statements); the
+/// rows they return. It runs in a task of its own, holding the connection until it is
+/// done: a caller that goes away midway (a client hanging up, a shutdown) cannot leave
+/// the connection inside the transaction. A failure rolls back, then runs `cleanup`.
+async fn script(
+    conns: &Conns,
+    query: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>,
+    cleanup: Option<&'static str>,
 ) -> Result<Vec<SqliteRow>, StoreError> {
-    match query.fetch_all(&mut *conn).await {
-        Ok(rows) => Ok(rows),
-        Err(e) => {
+    let mut conn = conns.lock_owned().await?;
+    let run = tokio::spawn(async move {
+        let done = query.fetch_all(&mut *conn).await;
+        if done.is_err() {
             // Refused when no transaction is open (it failed before BEGIN): harmless.
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(e.into())
+            if let Some(cleanup) = cleanup {
+                let _ = sqlx::query(cleanup).execute(&mut *conn).await;
+            }
         }
+        done
+    });
+    match run.await {
+        Ok(done) => Ok(done?),
+        // It panicked: as if the connection's thread had.
+        Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
     }
 }
 
@@ -320,11 +333,10 @@ async fn write_events(
     Ok(())
 }
 
-/// The message queued on `conn` in one transaction, on disk before this returns, and
-/// in one call, unless a replay, a reused key or a full queue says otherwise. A failure
-/// may leave the connection's commits durable: give it back through [`relax`].
+/// The message queued in one transaction, on disk before this returns, and in one
+/// call, unless a replay, a reused key or a full queue says otherwise.
 async fn enqueue(
-    conn: &mut SqliteConnection,
+    store: &SqliteStore,
     m: &NewOutbound,
     max_pending: i64,
 ) -> Result<Enqueued, StoreError> {
@@ -346,24 +358,34 @@ async fn enqueue(
         None => (None, None),
     };
     let query = sqlx::query(QUEUE)
-        .bind(&m.zaap_id)
-        .bind(&m.instance_id)
-        .bind(&m.message_id)
-        .bind(&m.phone)
-        .bind(&m.text)
-        .bind(&m.reply_to)
-        .bind(&m.edit_of)
+        .bind(m.zaap_id.clone())
+        .bind(m.instance_id.clone())
+        .bind(m.message_id.clone())
+        .bind(m.phone.clone())
+        .bind(m.text.clone())
+        .bind(m.reply_to.clone())
+        .bind(m.edit_of.clone())
         .bind(m.delay_ms)
         .bind(m.typing_ms)
-        .bind(key)
-        .bind(hash)
+        .bind(key.map(str::to_owned))
+        .bind(hash.map(str::to_owned))
         .bind(m.created_at)
         .bind(max_pending);
-    if let Some(row) = script(conn, query).await?.first() {
+    let relax = Some("PRAGMA synchronous = NORMAL");
+    let rows = match script(&store.write, query, relax).await {
+        Ok(rows) => rows,
+        // A failure after the commit (setting the connection back) still queued it.
+        Err(e) => match store.outbound_by_id(&m.instance_id, &m.message_id).await {
+            Ok(Some(queued)) => return Ok(Enqueued::New(queued)),
+            _ => return Err(e),
+        },
+    };
+    if let Some(row) = rows.first() {
         return Ok(Enqueued::New(outbound(row)?));
     }
     // Not queued: the key made a message before, or the queue is full.
     if let (Some(key), Some(hash)) = (key, hash) {
+        let mut conn = store.read.lock().await?;
         if let Some(earlier) = replayed(&mut *conn, &m.instance_id, key, hash).await? {
             return Ok(earlier);
         }
@@ -402,9 +424,9 @@ async fn replayed<'c>(
 async fn record_inbound(
     conn: &mut SqliteConnection,
     messages: &[Inbound],
-) -> Result<usize, StoreError> {
+) -> Result<Vec<bool>, StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let mut new = 0;
+    let mut new = Vec::with_capacity(messages.len());
     for m in messages {
         if m.event.is_some() {
             let backlog: i64 = sqlx::query_scalar(
@@ -437,11 +459,11 @@ async fn record_inbound(
         .rows_affected()
             == 1;
         if inserted {
-            new += 1;
             if let Some(event) = &m.event {
                 write_message_event(&mut tx, event).await?;
             }
         }
+        new.push(inserted);
     }
     tx.commit().await?;
     Ok(new)
@@ -473,12 +495,7 @@ impl MessageStore for SqliteStore {
         m: &NewOutbound,
         max_pending: i64,
     ) -> Result<Enqueued, StoreError> {
-        let mut conn = self.write.lock().await?;
-        let enqueued = enqueue(&mut conn, m, max_pending).await;
-        if enqueued.is_err() {
-            relax(conn).await;
-        }
-        enqueued
+        enqueue(self, m, max_pending).await
     }
 
     async fn queue_front(
@@ -598,14 +615,14 @@ impl MessageStore for SqliteStore {
         let query = sqlx::query(sqlx::AssertSqlSafe(SENT.as_str()))
             .bind(at)
             .bind(seq)
-            .bind(&delivery.event_id)
-            .bind(&delivery.body)
+            .bind(delivery.event_id.clone())
+            .bind(delivery.body.clone())
             .bind(delivery.created_at)
-            .bind(&delivery.instance_id)
-            .bind(&status.event_id)
-            .bind(&status.body)
+            .bind(delivery.instance_id.clone())
+            .bind(status.event_id.clone())
+            .bind(status.body.clone())
             .bind(status.created_at);
-        let rows = script(&mut *self.write.lock().await?, query).await?;
+        let rows = script(&self.write, query, None).await?;
         let after: Option<String> = rows.first().map(|r| r.try_get(0)).transpose()?;
         Ok(match after.as_deref() {
             None => 0,
@@ -728,7 +745,7 @@ impl MessageStore for SqliteStore {
         Ok(row.as_ref().map(outbound).transpose()?)
     }
 
-    async fn record_inbound(&self, messages: &[Inbound]) -> Result<usize, StoreError> {
+    async fn record_inbound(&self, messages: &[Inbound]) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.durable().await?;
         let recorded = record_inbound(&mut conn, messages).await;
         relax(conn).await;
@@ -1008,7 +1025,7 @@ mod tests {
             next_attempt_at: 1_000,
         };
         store
-            .webhook_attempted(all[0].seq, 21, &retry)
+            .webhook_attempted(all[0].seq, 21, &retry, 0)
             .await
             .unwrap();
         assert!(
@@ -1022,6 +1039,28 @@ mod tests {
         assert_eq!(
             again.iter().map(|e| e.seq).collect::<Vec<_>>(),
             all.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+        // A record reads what is due next in the same call: the same answer.
+        let delivered = Attempt::Done {
+            outcome: "delivered",
+            status: Some(200),
+            error: None,
+        };
+        let seqs = |entries: Vec<crate::store::OutboxEntry>| -> Vec<i64> {
+            entries.iter().map(|e| e.seq).collect()
+        };
+        let next = store.webhook_attempted(all[1].seq, 999, &delivered, 10);
+        assert_eq!(seqs(next.await.unwrap()), [] as [i64; 0], "its head waits");
+        let next = store.webhook_attempted(all[0].seq, 1_000, &delivered, 10);
+        assert_eq!(seqs(next.await.unwrap()), [all[2].seq]);
+        let next = store.webhook_attempted(all[2].seq, 1_001, &delivered, 0);
+        assert!(next.await.unwrap().is_empty());
+        assert!(
+            store
+                .due_webhooks_of("I", 2_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
@@ -1078,6 +1117,34 @@ mod tests {
         let written = store.message_sent(queued.seq, 23, &delivery, &sent).await;
         assert_eq!(written.unwrap(), 0);
         assert_eq!(store.recent_webhooks("I", 10).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_midway_leaves_no_transaction_open() {
+        let (_dir, store) = store().await;
+        let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
+            panic!()
+        };
+        store.message_sending(m.seq).await.unwrap();
+        let delivery = WebhookEvent {
+            kind: WebhookKind::Delivery,
+            ..status_event(Status::Sent, &["D".into()], "x")
+        };
+        let sent = status_event(Status::Sent, &["SENT".into()], "x");
+        // The caller goes away once its statements are on their way (a client hanging
+        // up, a shutdown): they still run to their end.
+        tokio::select! {
+            biased;
+            _ = store.message_sent(m.seq, 21, &delivery, &sent) => panic!("not that fast"),
+            () = tokio::task::yield_now() => {}
+        }
+        let mut writer = store.write.lock().await.unwrap();
+        let tx = writer.begin().await.expect("no transaction left open");
+        tx.commit().await.unwrap();
+        drop(writer);
+        let after = store.outbound_by_id("I", "M1").await.unwrap().unwrap();
+        assert_eq!((after.state.as_str(), after.sent_at), ("sent", Some(21)));
+        assert_eq!(pending_kinds(&store).await, ["delivery", "message-status"]);
     }
 
     #[tokio::test]
@@ -1165,7 +1232,7 @@ mod tests {
                 .record_inbound(std::slice::from_ref(&row))
                 .await
                 .unwrap(),
-            1
+            [true]
         );
         let replay = Inbound {
             event: Some(WebhookEvent {
@@ -1174,7 +1241,7 @@ mod tests {
             }),
             ..row.clone()
         };
-        assert_eq!(store.record_inbound(&[replay]).await.unwrap(), 0);
+        assert_eq!(store.record_inbound(&[replay]).await.unwrap(), [false]);
         assert_eq!(pending_kinds(&store).await, ["received"]);
         assert_eq!(
             store.inbound_text("I", "A1").await.unwrap(),

@@ -240,12 +240,15 @@ pub trait Store: MessageStore + Send + Sync + 'static {
         now: i64,
         limit: u32,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Records an attempt at an event; with `ahead` > 0, reads in the same call what
+    /// `due_webhooks_of` would then answer for its instance (at most `ahead`, at `at`).
     async fn webhook_attempted(
         &self,
         seq: i64,
         at: i64,
         attempt: &Attempt,
-    ) -> Result<(), StoreError>;
+        ahead: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Events waiting, when the oldest of them was written, and how many were dropped.
     async fn outbox_stats(&self) -> Result<(u64, Option<i64>, u64), StoreError>;
     /// The instance's last `limit` events, newest first.

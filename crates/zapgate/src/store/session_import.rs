@@ -154,6 +154,8 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
         .map_err(lost)?;
     let device = file.load().await.map_err(lost)?;
     let mut conn = db.write.lock().await?;
+    // An earlier import that could not detach its file left it here.
+    let _ = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await;
     sqlx::query("ATTACH DATABASE ? AS old")
         .bind(path.to_string_lossy().into_owned())
         .execute(&mut *conn)
@@ -237,8 +239,8 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
     }
     .await;
     if let Err(e) = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await {
-        // The writing connection keeps the file attached (and open) until the gateway
-        // restarts; nothing reads it through that name.
+        // The writing connection keeps the file attached (and open) until the next
+        // import detaches it; nothing reads it through that name.
         tracing::warn!(path = %path.display(), error = %e, "could not detach an imported session file");
     }
     drop(file);

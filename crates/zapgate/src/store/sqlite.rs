@@ -481,14 +481,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&mut *self.read.lock().await?)
         .await?;
-        let entries = rows
-            .iter()
-            .map(outbox_entry)
-            .collect::<Result<Vec<_>, _>>()?;
-        match entries.first() {
-            Some(head) if head.next_attempt_at <= now => Ok(entries),
-            _ => Ok(Vec::new()),
-        }
+        due_from(&rows, now)
     }
 
     async fn webhook_attempted(
@@ -496,7 +489,8 @@ impl Store for SqliteStore {
         seq: i64,
         at: i64,
         attempt: &Attempt,
-    ) -> Result<(), StoreError> {
+        ahead: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let (status, error, next, done, outcome) = match attempt {
             Attempt::Done {
                 outcome,
@@ -515,20 +509,37 @@ impl Store for SqliteStore {
                 None,
             ),
         };
-        sqlx::query(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?, last_error = ?, \
-             next_attempt_at = COALESCE(?, next_attempt_at), done_at = ?, outcome = ? \
-             WHERE seq = ? AND done_at IS NULL",
-        )
+        macro_rules! record {
+            () => {
+                "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?1, \
+                 last_error = ?2, next_attempt_at = COALESCE(?3, next_attempt_at), \
+                 done_at = ?4, outcome = ?5 WHERE seq = ?6 AND done_at IS NULL"
+            };
+        }
+        // The read in the same call as the record (one trip to the connection's thread,
+        // on the writing connection, which sees the record).
+        const RECORD_AND_READ: &str = concat!(
+            record!(),
+            "; SELECT ",
+            outbox_columns!(),
+            " FROM webhook_outbox WHERE instance_id = \
+             (SELECT instance_id FROM webhook_outbox WHERE seq = ?6) \
+             AND done_at IS NULL ORDER BY seq LIMIT ?7"
+        );
+        let query = sqlx::query(if ahead > 0 {
+            RECORD_AND_READ
+        } else {
+            record!()
+        })
         .bind(status)
         .bind(error)
         .bind(next)
         .bind(done)
         .bind(outcome)
         .bind(seq)
-        .execute(&mut *self.write.lock().await?)
-        .await?;
-        Ok(())
+        .bind(i64::from(ahead));
+        let rows = query.fetch_all(&mut *self.write.lock().await?).await?;
+        due_from(&rows, at)
     }
 
     async fn outbox_stats(&self) -> Result<(u64, Option<i64>, u64), StoreError> {
@@ -885,5 +896,18 @@ mod tests {
         assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
         store.delete_instance("A").await.unwrap();
         assert_eq!(store.link_page("h3").await.unwrap(), None);
+    }
+}
+
+/// The events of `rows` (one instance's pending, in order) if the first is due at
+/// `now`: those after it wait for it.
+fn due_from(rows: &[SqliteRow], now: i64) -> Result<Vec<OutboxEntry>, StoreError> {
+    let entries = rows
+        .iter()
+        .map(outbox_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    match entries.first() {
+        Some(head) if head.next_attempt_at <= now => Ok(entries),
+        _ => Ok(Vec::new()),
     }
 }
