@@ -716,6 +716,19 @@ impl Store for SqliteStore {
     }
 }
 
+/// The events of `rows` (one instance's pending, in order) if the first is due at
+/// `now`: those after it wait for it.
+fn due_from(rows: &[SqliteRow], now: i64) -> Result<Vec<OutboxEntry>, StoreError> {
+    let entries = rows
+        .iter()
+        .map(outbox_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    match entries.first() {
+        Some(head) if head.next_attempt_at <= now => Ok(entries),
+        _ => Ok(Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -896,18 +909,5 @@ mod tests {
         assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
         store.delete_instance("A").await.unwrap();
         assert_eq!(store.link_page("h3").await.unwrap(), None);
-    }
-}
-
-/// The events of `rows` (one instance's pending, in order) if the first is due at
-/// `now`: those after it wait for it.
-fn due_from(rows: &[SqliteRow], now: i64) -> Result<Vec<OutboxEntry>, StoreError> {
-    let entries = rows
-        .iter()
-        .map(outbox_entry)
-        .collect::<Result<Vec<_>, _>>()?;
-    match entries.first() {
-        Some(head) if head.next_attempt_at <= now => Ok(entries),
-        _ => Ok(Vec::new()),
     }
 }
