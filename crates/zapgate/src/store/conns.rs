@@ -4,7 +4,6 @@
 //! this gateway's busiest paths cost more than the statements themselves.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection as _;
@@ -13,7 +12,6 @@ use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 pub(crate) struct Conns {
     conns: Vec<Arc<Mutex<SqliteConnection>>>,
-    next: AtomicUsize,
     /// How long a caller waits for a connection before hearing that the database is
     /// busy (`PoolTimedOut`, as a pool would say).
     wait: Duration,
@@ -32,22 +30,20 @@ impl Conns {
                 SqliteConnection::connect_with(options).await?,
             )));
         }
-        Ok(Self {
-            conns,
-            next: AtomicUsize::new(0),
-            wait,
-        })
+        Ok(Self { conns, wait })
     }
 
-    /// A free connection, or the next in turn once it is free (callers queue in order).
+    /// A free connection, or the first to be freed (a caller waits in line at each).
     pub(crate) async fn lock(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
         for conn in &self.conns {
             if let Ok(conn) = conn.try_lock() {
                 return Ok(conn);
             }
         }
-        tokio::time::timeout(self.wait, self.in_turn().lock())
+        let waits = self.conns.iter().map(|conn| Box::pin(conn.lock()));
+        tokio::time::timeout(self.wait, futures_util::future::select_all(waits))
             .await
+            .map(|(conn, _, _)| conn)
             .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 
@@ -61,12 +57,13 @@ impl Conns {
                 return Ok(conn);
             }
         }
-        tokio::time::timeout(self.wait, self.in_turn().clone().lock_owned())
+        let waits = self
+            .conns
+            .iter()
+            .map(|conn| Box::pin(conn.clone().lock_owned()));
+        tokio::time::timeout(self.wait, futures_util::future::select_all(waits))
             .await
+            .map(|(conn, _, _)| conn)
             .map_err(|_| sqlx::Error::PoolTimedOut)
-    }
-
-    fn in_turn(&self) -> &Arc<Mutex<SqliteConnection>> {
-        &self.conns[self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()]
     }
 }
