@@ -236,25 +236,17 @@ impl Hub {
                     .map(|id| id.to_string())
                     .collect();
                 let at = receipt.timestamp.timestamp_millis();
-                // What was written, for the event streams once it is committed.
-                let written = std::sync::Mutex::new(Vec::new());
                 let event = |status: Status, ids: &[String], phone: &str| {
-                    let event = zapi::status(instance, status, ids, phone, at);
-                    written
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((status, event.clone()));
-                    event
+                    zapi::status(instance, status, ids, phone, at)
                 };
                 match self
                     .store
                     .message_status(instance, &ids, status, at, &event)
                     .await
                 {
-                    Ok(0) => {}
-                    Ok(_) => {
+                    Ok(written) if written.is_empty() => {}
+                    Ok(written) => {
                         self.webhooks_due.notify_one();
-                        let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
                         for (moved, event) in &written {
                             self.note(Told::Status(*moved), event);
                         }

@@ -80,6 +80,15 @@ impl Status {
         }
     }
 
+    /// The column that keeps when a message reached this status.
+    fn column(self) -> &'static str {
+        match self {
+            Status::Sent => "sent_at",
+            Status::Received => "delivered_at",
+            Status::Read | Status::Played => "read_at",
+        }
+    }
+
     /// The states a message may be in for this status to move it forward.
     fn before(self) -> &'static [&'static str] {
         match self {
@@ -182,9 +191,10 @@ pub trait MessageStore: Send + Sync {
         error: &str,
         events: &[WebhookEvent],
     ) -> Result<bool, StoreError>;
-    /// A receipt for the instance's messages `ids` to `chat_phone` (digits; `None`:
-    /// any chat): moves those it advances to `status` and writes, in the same
-    /// transaction, the event `event` makes of the ids it moved and their phone.
+    /// A receipt for the instance's messages `ids`: moves those it advances to
+    /// `status` and writes, in the same transaction, the events `event` makes of the
+    /// ids it moved and their phone (a SENT first for those the receipt found still
+    /// waiting for WhatsApp's ack). Returns the events, with the status each tells.
     async fn message_status(
         &self,
         instance_id: &str,
@@ -192,7 +202,7 @@ pub trait MessageStore: Send + Sync {
         status: Status,
         at: i64,
         event: &(dyn for<'x> Fn(Status, &'x [String], &'x str) -> WebhookEvent + Sync),
-    ) -> Result<usize, StoreError>;
+    ) -> Result<Vec<(Status, WebhookEvent)>, StoreError>;
     /// A message of ours, by its WhatsApp id.
     async fn outbound_by_id(
         &self,
@@ -469,6 +479,80 @@ async fn record_inbound(
     Ok(new)
 }
 
+impl SqliteStore {
+    /// A receipt for one message (the usual case), in one read and one call to the
+    /// writer: the events are made from what the read saw, and written only if the
+    /// message is still in the state it saw (else `None`: the caller goes the long
+    /// way, in one transaction).
+    async fn one_status(
+        &self,
+        instance_id: &str,
+        id: &str,
+        status: Status,
+        at: i64,
+        event: &(dyn for<'x> Fn(Status, &'x [String], &'x str) -> WebhookEvent + Sync),
+    ) -> Result<Option<Vec<(Status, WebhookEvent)>>, StoreError> {
+        let seen: Option<(String, String)> = sqlx::query_as(
+            "SELECT phone, state FROM outbound_messages WHERE instance_id = ? AND message_id = ?",
+        )
+        .bind(instance_id)
+        .bind(id)
+        .fetch_optional(&mut *self.read.lock().await?)
+        .await?;
+        // States only move forward: one this receipt does not advance never will.
+        let Some((phone, state)) =
+            seen.filter(|(_, state)| status.before().contains(&state.as_str()))
+        else {
+            return Ok(Some(Vec::new()));
+        };
+        let ids = [id.to_owned()];
+        let mut written = Vec::new();
+        // A receipt that overtook WhatsApp's ack still proves the message was sent: its
+        // SENT comes first.
+        if state == "sending" && status != Status::Sent {
+            written.push((Status::Sent, event(Status::Sent, &ids, &phone)));
+        }
+        written.push((status, event(status, &ids, &phone)));
+        let (kind, url) = outbox_kind(WebhookKind::MessageStatus).expect("a message kind");
+        let column = status.column();
+        // The events follow only an UPDATE that moved the message (`changes()` is still
+        // its count while the INSERT runs).
+        let arm = |n: usize| {
+            format!(
+                "SELECT ?{e}, id, '{kind}', {url}, ?{b}, ?{c}, ?{c} FROM instances \
+                 WHERE id = ?3 AND changes() = 1 AND {url} IS NOT NULL",
+                e = 6 + 3 * n,
+                b = 7 + 3 * n,
+                c = 8 + 3 * n,
+            )
+        };
+        let arms: Vec<String> = (0..written.len()).map(arm).collect();
+        let statement = format!(
+            "BEGIN IMMEDIATE; \
+             UPDATE outbound_messages SET state = ?1, {column} = COALESCE({column}, ?2) \
+             WHERE instance_id = ?3 AND message_id = ?4 AND state = ?5 RETURNING 1; \
+             INSERT INTO webhook_outbox (event_id, instance_id, kind, url, body, created_at, \
+             next_attempt_at) {}; \
+             COMMIT;",
+            arms.join(" UNION ALL ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(status.state())
+            .bind(at)
+            .bind(instance_id.to_owned())
+            .bind(id.to_owned())
+            .bind(state);
+        for (_, made) in &written {
+            query = query
+                .bind(made.event_id.clone())
+                .bind(made.body.clone())
+                .bind(made.created_at);
+        }
+        let moved = !script(&self.write, query, None).await?.is_empty();
+        Ok(moved.then_some(written))
+    }
+}
+
 #[async_trait]
 impl MessageStore for SqliteStore {
     async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
@@ -662,12 +746,13 @@ impl MessageStore for SqliteStore {
         status: Status,
         at: i64,
         event: &(dyn for<'x> Fn(Status, &'x [String], &'x str) -> WebhookEvent + Sync),
-    ) -> Result<usize, StoreError> {
-        let column = match status {
-            Status::Sent => "sent_at",
-            Status::Received => "delivered_at",
-            Status::Read | Status::Played => "read_at",
-        };
+    ) -> Result<Vec<(Status, WebhookEvent)>, StoreError> {
+        if let [id] = ids {
+            if let Some(written) = self.one_status(instance_id, id, status, at, event).await? {
+                return Ok(written);
+            }
+        }
+        let column = status.column();
         let before = status.before();
         let mut writer = self.write.lock().await?;
         let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
@@ -716,16 +801,18 @@ impl MessageStore for SqliteStore {
                 }
             }
         }
+        let mut written = Vec::new();
         for (phone, list) in &unacked {
-            write_message_event(&mut tx, &event(Status::Sent, list, phone)).await?;
+            written.push((Status::Sent, event(Status::Sent, list, phone)));
         }
-        let mut count = 0;
         for (phone, list) in &moved {
-            count += list.len();
-            write_message_event(&mut tx, &event(status, list, phone)).await?;
+            written.push((status, event(status, list, phone)));
+        }
+        for (_, made) in &written {
+            write_message_event(&mut tx, made).await?;
         }
         tx.commit().await?;
-        Ok(count)
+        Ok(written)
     }
 
     async fn outbound_by_id(
@@ -1160,7 +1247,14 @@ mod tests {
             .message_status("I", &ids, Status::Received, 20, &status_event)
             .await
             .unwrap();
-        assert_eq!(moved, 1);
+        let told: Vec<(Status, &str)> = moved.iter().map(|(s, e)| (*s, e.body.as_str())).collect();
+        assert_eq!(
+            told,
+            [
+                (Status::Sent, "[\"M1\"] 5511999990001"),
+                (Status::Received, "[\"M1\"] 5511999990001")
+            ]
+        );
         let delivery = WebhookEvent {
             kind: WebhookKind::Delivery,
             ..status_event(Status::Sent, &["D".into()], "x")
@@ -1185,7 +1279,7 @@ mod tests {
             .message_status("I", &ids, Status::Received, 24, &status_event)
             .await
             .unwrap();
-        assert_eq!(late, 0);
+        assert!(late.is_empty());
         assert_eq!(
             store
                 .outbound_by_id("I", "M1")
@@ -1197,12 +1291,54 @@ mod tests {
         );
         // A receipt for an id this instance never sent moves nothing.
         let unknown = ["X".to_owned()];
-        assert_eq!(
+        assert!(
             store
                 .message_status("I", &unknown, Status::Read, 25, &status_event)
                 .await
-                .unwrap(),
-            0
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            pending_kinds(&store).await,
+            [
+                "message-status",
+                "message-status",
+                "delivery",
+                "message-status"
+            ]
+        );
+
+        // One receipt for several messages (one of them unknown, one read already).
+        let mut more = Vec::new();
+        for n in [2, 3] {
+            let Enqueued::New(m) = store.enqueue_message(&message(n, None), 10).await.unwrap()
+            else {
+                panic!()
+            };
+            store.message_sending(m.seq).await.unwrap();
+            more.push(m);
+        }
+        let delivery = WebhookEvent {
+            kind: WebhookKind::Delivery,
+            ..status_event(Status::Sent, &["D2".into()], "x")
+        };
+        let sent = status_event(Status::Sent, &["SENT2".into()], "x");
+        store
+            .message_sent(more[0].seq, 30, &delivery, &sent)
+            .await
+            .unwrap();
+        let ids: Vec<String> = ["M1", "M2", "M3", "X"].map(String::from).to_vec();
+        let moved = store
+            .message_status("I", &ids, Status::Read, 31, &status_event)
+            .await
+            .unwrap();
+        let told: Vec<(Status, &str)> = moved.iter().map(|(s, e)| (*s, e.body.as_str())).collect();
+        assert_eq!(
+            told,
+            [
+                (Status::Sent, "[\"M3\"] 5511999990001"),
+                (Status::Read, "[\"M2\", \"M3\"] 5511999990001")
+            ]
         );
     }
 
