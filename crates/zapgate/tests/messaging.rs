@@ -653,6 +653,46 @@ async fn texts_arriving_across_a_kill_9_are_each_announced_once() {
 }
 
 #[tokio::test]
+async fn a_text_typing_when_its_number_is_unlinked_never_leaves_from_the_next_one() {
+    const PHONE: &str = "5511966660012";
+    const NEXT: &str = "5511966660013";
+    const FRIEND: &str = "5511966660112";
+    let world = World::new().await;
+    contact(&world, FRIEND).await;
+    let (gw, inst, receiver) = linked(&world, PHONE).await;
+    // "typing..." for 5 s; meanwhile the number is unlinked and another one linked.
+    let (status, body) = send_text(
+        &gw,
+        &inst,
+        json!({ "phone": FRIEND, "message": "from the first number", "delayTyping": 5 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    world.phone_unlinks(PHONE).await;
+    gw.api
+        .wait_status(&inst, "unlinked", |s| s["connected"] == json!(false))
+        .await;
+    world.wa_link(&gw, &inst, NEXT).await;
+
+    let delivery = receiver.wait_delivered("delivery", 1).await;
+    assert_eq!(delivery[0].body["messageId"], body["messageId"]);
+    assert_eq!(
+        delivery[0].body["error"],
+        "Message has not been sent because the instance was disconnected"
+    );
+    // Past the typing: nothing reached the contact, from either number.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, got) = world
+        .wa
+        .get(&format!("contacts/{FRIEND}/inbox"))
+        .await
+        .unwrap();
+    assert_eq!((status, got), (200, json!([])));
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_baileys_device_and_a_gateway_instance_exchange_texts() {
     const PHONE: &str = "5511966660011";
     const BAILEYS: &str = "5511966660111";

@@ -173,9 +173,17 @@ impl Sender {
                 return Step::Wait(BACKOFF);
             }
         };
+        // A change of line from now on (a clone starts from what the lane's own
+        // receiver last saw, which may be long ago).
+        let mut line = self.lane.line.clone();
+        line.borrow_and_update();
         if head.attempts == 0 && head.typing_ms > 0 {
             let _ = client.chatstate().send_composing(&jid).await;
-            tokio::time::sleep(Duration::from_millis(head.typing_ms as u64)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(head.typing_ms as u64)) => {}
+                // Dropped, unlinked, or another number linked: look at the line again.
+                _ = line.changed() => return Step::Again,
+            }
         }
         let message = self.content(client, &head).await;
         let ack = self.lane.expect_ack(&head.message_id);
@@ -191,10 +199,6 @@ impl Sender {
                 return self.store_failed(e);
             }
         }
-        // A change of line from now on (a clone starts from what the lane's own
-        // receiver last saw, which may be long ago).
-        let mut line = self.lane.line.clone();
-        line.borrow_and_update();
         let sent = match &head.edit_of {
             Some(original) => client
                 .edit_message_with_options(

@@ -230,6 +230,9 @@ pub trait MessageStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 }
 
+/// Rows deleted per statement when old messages are forgotten.
+const FORGET_BATCH: i64 = 1000;
+
 macro_rules! outbound_columns {
     () => {
         "seq, zaap_id, instance_id, message_id, phone, text, reply_to, edit_of, delay_ms, \
@@ -855,23 +858,30 @@ impl MessageStore for SqliteStore {
     }
 
     async fn forget_messages(&self, before: i64) -> Result<u64, StoreError> {
-        let mut writer = self.write.lock().await?;
-        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-        let sent = sqlx::query(
-            "DELETE FROM outbound_messages WHERE created_at < ? \
-             AND state NOT IN ('queued', 'sending')",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let received = sqlx::query("DELETE FROM inbound_messages WHERE received_at < ?")
-            .bind(before)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(sent + received)
+        // A thousand at a time, each its own commit: a week of messages at hundreds a
+        // second is hundreds of thousands of rows, and sends wait for the writer.
+        let statements = [
+            "DELETE FROM outbound_messages WHERE seq IN (SELECT seq FROM outbound_messages \
+             WHERE created_at < ?1 AND state NOT IN ('queued', 'sending') LIMIT ?2)",
+            "DELETE FROM inbound_messages WHERE rowid IN (SELECT rowid FROM inbound_messages \
+             WHERE received_at < ?1 LIMIT ?2)",
+        ];
+        let mut forgotten = 0;
+        for statement in statements {
+            loop {
+                let done = sqlx::query(statement)
+                    .bind(before)
+                    .bind(FORGET_BATCH)
+                    .execute(&mut *self.write.lock().await?)
+                    .await?
+                    .rows_affected();
+                forgotten += done;
+                if done < FORGET_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(forgotten)
     }
 
     async fn message_settings(&self, instance_id: &str) -> Result<(bool, bool), StoreError> {
@@ -1204,6 +1214,43 @@ mod tests {
         let written = store.message_sent(queued.seq, 23, &delivery, &sent).await;
         assert_eq!(written.unwrap(), 0);
         assert_eq!(store.recent_webhooks("I", 10).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn old_messages_are_forgotten_a_batch_at_a_time_and_waiting_ones_stay() {
+        let (_dir, store) = store().await;
+        let Enqueued::New(waiting) = store.enqueue_message(&message(1, None), 10).await.unwrap()
+        else {
+            panic!()
+        };
+        let mut writer = store.write.lock().await.unwrap();
+        sqlx::query(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 2500) \
+             INSERT INTO outbound_messages (zaap_id, instance_id, message_id, phone, text, \
+             state, created_at) SELECT 'Z-' || x, 'I', 'M-' || x, 'p', 't', 'read', 5 FROM n",
+        )
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+        sqlx::query(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1500) \
+             INSERT INTO inbound_messages (instance_id, chat, sender, message_id, sent_at, \
+             received_at) SELECT 'I', 'c', 's', 'R-' || x, 5, CASE WHEN x = 1 THEN 50 ELSE 5 END \
+             FROM n",
+        )
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+        drop(writer);
+        assert_eq!(store.forget_messages(11).await.unwrap(), 2500 + 1499);
+        assert_eq!(store.queue_head("I").await.unwrap(), Some(waiting));
+        let left: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM outbound_messages), (SELECT COUNT(*) FROM inbound_messages)",
+        )
+        .fetch_one(&mut *store.read.lock().await.unwrap())
+        .await
+        .unwrap();
+        assert_eq!(left, (1, 1));
     }
 
     #[tokio::test]

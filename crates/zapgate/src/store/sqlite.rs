@@ -414,11 +414,24 @@ impl Store for SqliteStore {
     }
 
     async fn forget_settled_webhooks(&self, before: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM webhook_outbox WHERE done_at < ?")
+        // A thousand at a time, each its own commit: other writes wait for the writer.
+        const BATCH: i64 = 1000;
+        let mut forgotten = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM webhook_outbox WHERE seq IN \
+                 (SELECT seq FROM webhook_outbox WHERE done_at < ?1 LIMIT ?2)",
+            )
             .bind(before)
+            .bind(BATCH)
             .execute(&mut *self.write.lock().await?)
-            .await?;
-        Ok(done.rows_affected())
+            .await?
+            .rows_affected();
+            forgotten += done;
+            if done < BATCH as u64 {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn due_webhooks(
