@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +31,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/outage", post(outage))
         .route("/refresh-refs", post(refresh_refs))
         .route("/devices", get(devices))
+        .route("/devices/{jid}/logins", get(logins))
         .route("/stats", get(stats))
         .route("/stats/reset-peaks", post(reset_peaks))
         .route("/contacts", post(contacts::create).get(contacts::list))
@@ -213,6 +214,23 @@ async fn devices(State(sim): State<Arc<Sim>>) -> Reply {
     }
     list.sort_by(|a, b| a["jid"].as_str().cmp(&b["jid"].as_str()));
     Ok(Json(Value::Array(list)))
+}
+
+/// A device's logins, oldest first: `[{"at", "replaced"}]`.
+async fn logins(State(sim): State<Arc<Sim>>, Path(jid): Path<String>) -> Reply {
+    let device = jid
+        .strip_suffix("@s.whatsapp.net")
+        .and_then(|d| d.split_once(':'))
+        .and_then(|(phone, id)| Some((phone, id.parse::<u32>().ok()?)));
+    let registry = sim.registry();
+    let record = device.and_then(|(phone, id)| registry.phones.get(phone)?.devices.get(&id));
+    match record {
+        Some(record) => Ok(Json(json!(record.logins))),
+        None => Err(ControlError(
+            StatusCode::NOT_FOUND,
+            format!("no device {jid}"),
+        )),
+    }
 }
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Reply {

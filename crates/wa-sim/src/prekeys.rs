@@ -350,6 +350,7 @@ mod tests {
             linked_at_ms: 0,
             key_share_id: None,
             key_share_received: false,
+            logins: Default::default(),
             prekeys,
             sent: Default::default(),
         };

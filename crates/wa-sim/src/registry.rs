@@ -120,6 +120,19 @@ pub(crate) struct DeviceRecord {
     pub(crate) prekeys: crate::prekeys::PreKeys,
     /// The phone's last peer messages to it, for a retry receipt to ask again.
     pub(crate) sent: crate::phone::Sent,
+    /// Its last [`LOGIN_LOG`] logins, oldest first.
+    pub(crate) logins: std::collections::VecDeque<Login>,
+}
+
+/// Logins kept per device.
+pub(crate) const LOGIN_LOG: usize = 1000;
+
+/// A device's login: when (unix ms), and how many live connections of that same device
+/// it replaced (each told `conflict type="replaced"` and closed, as WhatsApp does).
+#[derive(Clone, Copy, serde::Serialize)]
+pub(crate) struct Login {
+    pub(crate) at: u64,
+    pub(crate) replaced: usize,
 }
 
 /// A companion asked to link by phone-number code (stage 1 done).

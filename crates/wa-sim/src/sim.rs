@@ -33,6 +33,8 @@ pub(crate) struct Stats {
     pub(crate) ik_handshakes: AtomicU64,
     pub(crate) fallback_handshakes: AtomicU64,
     pub(crate) logins: AtomicU64,
+    /// Logins of a device that already had a live connection (which they replaced).
+    pub(crate) replaced_logins: AtomicU64,
     pub(crate) login_failures: AtomicU64,
     pub(crate) pairings: AtomicU64,
     /// Pairing codes companions asked for (`companion_hello`).
@@ -98,6 +100,7 @@ pub(crate) struct StatsView {
     ik_handshakes: u64,
     fallback_handshakes: u64,
     logins: u64,
+    replaced_logins: u64,
     login_failures: u64,
     pairings: u64,
     code_requests: u64,
@@ -220,10 +223,27 @@ impl Sim {
             }
             _ => return Err(LoginRefusal::Unknown),
         };
-        for (_, old) in registry.device_conns(phone, Some(device)) {
+        let replaced = registry.device_conns(phone, Some(device));
+        for (_, old) in &replaced {
             let _ = old.try_send(Command::StreamError(stanza::stream_conflict(
                 None, "replaced",
             )));
+        }
+        if !replaced.is_empty() {
+            bump(&self.stats.replaced_logins, 1);
+        }
+        let record = registry
+            .phones
+            .get_mut(phone)
+            .and_then(|p| p.devices.get_mut(&device));
+        if let Some(record) = record {
+            if record.logins.len() == crate::registry::LOGIN_LOG {
+                record.logins.pop_front();
+            }
+            record.logins.push_back(crate::registry::Login {
+                at: crate::unix_millis(),
+                replaced: replaced.len(),
+            });
         }
         let id = registry.add_conn(ConnEntry {
             tx,
@@ -336,6 +356,7 @@ impl Sim {
             ik_handshakes: load(&s.ik_handshakes),
             fallback_handshakes: load(&s.fallback_handshakes),
             logins: load(&s.logins),
+            replaced_logins: load(&s.replaced_logins),
             login_failures: load(&s.login_failures),
             pairings: load(&s.pairings),
             code_requests: load(&s.code_requests),

@@ -300,6 +300,31 @@ async fn a_replaced_stream_does_not_ping_pong() {
     assert_eq!(world.stat("logins").await, logins);
     assert_eq!(first.api.status(&inst).await, restore_needed());
     assert_eq!(second.api.status(&inst).await, connected());
+    // wa-sim saw one login replace a live one, and nothing since.
+    assert_eq!(world.stat("replacedLogins").await, 1);
+    let jid = world.wa.devices().await.unwrap()[0]["jid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, log) = world
+        .wa
+        .get(&format!("devices/{jid}/logins"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{log}");
+    let replaced: Vec<u64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["replaced"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replaced, [0, 1], "linked, then taken over: {log}");
+    let (status, _) = world
+        .wa
+        .get("devices/5511000000000:9@s.whatsapp.net/logins")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
 
     // Disconnecting where the session is offline still unlinks it at WhatsApp: the
     // gateway connects the stored session just to log it out.

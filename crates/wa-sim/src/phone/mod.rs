@@ -183,6 +183,7 @@ pub(super) async fn complete_pairing(
                 key_share_received: false,
                 prekeys: Default::default(),
                 sent: Default::default(),
+                logins: Default::default(),
             },
         );
         account.devices_changed();
