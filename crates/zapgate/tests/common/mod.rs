@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod browser;
+pub mod pg;
 pub mod receiver;
 
 use std::path::{Path, PathBuf};
