@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use whatsapp_rust::Jid;
@@ -105,7 +106,7 @@ pub(super) async fn run(hub: Arc<Hub>, lane: Arc<Lane>, shutdown: CancellationTo
             match current {
                 Line::Unlinked => sender.fail_all().await,
                 Line::Down => Step::Wait(IDLE),
-                Line::Up(client) => sender.next(&client).await,
+                Line::Up(client) => sender.next(&client, &line).await,
             }
         };
         // A stop mid-send is safe: a message on its way is sent again, with its id, by
@@ -135,9 +136,11 @@ impl Sender {
     }
 
     /// Sends the head of the queue, if there is one and its pause is over.
-    async fn next(&mut self, client: &Arc<Client>) -> Step {
+    /// `line` is the receiver the run loop read the line from: a change since then is
+    /// seen here.
+    async fn next(&mut self, client: &Arc<Client>, line: &watch::Receiver<Line>) -> Step {
         let settled = self.settled;
-        let step = self.send_head(client).await;
+        let step = self.send_head(client, line.clone()).await;
         if self.settled == settled && !std::mem::take(&mut self.paused) {
             // The head stays (its attempts changed), or the queue did: read it again.
             self.ahead.clear();
@@ -145,7 +148,7 @@ impl Sender {
         step
     }
 
-    async fn send_head(&mut self, client: &Arc<Client>) -> Step {
+    async fn send_head(&mut self, client: &Arc<Client>, mut line: watch::Receiver<Line>) -> Step {
         if self.ahead.is_empty() {
             match self
                 .hub
@@ -173,16 +176,16 @@ impl Sender {
                 return Step::Wait(BACKOFF);
             }
         };
-        // A change of line from now on (a clone starts from what the lane's own
-        // receiver last saw, which may be long ago).
-        let mut line = self.lane.line.clone();
-        line.borrow_and_update();
         if head.attempts == 0 && head.typing_ms > 0 {
             let _ = client.chatstate().send_composing(&jid).await;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(head.typing_ms as u64)) => {}
                 // Dropped, unlinked, or another number linked: look at the line again.
-                _ = line.changed() => return Step::Again,
+                changed = line.changed() => return match changed {
+                    Ok(()) => Step::Again,
+                    // The instance is going: the run loop sees it and ends.
+                    Err(_) => Step::Wait(BACKOFF),
+                },
             }
         }
         let message = self.content(client, &head).await;
@@ -198,6 +201,12 @@ impl Sender {
                 self.lane.forget_ack(&head.message_id);
                 return self.store_failed(e);
             }
+        }
+        // The line changed while the number was looked up or the text marked: it is
+        // not sent from a connection that may be another number's.
+        if line.has_changed().unwrap_or(true) {
+            self.lane.forget_ack(&head.message_id);
+            return Step::Again;
         }
         let sent = match &head.edit_of {
             Some(original) => client
