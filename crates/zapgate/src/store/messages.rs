@@ -81,7 +81,7 @@ impl Status {
     }
 
     /// The column that keeps when a message reached this status.
-    fn column(self) -> &'static str {
+    pub(super) fn column(self) -> &'static str {
         match self {
             Status::Sent => "sent_at",
             Status::Received => "delivered_at",
@@ -90,7 +90,7 @@ impl Status {
     }
 
     /// The states a message may be in for this status to move it forward.
-    fn before(self) -> &'static [&'static str] {
+    pub(super) fn before(self) -> &'static [&'static str] {
         match self {
             Status::Sent => &["queued", "sending"],
             Status::Received => &["sending", "sent"],
@@ -124,9 +124,9 @@ pub const RECEIVED_BACKLOG: i64 = 100_000;
 /// oldest of them are dropped, counted as `dropped`. The trigger of migration 0010
 /// holds it, looking every [`STATUS_BOUND_EVERY`] events.
 #[cfg(test)]
-const STATUS_BACKLOG: i64 = 20_000;
+pub(super) const STATUS_BACKLOG: i64 = 20_000;
 #[cfg(test)]
-const STATUS_BOUND_EVERY: i64 = 100;
+pub(super) const STATUS_BOUND_EVERY: i64 = 100;
 
 #[async_trait]
 pub trait MessageStore: Send + Sync {
@@ -231,7 +231,7 @@ pub trait MessageStore: Send + Sync {
 }
 
 /// Rows deleted per statement when old messages are forgotten.
-const FORGET_BATCH: i64 = 1000;
+pub(super) const FORGET_BATCH: i64 = 1000;
 
 macro_rules! outbound_columns {
     () => {
@@ -239,6 +239,7 @@ macro_rules! outbound_columns {
          typing_ms, state, attempts, error, created_at, sent_at"
     };
 }
+pub(super) use outbound_columns;
 
 fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
     Ok(Outbound {
@@ -261,7 +262,7 @@ fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
 }
 
 /// A message event's kind in the outbox, and the instance's URL for it (SQL).
-fn outbox_kind(kind: WebhookKind) -> Option<(&'static str, &'static str)> {
+pub(super) fn outbox_kind(kind: WebhookKind) -> Option<(&'static str, &'static str)> {
     Some(match kind {
         WebhookKind::Received => (
             "received",
@@ -919,35 +920,25 @@ impl MessageStore for SqliteStore {
     }
 }
 
+/// What the message tests of every backend share: instance "I" and its messages.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{Attempt, InstanceRecord, Store as _, Webhooks};
+pub(super) mod fixtures {
+    use super::{NewOutbound, Status};
+    use crate::store::{InstanceRecord, Store, WebhookEvent, WebhookKind, Webhooks};
 
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("z.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        let record = InstanceRecord {
-            id: "I".into(),
-            token: "T".into(),
-            name: "n".into(),
-            session_name: None,
+    /// Instance "I", with URLs for its delivery and status events.
+    pub(crate) fn instance() -> InstanceRecord {
+        InstanceRecord {
             webhooks: Webhooks {
                 message_status: Some("http://127.0.0.1:9/status".into()),
                 delivery: Some("http://127.0.0.1:9/delivery".into()),
                 ..Default::default()
             },
-            created_at: 1,
-            due_at: 2,
-            link: None,
-            cancelled_at: None,
-        };
-        store.insert_instance(&record).await.unwrap();
-        (dir, store)
+            ..crate::store::contract::instance("I", "n", 1)
+        }
     }
 
-    fn message(n: u32, key: Option<(&str, &str)>) -> NewOutbound {
+    pub(crate) fn message(n: u32, key: Option<(&str, &str)>) -> NewOutbound {
         NewOutbound {
             zaap_id: format!("Z{n}"),
             instance_id: "I".into(),
@@ -963,7 +954,7 @@ mod tests {
         }
     }
 
-    fn status_event(_: Status, ids: &[String], phone: &str) -> WebhookEvent {
+    pub(crate) fn status_event(_: Status, ids: &[String], phone: &str) -> WebhookEvent {
         WebhookEvent {
             event_id: crate::random_hex(8),
             instance_id: "I".into(),
@@ -973,7 +964,8 @@ mod tests {
         }
     }
 
-    async fn pending_kinds(store: &SqliteStore) -> Vec<String> {
+    /// The kinds of the instance's events, oldest first.
+    pub(crate) async fn pending_kinds(store: &dyn Store) -> Vec<String> {
         store
             .recent_webhooks("I", 100)
             .await
@@ -983,41 +975,24 @@ mod tests {
             .map(|e| e.kind)
             .collect()
     }
+}
 
-    #[tokio::test]
-    async fn the_queue_is_bounded_and_keys_replay_or_refuse() {
-        let (_dir, store) = store().await;
-        let first = store
-            .enqueue_message(&message(1, Some(("k", "h1"))), 2)
-            .await
-            .unwrap();
-        let Enqueued::New(first) = first else {
-            panic!("{first:?}")
-        };
-        // The same key and request: the same message, nothing new queued.
-        let again = store
-            .enqueue_message(&message(9, Some(("k", "h1"))), 2)
-            .await
-            .unwrap();
-        assert_eq!(again, Enqueued::Replayed(first.clone()));
-        let other = store
-            .enqueue_message(&message(9, Some(("k", "h2"))), 2)
-            .await
-            .unwrap();
-        assert_eq!(other, Enqueued::KeyReused);
-        assert!(matches!(
-            store.enqueue_message(&message(2, None), 2).await.unwrap(),
-            Enqueued::New(_)
-        ));
-        assert_eq!(
-            store.enqueue_message(&message(3, None), 2).await.unwrap(),
-            Enqueued::Full
-        );
-        assert_eq!(store.queue_head("I").await.unwrap().unwrap().zaap_id, "Z1");
-        // One on its way is not deleted; one waiting is.
-        store.message_sending(first.seq).await.unwrap();
-        assert_eq!(store.delete_queued("I", None).await.unwrap(), 1);
-        assert_eq!(store.queue_page("I", 1, 10).await.unwrap().1, 1);
+#[cfg(test)]
+mod tests {
+    //! What only SQLite shows: its writer, its sequence, its script task. The rest of
+    //! the message store's tests are the contract every backend passes
+    //! (`store::contract::messages`).
+
+    use super::fixtures::{instance, message, pending_kinds, status_event};
+    use super::*;
+    use crate::store::Store as _;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("z.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.insert_instance(&instance()).await.unwrap();
+        (dir, store)
     }
 
     #[tokio::test]
@@ -1059,106 +1034,6 @@ mod tests {
         assert_eq!(head[0].body, "0");
         assert_eq!(head[0].kind, "received");
         assert_eq!(head[1].body, dropped.to_string());
-    }
-
-    #[tokio::test]
-    async fn the_cap_on_connection_events_leaves_message_events_alone() {
-        let (_dir, store) = store().await;
-        sqlx::query(
-            "UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r', \
-             connected_callback_url = 'http://127.0.0.1:9/c'",
-        )
-        .execute(&mut *store.write.lock().await.unwrap())
-        .await
-        .unwrap();
-        let event = |n: usize, kind| WebhookEvent {
-            event_id: format!("E{n}"),
-            instance_id: "I".into(),
-            kind,
-            body: format!("{n}"),
-            created_at: 20,
-        };
-        let mut writer = store.write.lock().await.unwrap();
-        let mut tx = writer.begin().await.unwrap();
-        for n in 0..3 {
-            assert!(
-                write_message_event(&mut tx, &event(n, WebhookKind::Received))
-                    .await
-                    .unwrap()
-            );
-        }
-        tx.commit().await.unwrap();
-        drop(writer);
-        for n in 3..6 {
-            let connected = event(n, WebhookKind::Connected);
-            assert!(store.enqueue_webhook(&connected, 2).await.unwrap());
-        }
-        let (depth, _, dropped) = store.outbox_stats().await.unwrap();
-        assert_eq!((depth, dropped), (5, 1), "the oldest connection event went");
-        let pending = store.due_webhooks_of("I", 20, 10).await.unwrap();
-        let bodies: Vec<&str> = pending.iter().map(|e| e.body.as_str()).collect();
-        assert_eq!(bodies, ["0", "1", "2", "4", "5"]);
-    }
-
-    #[tokio::test]
-    async fn read_ahead_waits_for_a_head_not_due() {
-        let (_dir, store) = store().await;
-        let mut writer = store.write.lock().await.unwrap();
-        let mut tx = writer.begin().await.unwrap();
-        for _ in 0..3 {
-            write_message_event(&mut tx, &status_event(Status::Sent, &[], ""))
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-        drop(writer);
-        let all = store.due_webhooks_of("I", 20, 10).await.unwrap();
-        assert_eq!(all.len(), 3);
-        assert_eq!(store.due_webhooks_of("I", 20, 2).await.unwrap().len(), 2);
-        assert!(store.due_webhooks_of("I", 19, 10).await.unwrap().is_empty());
-        let retry = Attempt::Retry {
-            status: Some(500),
-            error: "the receiver answered 500".into(),
-            next_attempt_at: 1_000,
-        };
-        store
-            .webhook_attempted(all[0].seq, 21, &retry, 0)
-            .await
-            .unwrap();
-        assert!(
-            store
-                .due_webhooks_of("I", 999, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        let again = store.due_webhooks_of("I", 1_000, 10).await.unwrap();
-        assert_eq!(
-            again.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            all.iter().map(|e| e.seq).collect::<Vec<_>>()
-        );
-        // A record reads what is due next in the same call: the same answer.
-        let delivered = Attempt::Done {
-            outcome: "delivered",
-            status: Some(200),
-            error: None,
-        };
-        let seqs = |entries: Vec<crate::store::OutboxEntry>| -> Vec<i64> {
-            entries.iter().map(|e| e.seq).collect()
-        };
-        let next = store.webhook_attempted(all[1].seq, 999, &delivered, 10);
-        assert_eq!(seqs(next.await.unwrap()), [] as [i64; 0], "its head waits");
-        let next = store.webhook_attempted(all[0].seq, 1_000, &delivered, 10);
-        assert_eq!(seqs(next.await.unwrap()), [all[2].seq]);
-        let next = store.webhook_attempted(all[2].seq, 1_001, &delivered, 0);
-        assert!(next.await.unwrap().is_empty());
-        assert!(
-            store
-                .due_webhooks_of("I", 2_000, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 
     #[tokio::test]
@@ -1279,156 +1154,5 @@ mod tests {
         let after = store.outbound_by_id("I", "M1").await.unwrap().unwrap();
         assert_eq!((after.state.as_str(), after.sent_at), ("sent", Some(21)));
         assert_eq!(pending_kinds(&store).await, ["delivery", "message-status"]);
-    }
-
-    #[tokio::test]
-    async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent() {
-        let (_dir, store) = store().await;
-        let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
-            panic!()
-        };
-        store.message_sending(m.seq).await.unwrap();
-        let ids = vec!["M1".to_owned()];
-        // The delivery receipt overtook the server's ack.
-        let moved = store
-            .message_status("I", &ids, Status::Received, 20, &status_event)
-            .await
-            .unwrap();
-        let told: Vec<(Status, &str)> = moved.iter().map(|(s, e)| (*s, e.body.as_str())).collect();
-        assert_eq!(
-            told,
-            [
-                (Status::Sent, "[\"M1\"] 5511999990001"),
-                (Status::Received, "[\"M1\"] 5511999990001")
-            ]
-        );
-        let delivery = WebhookEvent {
-            kind: WebhookKind::Delivery,
-            ..status_event(Status::Sent, &["D".into()], "x")
-        };
-        let sent = status_event(Status::Sent, &["SENT".into()], "x");
-        let written = store.message_sent(m.seq, 21, &delivery, &sent).await;
-        assert_eq!(written.unwrap(), 1, "the delivery alone");
-        // Acked twice (a resend after a crash): announced once.
-        let written = store.message_sent(m.seq, 22, &delivery, &sent).await;
-        assert_eq!(written.unwrap(), 0);
-        // SENT and RECEIVED at the receipt, the delivery at the ack.
-        assert_eq!(
-            pending_kinds(&store).await,
-            ["message-status", "message-status", "delivery"]
-        );
-        // Read, then a late delivered receipt: nothing goes back.
-        store
-            .message_status("I", &ids, Status::Read, 23, &status_event)
-            .await
-            .unwrap();
-        let late = store
-            .message_status("I", &ids, Status::Received, 24, &status_event)
-            .await
-            .unwrap();
-        assert!(late.is_empty());
-        assert_eq!(
-            store
-                .outbound_by_id("I", "M1")
-                .await
-                .unwrap()
-                .unwrap()
-                .state,
-            "read"
-        );
-        // A receipt for an id this instance never sent moves nothing.
-        let unknown = ["X".to_owned()];
-        assert!(
-            store
-                .message_status("I", &unknown, Status::Read, 25, &status_event)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(
-            pending_kinds(&store).await,
-            [
-                "message-status",
-                "message-status",
-                "delivery",
-                "message-status"
-            ]
-        );
-
-        // One receipt for several messages (one of them unknown, one read already).
-        let mut more = Vec::new();
-        for n in [2, 3] {
-            let Enqueued::New(m) = store.enqueue_message(&message(n, None), 10).await.unwrap()
-            else {
-                panic!()
-            };
-            store.message_sending(m.seq).await.unwrap();
-            more.push(m);
-        }
-        let delivery = WebhookEvent {
-            kind: WebhookKind::Delivery,
-            ..status_event(Status::Sent, &["D2".into()], "x")
-        };
-        let sent = status_event(Status::Sent, &["SENT2".into()], "x");
-        store
-            .message_sent(more[0].seq, 30, &delivery, &sent)
-            .await
-            .unwrap();
-        let ids: Vec<String> = ["M1", "M2", "M3", "X"].map(String::from).to_vec();
-        let moved = store
-            .message_status("I", &ids, Status::Read, 31, &status_event)
-            .await
-            .unwrap();
-        let told: Vec<(Status, &str)> = moved.iter().map(|(s, e)| (*s, e.body.as_str())).collect();
-        assert_eq!(
-            told,
-            [
-                (Status::Sent, "[\"M3\"] 5511999990001"),
-                (Status::Read, "[\"M2\", \"M3\"] 5511999990001")
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_message_received_twice_is_recorded_and_announced_once() {
-        let (_dir, store) = store().await;
-        sqlx::query("UPDATE instances SET received_callback_url = 'http://127.0.0.1:9/r'")
-            .execute(&mut *store.write.lock().await.unwrap())
-            .await
-            .unwrap();
-        let row = Inbound {
-            instance_id: "I".into(),
-            chat: "5511999990002@s.whatsapp.net".into(),
-            sender: "5511999990002@s.whatsapp.net".into(),
-            message_id: "A1".into(),
-            waiting: false,
-            text: Some("hi".into()),
-            from_me: false,
-            sent_at: 5,
-            event: Some(WebhookEvent {
-                kind: WebhookKind::Received,
-                ..status_event(Status::Received, &["A1".into()], "x")
-            }),
-        };
-        assert_eq!(
-            store
-                .record_inbound(std::slice::from_ref(&row))
-                .await
-                .unwrap(),
-            [true]
-        );
-        let replay = Inbound {
-            event: Some(WebhookEvent {
-                event_id: "another".into(),
-                ..row.event.clone().unwrap()
-            }),
-            ..row.clone()
-        };
-        assert_eq!(store.record_inbound(&[replay]).await.unwrap(), [false]);
-        assert_eq!(pending_kinds(&store).await, ["received"]);
-        assert_eq!(
-            store.inbound_text("I", "A1").await.unwrap(),
-            Some(("5511999990002@s.whatsapp.net".into(), "hi".into()))
-        );
     }
 }

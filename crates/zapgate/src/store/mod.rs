@@ -2,11 +2,19 @@
 //! SQLite is the default backend; the URL scheme picks the backend.
 
 mod conns;
+#[cfg(test)]
+mod contract;
 mod messages;
+mod postgres;
 mod session_import;
 mod session_keys;
 mod sessions;
 mod sqlite;
+/// The throwaway PostgreSQL the integration tests use, for the contract suite.
+#[cfg(test)]
+#[path = "../../tests/common/pg.rs"]
+#[allow(unreachable_pub)]
+mod test_pg;
 
 use std::sync::Arc;
 
@@ -15,6 +23,8 @@ use async_trait::async_trait;
 pub use messages::{
     Enqueued, Inbound, MessageStore, NewOutbound, Outbound, RECEIVED_BACKLOG, Status,
 };
+pub use postgres::sessions::PgSessions;
+pub use postgres::{PgStore, leases};
 pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions, TO_UNLINK};
 pub use sqlite::SqliteStore;
 
@@ -24,27 +34,44 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database URL {0:?}: only sqlite: is supported")]
+    #[error("unsupported database URL {0:?}: use sqlite: or postgres:")]
     UnsupportedUrl(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("importing a session file: {0}")]
     Import(String),
+    #[error("instance {0} is run by another gateway node")]
+    Moved(String),
     #[error("instance {0} has too many webhook events waiting to record more messages")]
     Backlog(String),
 }
 
 impl StoreError {
-    /// The database was too busy (locked, or no connection free in time): trying again
-    /// later may work, unlike a full disk or a broken file.
+    /// The database was too busy or out of reach for a moment (locked, a conflict with
+    /// another transaction, no connection free in time, the connection lost): trying
+    /// again later may work, unlike a full disk, a broken file or a refused statement.
     pub fn is_busy(&self) -> bool {
         match self {
-            Self::Database(sqlx::Error::PoolTimedOut) => true,
-            Self::Database(sqlx::Error::Database(e)) => e
-                .code()
-                .and_then(|code| code.parse::<i32>().ok())
-                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes
-                .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+            // No connection free in time, or the one in use lost (PostgreSQL restarting,
+            // the network between).
+            Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
+            Self::Database(sqlx::Error::Database(e)) => {
+                match e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    // A serialization failure, a deadlock, a lock not available, or
+                    // any connection exception (class 08). PostgreSQL's codes are five
+                    // characters: some read as numbers, and must not be taken for
+                    // SQLite's below (42501, "insufficient privilege", is 5 there).
+                    Some(e) => {
+                        matches!(e.code(), "40001" | "40P01" | "55P03")
+                            || e.code().starts_with("08")
+                    }
+                    None => e
+                        .code()
+                        .and_then(|code| code.parse::<i32>().ok())
+                        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes
+                        .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+                }
+            }
             _ => false,
         }
     }
@@ -293,10 +320,17 @@ pub trait Store: MessageStore + Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// Whether a database URL names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
 /// Opens the store a database URL names.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if is_postgres(url) {
+        Ok(Arc::new(PgStore::connect(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(
             url.split(':').next().unwrap_or_default().to_owned(),

@@ -153,7 +153,7 @@ async fn import(db: &Db, instance: &str, path: &Path) -> Result<u64, StoreError>
         .await
         .map_err(lost)?;
     let device = file.load().await.map_err(lost)?;
-    let mut conn = db.write.lock().await?;
+    let mut conn = db.writer().await?;
     // An earlier import that could not detach its file left it here.
     let _ = sqlx::query("DETACH DATABASE old").execute(&mut *conn).await;
     sqlx::query("ATTACH DATABASE ? AS old")

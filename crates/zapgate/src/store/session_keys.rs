@@ -45,7 +45,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| StoreError::Serialization(Box::new(e)))
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(super) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Serialization(Box::new(e)))
 }
 
@@ -74,7 +74,7 @@ pub(super) fn hash_state_to_json(state: &HashState) -> Result<Vec<u8>> {
     to_json(state)
 }
 
-fn key32(bytes: Vec<u8>) -> Result<[u8; 32]> {
+pub(super) fn key32(bytes: Vec<u8>) -> Result<[u8; 32]> {
     bytes
         .try_into()
         .map_err(|b: Vec<u8>| StoreError::Validation(format!("a {}-byte key", b.len())))
@@ -95,7 +95,7 @@ impl SessionKeys {
         sqlx::query(sql)
             .bind(self.id)
             .bind(key)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(|done| done.rows_affected())
             .map_err(db)
@@ -115,12 +115,12 @@ impl SessionKeys {
             n if n <= ROWS => statement(rows)
                 .build()
                 .persistent(prepared(n))
-                .execute(&mut *self.db.write.lock().await.map_err(db)?)
+                .execute(&mut *self.db.writer().await.map_err(db)?)
                 .await
                 .map(drop)
                 .map_err(db),
             _ => {
-                let mut writer = self.db.write.lock().await.map_err(db)?;
+                let mut writer = self.db.writer().await.map_err(db)?;
                 let mut tx = writer.begin().await.map_err(db)?;
                 for chunk in rows.chunks(ROWS) {
                     statement(chunk)
@@ -318,7 +318,7 @@ impl SignalStore for SessionKeys {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut writer = self.db.writer().await.map_err(db)?;
         let mut tx = writer.begin().await.map_err(db)?;
         for chunk in ids.chunks(CHUNK) {
             let mut query =
@@ -343,7 +343,7 @@ impl SignalStore for SessionKeys {
         sqlx::query("DELETE FROM prekey WHERE session = ? AND id = ?")
             .bind(self.id)
             .bind(i64::from(id))
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -367,7 +367,7 @@ impl SignalStore for SessionKeys {
         .bind(self.id)
         .bind(i64::from(id))
         .bind(record)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -396,7 +396,7 @@ impl SignalStore for SessionKeys {
         sqlx::query("DELETE FROM signed_prekey WHERE session = ? AND id = ?")
             .bind(self.id)
             .bind(i64::from(id))
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -450,7 +450,7 @@ impl AppSyncStore for SessionKeys {
         .bind(self.id)
         .bind(key_id)
         .bind(sync_key_to_json(&key)?)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -541,7 +541,7 @@ impl AppSyncStore for SessionKeys {
         if index_macs.is_empty() {
             return Ok(());
         }
-        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut writer = self.db.writer().await.map_err(db)?;
         let mut tx = writer.begin().await.map_err(db)?;
         for index_mac in index_macs {
             sqlx::query(
@@ -669,7 +669,7 @@ impl SessionKeys {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut writer = self.db.writer().await.map_err(db)?;
         let mut tx = writer.begin().await.map_err(db)?;
         for k in keys {
             sqlx::query(DELETE_PENDING)
@@ -689,7 +689,7 @@ impl SessionKeys {
         sqlx::query(sql)
             .bind(self.id)
             .bind(cutoff)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(|done| done.rows_affected() as u32)
             .map_err(db)
@@ -728,7 +728,7 @@ impl ProtocolStore for SessionKeys {
         if device_jids.is_empty() {
             return Ok(());
         }
-        let mut writer = self.db.write.lock().await.map_err(db)?;
+        let mut writer = self.db.writer().await.map_err(db)?;
         let mut tx = writer.begin().await.map_err(db)?;
         for device_jid in device_jids {
             sqlx::query("DELETE FROM sender_key_device WHERE session = ? AND device_jid = ?")
@@ -744,7 +744,7 @@ impl ProtocolStore for SessionKeys {
     async fn clear_all_sender_key_devices(&self) -> Result<()> {
         sqlx::query("DELETE FROM sender_key_device WHERE session = ?")
             .bind(self.id)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -800,7 +800,7 @@ impl ProtocolStore for SessionKeys {
         .bind(address)
         .bind(message_id)
         .bind(base_key)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -829,7 +829,7 @@ impl ProtocolStore for SessionKeys {
             .bind(self.id)
             .bind(address)
             .bind(message_id)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map(drop)
             .map_err(db)
@@ -916,7 +916,7 @@ impl ProtocolStore for SessionKeys {
         .bind(&entry.token[..])
         .bind(entry.token_timestamp)
         .bind(entry.sender_timestamp)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -945,7 +945,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(token_cutoff)
         .bind(sender_cutoff)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(|done| done.rows_affected() as u32)
         .map_err(db)
@@ -966,7 +966,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(jid)
         .bind(sender_timestamp)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -990,7 +990,7 @@ impl ProtocolStore for SessionKeys {
         .bind(jid)
         .bind(token)
         .bind(token_timestamp)
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -1012,7 +1012,7 @@ impl ProtocolStore for SessionKeys {
         .bind(message_id)
         .bind(payload)
         .bind(now())
-        .execute(&mut *self.db.write.lock().await.map_err(db)?)
+        .execute(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map(drop)
         .map_err(db)
@@ -1026,7 +1026,7 @@ impl ProtocolStore for SessionKeys {
         .bind(self.id)
         .bind(chat_jid)
         .bind(message_id)
-        .fetch_optional(&mut *self.db.write.lock().await.map_err(db)?)
+        .fetch_optional(&mut *self.db.writer().await.map_err(db)?)
         .await
         .map_err(db)
     }
@@ -1149,7 +1149,7 @@ impl DeviceStore for SessionKeys {
         sqlx::query("UPDATE session SET device = ? WHERE id = ?")
             .bind(device_to_json(device)?)
             .bind(self.id)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map_err(db)
             .and_then(|done| match done.rows_affected() {
@@ -1187,7 +1187,7 @@ impl DeviceStore for SessionKeys {
         sqlx::query("UPDATE session SET device = ? WHERE id = ? AND device IS NULL")
             .bind(device_to_json(&Device::new())?)
             .bind(self.id)
-            .execute(&mut *self.db.write.lock().await.map_err(db)?)
+            .execute(&mut *self.db.writer().await.map_err(db)?)
             .await
             .map_err(db)?;
         Ok(self.id as i32)

@@ -745,20 +745,7 @@ fn due_from(rows: &[SqliteRow], now: i64) -> Result<Vec<OutboxEntry>, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn instance(id: &str, name: &str, created_at: i64) -> InstanceRecord {
-        InstanceRecord {
-            id: id.into(),
-            token: format!("T{id}"),
-            name: name.into(),
-            session_name: None,
-            webhooks: Webhooks::default(),
-            created_at,
-            due_at: created_at + 1,
-            link: None,
-            cancelled_at: None,
-        }
-    }
+    use crate::store::contract::instance;
 
     /// A write refused because another connection holds the lock is "busy" (the link
     /// of a new number is tried again on it); it goes through once the lock is gone.
@@ -793,134 +780,24 @@ mod tests {
         assert!(!StoreError::UnsupportedUrl("x".into()).is_busy());
     }
 
+    /// Reopened, the file has what was written, and the migrations do not run twice.
     #[tokio::test]
-    async fn instances_round_trip_page_and_filter_in_a_real_file() {
+    async fn a_reopened_file_keeps_its_instances() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("z.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        for (i, name) in ["alpha", "beta", "gamma_x"].iter().enumerate() {
-            store
-                .insert_instance(&instance(&format!("ID{i}"), name, i as i64))
-                .await
-                .unwrap();
-        }
-        // Same millisecond, smaller id, inserted last: listed last.
-        store
-            .insert_instance(&instance("AAA", "delta", 2))
-            .await
-            .unwrap();
-        let link = Link {
+        let mut linked = instance("ID1", "beta", 1);
+        linked.link = Some(Link {
             phone: "5511999990001".into(),
             linked_at: 42,
             platform: Some("android".into()),
-        };
-        store.set_link("ID1", Some(&link)).await.unwrap();
+        });
+        let written = [instance("ID0", "alpha", 0), linked];
+        for record in &written {
+            store.insert_instance(record).await.unwrap();
+        }
         drop(store);
-
-        // Reopened: the data is in the file, and migrations do not run twice.
         let store = SqliteStore::connect(&url).await.unwrap();
-        let all = store.all_instances().await.unwrap();
-        assert_eq!(
-            all.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-            ["alpha", "beta", "gamma_x", "delta"]
-        );
-        assert_eq!(all[1].link, Some(link));
-
-        let page = store.page_instances(2, 2, None).await.unwrap();
-        assert_eq!(
-            (page.total, page.items.len(), page.items[1].id.as_str()),
-            (4, 2, "AAA")
-        );
-        // `_` is a literal underscore, not a wildcard.
-        let found = store.page_instances(1, 10, Some("a_x")).await.unwrap();
-        assert_eq!((found.total, found.items[0].name.as_str()), (1, "gamma_x"));
-        assert_eq!(
-            store.page_instances(1, 10, Some("e_")).await.unwrap().total,
-            0
-        );
-
-        // A cancel in progress hides the row from listings, not from the start-up load.
-        store.mark_cancelled("ID2", 7).await.unwrap();
-        let page = store.page_instances(1, 10, None).await.unwrap();
-        assert_eq!(page.total, 3);
-        assert!(page.items.iter().all(|i| i.id != "ID2"));
-        assert_eq!(
-            store
-                .page_instances(1, 10, Some("gamma"))
-                .await
-                .unwrap()
-                .total,
-            0
-        );
-        let all = store.all_instances().await.unwrap();
-        assert_eq!(all[2].cancelled_at, Some(7));
-
-        store.delete_instance("ID0").await.unwrap();
-        assert_eq!(store.all_instances().await.unwrap().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn link_pages_live_until_they_expire_or_are_revoked_and_go_with_their_instance() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("z.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        store.insert_instance(&instance("A", "a", 0)).await.unwrap();
-        let page = |hash: &str, created_at: i64, expires_at: i64| LinkPage {
-            token_hash: hash.into(),
-            instance_id: "A".into(),
-            created_at,
-            expires_at,
-            revoked_at: None,
-            used_at: None,
-            pair_codes: 0,
-        };
-        let insert = async |p: LinkPage, forget_before: i64| {
-            store.insert_link_page(&p, forget_before, 2).await.unwrap()
-        };
-        assert_eq!(insert(page("h1", 100, 200), 0).await, LinkPageMade::Made);
-        assert_eq!(insert(page("h2", 150, 300), 0).await, LinkPageMade::Made);
-        // Two live already: a third is refused.
-        assert_eq!(insert(page("hx", 160, 300), 0).await, LinkPageMade::TooMany);
-        assert_eq!(store.link_page("hx").await.unwrap(), None);
-        assert_eq!(
-            store.link_page("h1").await.unwrap(),
-            Some(page("h1", 100, 200))
-        );
-        assert_eq!(store.link_page("nope").await.unwrap(), None);
-        // Expired pages are forgotten once they are old enough; live ones stay.
-        assert_eq!(insert(page("h3", 250, 400), 201).await, LinkPageMade::Made);
-        assert_eq!(store.link_page("h1").await.unwrap(), None);
-        // The codes a page was given only ever grow.
-        store.count_link_page_codes("h3", 2).await.unwrap();
-        store.count_link_page_codes("h3", 1).await.unwrap();
-        assert_eq!(store.link_page("h3").await.unwrap().unwrap().pair_codes, 2);
-        // Linking the number spends its pages, and none is made while it is linked.
-        let link = Link {
-            phone: "5511".into(),
-            linked_at: 255,
-            platform: None,
-        };
-        store.set_link("A", Some(&link)).await.unwrap();
-        assert_eq!(
-            store.link_page("h3").await.unwrap().unwrap().used_at,
-            Some(255)
-        );
-        assert_eq!(insert(page("h4", 256, 500), 0).await, LinkPageMade::Linked);
-        assert_eq!(store.link_page("h4").await.unwrap(), None);
-        // Unlinked again: a new page; revoking counts only live ones.
-        store.set_link("A", None).await.unwrap();
-        assert_eq!(insert(page("h4", 256, 500), 0).await, LinkPageMade::Made);
-        assert_eq!(store.revoke_link_pages("A", 260).await.unwrap(), 1);
-        assert_eq!(
-            store.link_page("h4").await.unwrap().unwrap().revoked_at,
-            Some(260)
-        );
-        assert_eq!(
-            store.link_page("h2").await.unwrap().unwrap().revoked_at,
-            None
-        );
-        assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
-        store.delete_instance("A").await.unwrap();
-        assert_eq!(store.link_page("h3").await.unwrap(), None);
+        assert_eq!(store.all_instances().await.unwrap(), written);
     }
 }
