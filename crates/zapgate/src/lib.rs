@@ -46,12 +46,7 @@ pub async fn run(
         Some(token) => token.clone(),
         None => stored_admin_token(&config.data_dir)?,
     };
-    let store = store::connect(config.database_url().expose())
-        .await
-        .context("opening the database")?;
-    let sessions = store::SqliteSessions::open(&config.sessions_db(), &config.sessions_dir())
-        .await
-        .context("opening the sessions database")?;
+    let (store, sessions, leases) = open_storage(&config, listener.local_addr().ok()).await?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
     let (max_sessions, max_connections) = open_file_room(config.max_connections)?;
     let limits = server::Limits {
@@ -80,7 +75,8 @@ pub async fn run(
     let manager = Manager::start(
         store.clone(),
         ManagerConfig {
-            sessions: std::sync::Arc::new(sessions),
+            sessions,
+            leases: leases.clone(),
             whatsapp_url: config.whatsapp_url.clone(),
             whatsapp_version: config.whatsapp_version,
             link_wait: config.link_wait(),
@@ -151,6 +147,12 @@ pub async fn run(
         .context("serving HTTP")?;
     manager.shutdown().await;
     messaging.stopped().await;
+    if let Some(leases) = leases {
+        // Every client stopped: the instances are free for the next run at once.
+        if let Err(e) = leases.leave().await {
+            tracing::warn!(error = %e, "could not leave the database's nodes; the lease expires instead");
+        }
+    }
     // Deliveries in flight get a moment; an event not settled stays in the outbox.
     deliveries.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.wait()).await;
@@ -159,6 +161,95 @@ pub async fn run(
 
 /// Open files the process keeps for itself: listener, database pool, logs, and the
 /// webhook connections of a busy moment. HTTP connections are counted apart.
+/// How a node that lost its lease on a shared database exits: at once, so that its
+/// WhatsApp connections close before another node may take its numbers over.
+const EXIT_LEASE_LOST: i32 = 75;
+/// A node's lease on a shared database lives this long past its last renewal.
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The instance registry and the sessions: both in the data directory's SQLite files,
+/// or both in the PostgreSQL database `--database-url` names, where this node holds a
+/// lease on every instance it runs and writes their sessions fenced by it.
+async fn open_storage(
+    config: &Config,
+    listening: Option<std::net::SocketAddr>,
+) -> anyhow::Result<(
+    std::sync::Arc<dyn store::Store>,
+    std::sync::Arc<dyn store::SessionStore>,
+    Option<std::sync::Arc<store::leases::Leases>>,
+)> {
+    use store::leases::{Leases, NodeInfo};
+    let url = config.database_url();
+    if !store::is_postgres(url.expose()) {
+        let store = store::connect(url.expose())
+            .await
+            .context("opening the database")?;
+        let sessions = store::SqliteSessions::open(&config.sessions_db(), &config.sessions_dir())
+            .await
+            .context("opening the sessions database")?;
+        return Ok((store, std::sync::Arc::new(sessions), None));
+    }
+    let id = Leases::new_id();
+    let pg = store::PgStore::connect_as(url.expose(), &id)
+        .await
+        .context("opening the PostgreSQL database")?;
+    let node = NodeInfo {
+        name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .unwrap_or_else(|_| "zapgate".into()),
+        addr: config
+            .public_url()
+            .or_else(|| listening.map(|addr| format!("http://{addr}")))
+            .unwrap_or_default(),
+        capacity: u32::MAX >> 1,
+        ttl: LEASE_TTL,
+    };
+    let leases = Leases::join(id, pg.pool(), &pg.options(), &node)
+        .await
+        .context("joining as a node on the PostgreSQL database")?;
+    // The previous run on this data directory is over (this one holds its lock): its
+    // row goes now rather than when its lease expires.
+    let previous = config.data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&previous) {
+        if leases.remove_gone(id.trim()).await? {
+            tracing::info!(node = %id.trim(), "the previous run's node left the database");
+        }
+    }
+    std::fs::write(&previous, leases.id())
+        .with_context(|| format!("writing {}", previous.display()))?;
+    // Another gateway killed a moment ago is gone once its lease expired; one that
+    // renews is running.
+    let patience = tokio::time::Instant::now() + LEASE_TTL + std::time::Duration::from_secs(2);
+    loop {
+        leases.reap().await.context("removing expired nodes")?;
+        let others = leases.others().await?;
+        let Some((name, addr)) = others.first() else {
+            break;
+        };
+        if tokio::time::Instant::now() > patience {
+            let _ = leases.leave().await;
+            bail!(
+                "another gateway ({name}, {addr}) runs on this PostgreSQL database: one gateway per database for now; stop it first"
+            );
+        }
+        tracing::info!(other = %name, "waiting for another gateway's lease on the database to expire");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let claimed = leases.claim_all().await.context("claiming the instances")?;
+    tracing::info!(node = %leases.id(), instances = claimed.len(), "this node holds the instances of the PostgreSQL database");
+    let mut lost = leases.lost();
+    tokio::spawn(async move {
+        if lost.wait_for(|lost| *lost).await.is_ok() {
+            tracing::error!(
+                "this node's lease on the database was lost: exiting now, so that no WhatsApp connection of it outlives the lease"
+            );
+            std::process::exit(EXIT_LEASE_LOST);
+        }
+    });
+    let sessions = std::sync::Arc::new(store::PgSessions::new(pg.pool(), leases.clone()));
+    Ok((std::sync::Arc::new(pg), sessions, Some(leases)))
+}
+
 const FILES_RESERVED: u64 = 256;
 /// Open files one running session holds: its websocket (the sessions share one
 /// database), and one more for a moment while it connects.

@@ -74,6 +74,8 @@ pub(crate) struct Context {
     /// Room for running sessions under the open-file limit: one permit each.
     pub(crate) sessions: Arc<tokio::sync::Semaphore>,
     pub(crate) max_sessions: usize,
+    /// On a shared database, the instances this node holds a lease on.
+    pub(crate) leases: Option<Arc<crate::store::leases::Leases>>,
 }
 
 /// A connection down for longer than this is a disconnect for the webhooks; one back

@@ -46,6 +46,9 @@ pub struct ManagerConfig {
     /// Sessions that may run at once (what the open-file limit leaves room for).
     pub max_sessions: usize,
     pub messaging: Arc<crate::messaging::Hub>,
+    /// On a shared database, the instances this node holds a lease on: it runs only
+    /// those, and takes the lease of each instance it creates.
+    pub leases: Option<Arc<crate::store::leases::Leases>>,
 }
 
 impl Manager {
@@ -77,13 +80,18 @@ impl Manager {
             webhooks_due: config.webhooks_due,
             sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
             max_sessions: config.max_sessions,
+            leases: config.leases,
         });
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),
             ctx,
             shutdown,
         });
-        let records = store.all_instances().await?;
+        let mut records = store.all_instances().await?;
+        if let Some(leases) = &manager.ctx.leases {
+            let held = leases.held();
+            records.retain(|r| held.contains_key(&r.id));
+        }
         let stored = set_aside_unclaimed(&*manager.ctx.factory.sessions, &records).await;
         // Linked instances whose session is not there: a set-aside one may be it.
         let missing = records
@@ -176,6 +184,14 @@ impl Manager {
             cancelled_at: None,
         };
         self.ctx.store.insert_instance(&record).await?;
+        if let Some(leases) = &self.ctx.leases {
+            // A new instance's lease is free until claimed: this node runs it. Another
+            // node taking it first would be a fault of its own (it claims only what it
+            // is to run); the instance is left to it.
+            if leases.claim_instance(&record.id).await?.is_none() {
+                return Err(StoreError::Moved(record.id));
+            }
+        }
         let handle = actor::spawn(
             record,
             Ok(false),

@@ -260,7 +260,11 @@ impl Gateway {
         env: &[(&str, &str)],
         unset: &[&str],
     ) -> Self {
+        let database = test_database(data_dir, env).await;
         let mut command = gateway_command(whatsapp_url, data_dir, env, unset);
+        if let Some(url) = database {
+            command.env("ZAPGATE_DATABASE_URL", url);
+        }
         command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -311,7 +315,11 @@ impl Gateway {
         env: &[(&str, &str)],
         unset: &[&str],
     ) -> String {
+        let database = test_database(data_dir, env).await;
         let mut command = gateway_command(whatsapp_url, data_dir, env, unset);
+        if let Some(url) = database {
+            command.env("ZAPGATE_DATABASE_URL", url);
+        }
         let output = tokio::time::timeout(CONNECT_WAIT, command.output())
             .await
             .expect("a refused start ends at once")
@@ -343,6 +351,25 @@ impl Gateway {
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
         assert!(status.expect("zapgate stops on SIGTERM").unwrap().success());
     }
+}
+
+/// With `ZAPGATE_TEST_BACKEND=postgres`, the gateways of a data directory keep their
+/// instances in a database of the throwaway PostgreSQL, the same one each time they
+/// start on that directory (its URL is kept in it), unless `env` names a database.
+async fn test_database(data_dir: &Path, env: &[(&str, &str)]) -> Option<String> {
+    if std::env::var("ZAPGATE_TEST_BACKEND").as_deref() != Ok("postgres")
+        || env.iter().any(|(k, _)| *k == "ZAPGATE_DATABASE_URL")
+    {
+        return None;
+    }
+    let kept = data_dir.join("test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&kept) {
+        return Some(url);
+    }
+    let url = pg::database().await;
+    std::fs::create_dir_all(data_dir).expect("the data directory");
+    std::fs::write(&kept, &url).expect("the test database's URL is kept");
+    Some(url)
 }
 
 fn gateway_command(

@@ -493,7 +493,10 @@ mod tests {
         owner.leave().await.unwrap();
         assert!(!*owner.lost().borrow());
         assert!(owner.held().is_empty());
-        assert!(owner.claim(5).await.unwrap().is_empty(), "a node gone claims nothing");
+        assert!(
+            owner.claim(5).await.unwrap().is_empty(),
+            "a node gone claims nothing"
+        );
         let taken = other.claim(100).await.unwrap();
         assert_eq!(taken.len(), before.len());
     }
