@@ -159,8 +159,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Open files the process keeps for itself: listener, database pool, logs, and the
-/// webhook connections of a busy moment. HTTP connections are counted apart.
 /// How a node that lost its lease on a shared database exits: at once, so that its
 /// WhatsApp connections close before another node may take its numbers over.
 const EXIT_LEASE_LOST: i32 = 75;
@@ -250,6 +248,8 @@ async fn open_storage(
     Ok((std::sync::Arc::new(pg), sessions, Some(leases)))
 }
 
+/// Open files the process keeps for itself: listener, database pool, logs, and the
+/// webhook connections of a busy moment. HTTP connections are counted apart.
 const FILES_RESERVED: u64 = 256;
 /// Open files one running session holds: its websocket (the sessions share one
 /// database), and one more for a moment while it connects.

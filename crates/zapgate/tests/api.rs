@@ -353,7 +353,15 @@ async fn misconfigured_starts_are_refused_saying_how_to_fix_them() {
     let out = world
         .refused_gateway(&[("ZAPGATE_DATABASE_URL", secret_url)], &[])
         .await;
-    assert!(out.contains("only sqlite: is supported"), "{out}");
+    assert!(out.contains("opening the PostgreSQL database"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let out = world
+        .refused_gateway(
+            &[("ZAPGATE_DATABASE_URL", "mysql://zapgate:hunter2@db/z")],
+            &[],
+        )
+        .await;
+    assert!(out.contains("use sqlite: or postgres:"), "{out}");
     assert!(!out.contains("hunter2"), "{out}");
     let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_zapgate"))
         .args(["serve", "--help"])

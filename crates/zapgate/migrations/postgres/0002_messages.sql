@@ -69,7 +69,9 @@ BEGIN
     UPDATE webhook_outbox SET done_at = NEW.created_at, outcome = 'dropped' WHERE seq IN
         (SELECT seq FROM webhook_outbox WHERE instance_id = NEW.instance_id
          AND done_at IS NULL AND kind IN ('delivery', 'message-status')
-         ORDER BY seq DESC OFFSET 20000);
+         ORDER BY seq DESC OFFSET 20000)
+      -- A delivery may settle one of them meanwhile: it stays as delivered.
+      AND done_at IS NULL;
     RETURN NULL;
 END;
 $$;

@@ -189,6 +189,15 @@ impl Sender {
             }
         }
         let message = self.content(client, &head).await;
+        // The line changed while the number was looked up or the text marked: it is
+        // not sent from a connection that may be another number's (and, not marked as
+        // sending yet, it keeps its pause and typing for when it goes).
+        match line.has_changed() {
+            Ok(false) => {}
+            Ok(true) => return Step::Again,
+            // The instance is going: the run loop sees it and ends.
+            Err(_) => return Step::Wait(BACKOFF),
+        }
         let ack = self.lane.expect_ack(&head.message_id);
         match self.hub.store.message_sending(head.seq).await {
             Ok(true) => {}
@@ -201,12 +210,6 @@ impl Sender {
                 self.lane.forget_ack(&head.message_id);
                 return self.store_failed(e);
             }
-        }
-        // The line changed while the number was looked up or the text marked: it is
-        // not sent from a connection that may be another number's.
-        if line.has_changed().unwrap_or(true) {
-            self.lane.forget_ack(&head.message_id);
-            return Step::Again;
         }
         let sent = match &head.edit_of {
             Some(original) => client

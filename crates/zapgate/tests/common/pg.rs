@@ -73,7 +73,7 @@ async fn drop_orphans(admin: &mut sqlx::PgConnection) {
         let pid = name[PREFIX.len()..].split('_').next().unwrap_or_default();
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                "DROP DATABASE IF EXISTS {name}"
             )))
             .execute(&mut *admin)
             .await;

@@ -148,7 +148,8 @@ impl Leases {
         self.held.lock().unwrap().clear();
     }
 
-    /// Claims up to `k` free instances, linked ones first, oldest lease first. A node
+    /// Claims up to `k` free instances, linked ones first, oldest lease first (cancelled
+    /// ones too: their owner finishes the cancel, fenced like any write). A node
     /// whose row expired claims nothing (checked in the same statement).
     pub async fn claim(&self, k: u32) -> Result<Vec<Grant>, StoreError> {
         self.claim_where("TRUE", None, k).await
@@ -174,7 +175,7 @@ impl Leases {
         }
         let sql = format!(
             "WITH pick AS (SELECT l.instance FROM zg_lease l JOIN instances i ON i.id = l.instance \
-               WHERE l.node IS NULL AND {filter} AND i.cancelled_at IS NULL \
+               WHERE l.node IS NULL AND {filter} \
                  AND EXISTS (SELECT 1 FROM zg_node WHERE id = $1 AND expires_at > clock_timestamp()) \
                ORDER BY (i.phone IS NOT NULL) DESC, l.granted_at LIMIT $2 \
                FOR UPDATE OF l SKIP LOCKED), \
@@ -504,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_whose_row_expired_fences_itself_and_its_instances_move() {
         let (url, store) = database(3).await;
-        let a = join(&url, &store, Duration::from_secs(1)).await;
+        let a = join(&url, &store, Duration::from_secs(3)).await;
         let b = join(&url, &store, Duration::from_secs(30)).await;
         let held = a.claim(10).await.unwrap();
         assert_eq!(held.len(), 3);
