@@ -233,33 +233,7 @@ pub trait MessageStore: Send + Sync {
 /// Rows deleted per statement when old messages are forgotten.
 pub(super) const FORGET_BATCH: i64 = 1000;
 
-macro_rules! outbound_columns {
-    () => {
-        "seq, zaap_id, instance_id, message_id, phone, text, reply_to, edit_of, delay_ms, \
-         typing_ms, state, attempts, error, created_at, sent_at"
-    };
-}
-pub(super) use outbound_columns;
-
-fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
-    Ok(Outbound {
-        seq: row.try_get("seq")?,
-        zaap_id: row.try_get("zaap_id")?,
-        instance_id: row.try_get("instance_id")?,
-        message_id: row.try_get("message_id")?,
-        phone: row.try_get("phone")?,
-        text: row.try_get("text")?,
-        reply_to: row.try_get("reply_to")?,
-        edit_of: row.try_get("edit_of")?,
-        delay_ms: row.try_get("delay_ms")?,
-        typing_ms: row.try_get("typing_ms")?,
-        state: row.try_get("state")?,
-        attempts: row.try_get("attempts")?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        sent_at: row.try_get("sent_at")?,
-    })
-}
+read_outbound!(SqliteRow);
 
 /// A message event's kind in the outbox, and the instance's URL for it (SQL).
 pub(super) fn outbox_kind(kind: WebhookKind) -> Option<(&'static str, &'static str)> {

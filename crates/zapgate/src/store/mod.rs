@@ -1,6 +1,9 @@
 //! Persistence of the instance registry behind a narrow, domain-shaped trait.
 //! SQLite is the default backend; the URL scheme picks the backend.
 
+#[macro_use]
+mod rows;
+
 mod conns;
 #[cfg(test)]
 mod contract;

@@ -65,71 +65,8 @@ pub(super) async fn relax(mut conn: Writer<'_>) {
         .await;
 }
 
-/// The instance columns, as a macro so statements stay `&'static str`.
-macro_rules! columns {
-    () => {
-        "id, token, name, session_name, connected_callback_url, \
-         disconnected_callback_url, created_at, due_at, phone, linked_at, platform, \
-         cancelled_at, received_callback_url, received_delivery_callback_url, \
-         delivery_callback_url, message_status_callback_url, presence_chat_callback_url, \
-         notify_sent_by_me"
-    };
-}
-
-macro_rules! outbox_columns {
-    () => {
-        "seq, event_id, instance_id, kind, url, body, created_at, attempts, next_attempt_at, \
-         last_status, last_error, done_at, outcome"
-    };
-}
-
-fn outbox_entry(row: &SqliteRow) -> Result<OutboxEntry, sqlx::Error> {
-    Ok(OutboxEntry {
-        seq: row.try_get("seq")?,
-        event_id: row.try_get("event_id")?,
-        instance_id: row.try_get("instance_id")?,
-        kind: row.try_get("kind")?,
-        url: row.try_get("url")?,
-        body: row.try_get("body")?,
-        created_at: row.try_get("created_at")?,
-        attempts: row.try_get("attempts")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        last_status: row.try_get("last_status")?,
-        last_error: row.try_get("last_error")?,
-        done_at: row.try_get("done_at")?,
-        outcome: row.try_get("outcome")?,
-    })
-}
-
-fn record(row: &SqliteRow) -> Result<InstanceRecord, sqlx::Error> {
-    let phone: Option<String> = row.try_get("phone")?;
-    let linked_at: Option<i64> = row.try_get("linked_at")?;
-    let platform: Option<String> = row.try_get("platform")?;
-    Ok(InstanceRecord {
-        id: row.try_get("id")?,
-        token: row.try_get("token")?,
-        name: row.try_get("name")?,
-        session_name: row.try_get("session_name")?,
-        webhooks: Webhooks {
-            connected: row.try_get("connected_callback_url")?,
-            disconnected: row.try_get("disconnected_callback_url")?,
-            received: row.try_get("received_callback_url")?,
-            received_delivery: row.try_get("received_delivery_callback_url")?,
-            delivery: row.try_get("delivery_callback_url")?,
-            message_status: row.try_get("message_status_callback_url")?,
-            chat_presence: row.try_get("presence_chat_callback_url")?,
-            notify_sent_by_me: row.try_get("notify_sent_by_me")?,
-        },
-        created_at: row.try_get("created_at")?,
-        due_at: row.try_get("due_at")?,
-        link: phone.map(|phone| Link {
-            phone,
-            linked_at: linked_at.unwrap_or_default(),
-            platform,
-        }),
-        cancelled_at: row.try_get("cancelled_at")?,
-    })
-}
+read_outbox_entry!(SqliteRow);
+read_record!(SqliteRow);
 
 #[async_trait]
 impl Store for SqliteStore {

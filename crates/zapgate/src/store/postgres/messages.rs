@@ -13,31 +13,11 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row as _};
 
 use super::PgStore;
-use crate::store::messages::{FORGET_BATCH, outbound_columns, outbox_kind};
+use crate::store::messages::{FORGET_BATCH, outbox_kind};
 use crate::store::{
     Enqueued, Inbound, MessageStore, NewOutbound, Outbound, RECEIVED_BACKLOG, Status, StoreError,
     WebhookEvent,
 };
-
-fn outbound(row: &PgRow) -> Result<Outbound, sqlx::Error> {
-    Ok(Outbound {
-        seq: row.try_get("seq")?,
-        zaap_id: row.try_get("zaap_id")?,
-        instance_id: row.try_get("instance_id")?,
-        message_id: row.try_get("message_id")?,
-        phone: row.try_get("phone")?,
-        text: row.try_get("text")?,
-        reply_to: row.try_get("reply_to")?,
-        edit_of: row.try_get("edit_of")?,
-        delay_ms: row.try_get("delay_ms")?,
-        typing_ms: row.try_get("typing_ms")?,
-        state: row.try_get("state")?,
-        attempts: row.try_get("attempts")?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        sent_at: row.try_get("sent_at")?,
-    })
-}
 
 /// Takes the instance's row lock until the transaction ends (see the module's doc).
 async fn lock_instance(tx: &mut PgConnection, instance_id: &str) -> Result<(), StoreError> {
@@ -179,6 +159,8 @@ async fn enqueue(
     tx.commit().await?;
     Ok(earlier.unwrap_or(Enqueued::Full))
 }
+
+read_outbound!(PgRow);
 
 /// Appends `id` to the list of `phone`, in the order phones first came.
 fn group(by_phone: &mut Vec<(String, Vec<String>)>, phone: &str, id: &str) {
