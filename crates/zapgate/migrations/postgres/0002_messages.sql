@@ -66,12 +66,14 @@ CREATE INDEX inbound_by_received ON inbound_messages (received_at);
 -- instance never run at once.
 CREATE FUNCTION webhook_outbox_status_bound() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE webhook_outbox SET done_at = NEW.created_at, outcome = 'dropped' WHERE seq IN
-        (SELECT seq FROM webhook_outbox WHERE instance_id = NEW.instance_id
+    -- The events to drop are listed once (an array): as a join, the planner may walk
+    -- the instance's pending events again for every row it looks at.
+    UPDATE webhook_outbox SET done_at = NEW.created_at, outcome = 'dropped'
+     WHERE seq = ANY (ARRAY(SELECT seq FROM webhook_outbox WHERE instance_id = NEW.instance_id
          AND done_at IS NULL AND kind IN ('delivery', 'message-status')
-         ORDER BY seq DESC OFFSET 20000)
-      -- A delivery may settle one of them meanwhile: it stays as delivered.
-      AND done_at IS NULL;
+         ORDER BY seq DESC OFFSET 20000))
+       -- A delivery may settle one of them meanwhile: it stays as delivered.
+       AND done_at IS NULL;
     RETURN NULL;
 END;
 $$;
