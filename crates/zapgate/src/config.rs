@@ -108,6 +108,23 @@ pub struct Config {
     #[arg(long, env = "ZAPGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
 
+    /// On a shared PostgreSQL database: where the other gateways reach this one (they
+    /// forward the calls of the instances this one runs), like http://10.0.0.5:8080.
+    /// Default: --public-url, else the listen address (when it names one host).
+    #[arg(long, env = "ZAPGATE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// On a shared PostgreSQL database: this gateway's name among the others (logs,
+    /// metrics). Default: the host name.
+    #[arg(long, env = "ZAPGATE_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// On a shared PostgreSQL database: seconds a gateway's lease outlives its last
+    /// renewal. A gateway that cannot renew for 60% of it stops its WhatsApp
+    /// connections; its numbers move to the others once it expired.
+    #[arg(long, env = "ZAPGATE_LEASE_SECS", default_value_t = 10)]
+    pub lease_secs: u64,
+
     /// Allow webhooks to plain http:// URLs and to loopback, private and link-local
     /// addresses (test receivers, internal networks). Off: https:// to public addresses
     /// only, as Z-API.
@@ -197,7 +214,14 @@ impl Config {
                 "--link-rate-per-minute (ZAPGATE_LINK_RATE_PER_MINUTE) must be at least 1".into(),
             );
         }
-        if let Some(url) = &self.public_url {
+        for (flag, url) in [
+            ("--public-url (ZAPGATE_PUBLIC_URL)", &self.public_url),
+            (
+                "--advertise-url (ZAPGATE_ADVERTISE_URL)",
+                &self.advertise_url,
+            ),
+        ] {
+            let Some(url) = url else { continue };
             let uri = url.parse::<axum::http::Uri>().ok();
             let ok = uri.as_ref().is_some_and(|u| {
                 matches!(u.scheme_str(), Some("http" | "https"))
@@ -206,9 +230,12 @@ impl Config {
             });
             if !ok {
                 return Err(format!(
-                    "--public-url (ZAPGATE_PUBLIC_URL) must be an http:// or https:// address with a host, like https://wa.example.com, got {url:?}"
+                    "{flag} must be an http:// or https:// address with a host, like https://wa.example.com, got {url:?}"
                 ));
             }
+        }
+        if !(2..=300).contains(&self.lease_secs) {
+            return Err("--lease-secs (ZAPGATE_LEASE_SECS) must be 2 to 300".into());
         }
         if !(1..=24 * 30).contains(&self.webhook_retry_hours) {
             return Err(

@@ -129,6 +129,7 @@ pub async fn run(
             failed_auth: std::sync::Arc::new(api::FailedAuth::new(config.auth_failures_per_minute)),
             streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
             trusted_proxies: config.trusted_proxies.clone(),
+            cluster: leases.clone().map(api::Cluster::new),
         }
         .into(),
     );
@@ -145,6 +146,13 @@ pub async fn run(
     server::serve(listener, app, limits, shutdown.clone())
         .await
         .context("serving HTTP")?;
+    if let Some(leases) = &leases {
+        // The others stop counting this node at once, and take each instance it
+        // frees below.
+        if let Err(e) = leases.drain().await {
+            tracing::warn!(error = %e, "could not tell the other nodes this one drains");
+        }
+    }
     manager.shutdown().await;
     messaging.stopped().await;
     if let Some(leases) = leases {
@@ -162,8 +170,33 @@ pub async fn run(
 /// How a node that lost its lease on a shared database exits: at once, so that its
 /// WhatsApp connections close before another node may take its numbers over.
 const EXIT_LEASE_LOST: i32 = 75;
-/// A node's lease on a shared database lives this long past its last renewal.
-const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "zapgate".into())
+}
+
+/// Where the other nodes reach this one: `--advertise-url`, else `--public-url`, else
+/// the listen address (a wildcard one by the host name).
+fn advertised_url(config: &Config, listening: Option<std::net::SocketAddr>) -> String {
+    if let Some(url) = config
+        .advertise_url
+        .as_deref()
+        .or(config.public_url.as_deref())
+    {
+        return url.trim_end_matches('/').to_owned();
+    }
+    match listening {
+        Some(addr) if addr.ip().is_unspecified() => {
+            format!("http://{}:{}", host_name(), addr.port())
+        }
+        Some(addr) => format!("http://{addr}"),
+        None => String::new(),
+    }
+}
 
 /// The instance registry and the sessions: both in the data directory's SQLite files,
 /// or both in the PostgreSQL database `--database-url` names, where this node holds a
@@ -191,16 +224,12 @@ async fn open_storage(
     let pg = store::PgStore::connect_as(url.expose(), &id)
         .await
         .context("opening the PostgreSQL database")?;
+    let ttl = std::time::Duration::from_secs(config.lease_secs);
     let node = NodeInfo {
-        name: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|name| name.trim().to_owned())
-            .unwrap_or_else(|_| "zapgate".into()),
-        addr: config
-            .public_url()
-            .or_else(|| listening.map(|addr| format!("http://{addr}")))
-            .unwrap_or_default(),
+        name: config.node_name.clone().unwrap_or_else(host_name),
+        addr: advertised_url(config, listening),
         capacity: u32::MAX >> 1,
-        ttl: LEASE_TTL,
+        ttl,
     };
     let leases = Leases::join(id, pg.pool(), &pg.options(), &node)
         .await
@@ -215,26 +244,21 @@ async fn open_storage(
     }
     std::fs::write(&previous, leases.id())
         .with_context(|| format!("writing {}", previous.display()))?;
-    // Another gateway killed a moment ago is gone once its lease expired; one that
-    // renews is running.
-    let patience = tokio::time::Instant::now() + LEASE_TTL + std::time::Duration::from_secs(2);
-    loop {
-        leases.reap().await.context("removing expired nodes")?;
-        let others = leases.others().await?;
-        let Some((name, addr)) = others.first() else {
-            break;
-        };
-        if tokio::time::Instant::now() > patience {
-            let _ = leases.leave().await;
-            bail!(
-                "another gateway ({name}, {addr}) runs on this PostgreSQL database: one gateway per database for now; stop it first"
-            );
-        }
-        tracing::info!(other = %name, "waiting for another gateway's lease on the database to expire");
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-    let claimed = leases.claim_all().await.context("claiming the instances")?;
-    tracing::info!(node = %leases.id(), instances = claimed.len(), "this node holds the instances of the PostgreSQL database");
+    leases.reap().await.context("removing expired nodes")?;
+    // At first this node takes its share of what is free; the others hand over more
+    // of theirs, a few a second, until the shares are equal.
+    let (instances, nodes) = leases.census().await?;
+    let share = instances.div_ceil(nodes.max(1));
+    let claimed = leases
+        .claim(u32::try_from(share).unwrap_or(u32::MAX))
+        .await
+        .context("claiming the instances")?;
+    let others = leases.others().await?;
+    tracing::info!(
+        node = %leases.id(), name = %node.name, addr = %node.addr,
+        other_nodes = others.len(), instances = claimed.len(),
+        "this node joined the PostgreSQL database's nodes"
+    );
     let mut lost = leases.lost();
     tokio::spawn(async move {
         if lost.wait_for(|lost| *lost).await.is_ok() {

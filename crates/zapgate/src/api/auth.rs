@@ -70,53 +70,65 @@ impl FromRequestParts<AppState> for Instance {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let Peer(peer) = Peer::from_request_parts(parts, state)
+        let manager = &state.manager;
+        verify_instance(parts, state, |id| manager.get(id), |h| &h.record.token)
             .await
-            .unwrap_or_else(|e| match e {});
-        let client_token = parts.headers.get("client-token").cloned();
-        let path = Path::<HashMap<String, String>>::from_request_parts(parts, state).await;
-        // A failure of the credentials counts against the address; a path that does
-        // not parse (the inner error) does not.
-        let found = state.failed_auth.verify(peer, || {
-            // The account token first: without it nothing is revealed about instances.
-            if let Some(expected) = &state.client_token {
-                match &client_token {
-                    None => {
-                        return Ok(Err(ApiError::new(
-                            StatusCode::UNAUTHORIZED,
-                            "null not allowed",
-                        )));
-                    }
-                    Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
-                    Some(_) => {
-                        return Err(ApiError::new(
-                            StatusCode::UNAUTHORIZED,
-                            "Client-Token not allowed",
-                        ));
-                    }
+            .map(Instance)
+    }
+}
+
+/// Checks an instance route's credentials (the account's `Client-Token`, then the
+/// instance's token) against what `find` finds under the path's id. A failure counts
+/// against the caller's address.
+pub(super) async fn verify_instance<T>(
+    parts: &mut Parts,
+    state: &AppState,
+    find: impl FnOnce(&str) -> Option<T>,
+    token_of: impl Fn(&T) -> &str,
+) -> Result<T, ApiError> {
+    let Peer(peer) = Peer::from_request_parts(parts, state)
+        .await
+        .unwrap_or_else(|e| match e {});
+    let client_token = parts.headers.get("client-token").cloned();
+    let path = Path::<HashMap<String, String>>::from_request_parts(parts, state).await;
+    // A failure of the credentials counts against the address; a path that does
+    // not parse (the inner error) does not.
+    state.failed_auth.verify(peer, || {
+        // The account token first: without it nothing is revealed about instances.
+        if let Some(expected) = &state.client_token {
+            match &client_token {
+                None => {
+                    return Ok(Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "null not allowed",
+                    )));
+                }
+                Some(given) if same(given.as_bytes(), expected.expose().as_bytes()) => {}
+                Some(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "Client-Token not allowed",
+                    ));
                 }
             }
-            let Ok(Path(params)) = &path else {
-                return Ok(Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "The path is not valid UTF-8",
-                )));
-            };
-            let (Some(id), Some(token)) = (params.get("id"), params.get("token")) else {
-                return Err(ApiError::instance_not_found());
-            };
-            let handle = state.manager.get(id);
-            let expected = handle
-                .as_ref()
-                .map_or(NO_TOKEN, |h| h.record.token.as_str());
-            let token_matches = same(token.as_bytes(), expected.as_bytes());
-            match handle {
-                Some(handle) if token_matches => Ok(Ok(Instance(handle))),
-                _ => Err(ApiError::instance_not_found()),
-            }
-        })?;
-        found?
-    }
+        }
+        let Ok(Path(params)) = &path else {
+            return Ok(Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "The path is not valid UTF-8",
+            )));
+        };
+        let (Some(id), Some(token)) = (params.get("id"), params.get("token")) else {
+            return Err(ApiError::instance_not_found());
+        };
+        let found = find(id);
+        let expected = found.as_ref().map_or(NO_TOKEN, &token_of);
+        let token_matches = same(token.as_bytes(), expected.as_bytes());
+        match found {
+            Some(found) if token_matches => Ok(Ok(found)),
+            _ => Err(ApiError::instance_not_found()),
+        }
+    })??
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod auth;
 mod events;
+mod forward;
 mod instance;
 mod limits;
 mod link_page;
@@ -85,10 +86,14 @@ pub struct Shared {
     pub streams: Arc<StreamSlots>,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<crate::config::Network>,
+    /// On a shared database: the other nodes, to which calls for their instances go.
+    pub cluster: Option<Cluster>,
 }
 
+pub use forward::Cluster;
+
 /// Bodies above this are refused (no route takes more than a few fields).
-const BODY_LIMIT: usize = 64 * 1024;
+pub(super) const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -101,7 +106,13 @@ pub fn router(state: AppState) -> Router {
         .merge(partner::routes())
         .merge(link_page::partner_routes())
         .merge(panel::routes())
-        .nest("/instances/{id}/token/{token}", instance::routes())
+        .nest(
+            "/instances/{id}/token/{token}",
+            instance::routes().route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                forward::to_owner,
+            )),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Route not found") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use super::Unlinked;
 use super::actor::Context;
 use super::work::{STOP_TIMEOUT, remove_device};
-use crate::store::{Pairing, SET_ASIDE, TO_UNLINK};
+use crate::store::leases::Held as _;
+use crate::store::{Pairing, SET_ASIDE, TO_UNLINK, instance_of};
 
 /// Removes, in the background, every device the set-aside sessions paired as, at most
 /// as many logging in at once as `slots` allows (shared with the restores). Devices an
@@ -45,7 +46,14 @@ pub(super) async fn remove_all(
     // Copies of one device are removed one after another: the first removes it, the
     // next hear it is gone.
     let mut ghosts: HashMap<&str, Vec<&str>> = HashMap::new();
-    let marked = |n: &str| n.starts_with(SET_ASIDE) && n.ends_with(TO_UNLINK);
+    // On a shared database, a node looks only at the sessions of instances it holds:
+    // the others' are theirs to log in with.
+    let ours = |n: &str| {
+        ctx.leases
+            .as_ref()
+            .is_none_or(|leases| leases.epoch(instance_of(n)).is_some())
+    };
+    let marked = |n: &str| n.starts_with(SET_ASIDE) && n.ends_with(TO_UNLINK) && ours(n);
     for (name, pairing) in pairings.iter().filter(|(n, _)| marked(n)) {
         match pairing {
             Pairing::Never => match sessions.wipe(name).await {

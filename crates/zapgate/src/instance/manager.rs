@@ -6,13 +6,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rand::RngExt as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actor::{self, Context};
 use super::session::ClientFactory;
 use super::{InstanceHandle, State};
+use crate::store::leases::{Grant, Leases};
 use crate::store::{InstanceRecord, Store, StoreError};
 
 /// Z-API instances are valid for a period; self-hosted ones do not lapse, so `due` is
@@ -23,8 +24,16 @@ const RESTORE_SLOT: Duration = Duration::from_secs(30);
 
 pub struct Manager {
     instances: RwLock<HashMap<String, InstanceHandle>>,
+    /// Stops one instance's task (and its messaging lane): it is handed to another
+    /// node. Cancelled with the gateway's shutdown too.
+    stops: std::sync::Mutex<HashMap<String, CancellationToken>>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
+    /// Linked instances to reconnect, at the restore pace.
+    restores: mpsc::UnboundedSender<InstanceHandle>,
+    /// Restores and removals of devices left linked share these: at most
+    /// `restore_concurrency` logins at once between them.
+    slots: Arc<Semaphore>,
 }
 
 pub struct NewInstance {
@@ -82,70 +91,87 @@ impl Manager {
             max_sessions: config.max_sessions,
             leases: config.leases,
         });
+        let (restores, to_restore) = mpsc::unbounded_channel();
         let manager = Arc::new(Self {
             instances: RwLock::new(HashMap::new()),
+            stops: Default::default(),
             ctx,
             shutdown,
+            restores,
+            slots: Arc::new(Semaphore::new(config.restore_concurrency.max(1))),
         });
         let mut records = store.all_instances().await?;
         if let Some(leases) = &manager.ctx.leases {
             let held = leases.held();
             records.retain(|r| held.contains_key(&r.id));
         }
-        let stored = set_aside_unclaimed(&*manager.ctx.factory.sessions, &records).await;
-        // Linked instances whose session is not there: a set-aside one may be it.
+        let missing = manager.run_records(records).await;
+        tracing::info!(instances = manager.read().len(), "instances loaded");
+        manager.ctx.tracker.spawn(restore_paced(
+            manager.ctx.tracker.clone(),
+            to_restore,
+            manager.slots.clone(),
+            manager.shutdown.clone(),
+        ));
+        let ctx = manager.ctx.clone();
+        manager.ctx.tracker.spawn(super::ghosts::remove_all(
+            ctx,
+            manager.slots.clone(),
+            missing,
+        ));
+        if let Some(leases) = manager.ctx.leases.clone() {
+            manager
+                .ctx
+                .tracker
+                .spawn(manager.clone().follow_leases(leases));
+        }
+        Ok(manager)
+    }
+
+    /// Starts a task for each of `records` (instances this node runs from now on):
+    /// finishes interrupted cancels, sets aside their sessions no link claims, and
+    /// queues the linked ones for a paced reconnect. Returns the linked instances whose
+    /// session is not there (a set-aside one may be it), with their numbers.
+    async fn run_records(&self, records: Vec<InstanceRecord>) -> HashMap<String, String> {
+        // On a shared database the sessions listed are every node's: only those of
+        // `records` are this node's to judge.
+        let scope = self.ctx.leases.is_some().then_some(&records[..]);
+        let stored = set_aside_unclaimed(&*self.ctx.factory.sessions, &records, scope).await;
         let missing = records
             .iter()
             .filter(|r| r.cancelled_at.is_none())
             .filter(|r| !stored.as_ref().is_ok_and(|s| s.contains(&r.id)))
             .filter_map(|r| Some((r.id.clone(), r.link.as_ref()?.phone.clone())))
             .collect();
-        let mut linked = Vec::new();
+        let mut linked = 0;
         for record in records {
             let cancelled = record.cancelled_at.is_some();
             let found = match &stored {
                 Ok(stored) => Ok(stored.contains(&record.id)),
                 Err(e) => Err(e.clone()),
             };
-            let handle = actor::spawn(
-                record,
-                found,
-                manager.ctx.clone(),
-                manager.shutdown.child_token(),
-            );
+            let stop = self.shutdown.child_token();
+            let handle = actor::spawn(record, found, self.ctx.clone(), stop.clone());
             if cancelled {
                 tracing::info!(instance.id = %handle.record.id, "finishing an interrupted cancel");
-                manager
-                    .ctx
-                    .tracker
-                    .spawn(async move { handle.cancel().await });
+                self.ctx.tracker.spawn(async move { handle.cancel().await });
                 continue;
             }
             if handle.record.link.is_some() {
-                linked.push(handle.clone());
+                linked += 1;
+                let _ = self.restores.send(handle.clone());
             }
-            manager.write().insert(handle.record.id.clone(), handle);
+            self.stops_lock().insert(handle.record.id.clone(), stop);
+            self.write().insert(handle.record.id.clone(), handle);
         }
-        tracing::info!(
-            instances = manager.read().len(),
-            linked = linked.len(),
-            "instances loaded"
-        );
-        // Restores and the removal of devices left linked share the pace: at most
-        // `restore_concurrency` logins at once between them.
-        let slots = Arc::new(Semaphore::new(config.restore_concurrency.max(1)));
-        manager.ctx.tracker.spawn(restore_paced(
-            manager.ctx.tracker.clone(),
-            linked,
-            slots.clone(),
-            manager.shutdown.clone(),
-        ));
-        let ctx = manager.ctx.clone();
-        manager
-            .ctx
-            .tracker
-            .spawn(super::ghosts::remove_all(ctx, slots, missing));
-        Ok(manager)
+        if linked > 0 {
+            tracing::info!(linked, "linked numbers reconnecting");
+        }
+        missing
+    }
+
+    fn stops_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.stops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, InstanceHandle>> {
@@ -192,12 +218,9 @@ impl Manager {
                 return Err(StoreError::Moved(record.id));
             }
         }
-        let handle = actor::spawn(
-            record,
-            Ok(false),
-            self.ctx.clone(),
-            self.shutdown.child_token(),
-        );
+        let stop = self.shutdown.child_token();
+        let handle = actor::spawn(record, Ok(false), self.ctx.clone(), stop.clone());
+        self.stops_lock().insert(handle.record.id.clone(), stop);
         self.write()
             .insert(handle.record.id.clone(), handle.clone());
         tracing::info!(instance.id = %handle.record.id, "instance created");
@@ -215,10 +238,146 @@ impl Manager {
         let Some(handle) = self.write().remove(id) else {
             return Ok(()); // another caller is cancelling it
         };
+        self.stops_lock().remove(id);
         if let Err(e) = handle.cancel().await {
             tracing::warn!(instance.id = %id, error = %e, "the cancel is finished at the next start");
         }
         Ok(())
+    }
+
+    /// On a shared database, each [`LEASE_ROUND`]: removes the nodes that stopped
+    /// renewing, lets go of instances whose lease this node no longer has, and takes
+    /// or hands over instances toward an equal share among the live nodes.
+    async fn follow_leases(self: Arc<Self>, leases: Arc<Leases>) {
+        let mut round = tokio::time::interval(LEASE_ROUND);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = round.tick() => {}
+            }
+            if let Err(e) = self.share(&leases).await {
+                tracing::warn!(error = %e, "could not share the instances with the other nodes this round");
+            }
+        }
+    }
+
+    async fn share(&self, leases: &Leases) -> Result<(), StoreError> {
+        let reaped = leases.reap().await?;
+        if !reaped.is_empty() {
+            tracing::warn!(nodes = ?reaped, "nodes that stopped renewing were removed; their instances are free");
+        }
+        let (dropped, taken) = leases.sync().await?;
+        for id in dropped {
+            // Deleted, or its lease moved: whatever of it still runs here is stopped
+            // (any write it makes is refused by now).
+            if self.stop_one(&id).await {
+                tracing::warn!(instance.id = %id, "this node no longer holds the instance; it stopped here");
+            }
+        }
+        let (instances, nodes) = leases.census().await?;
+        let target = instances.div_ceil(nodes.max(1));
+        let held = leases.held().len() as u64;
+        let mut grants = taken;
+        if held < target {
+            grants.extend(
+                leases
+                    .claim((target - held).min(CLAIM_PER_ROUND) as u32)
+                    .await?,
+            );
+        }
+        if !grants.is_empty() {
+            self.adopt(grants).await?;
+        } else if held > target + (target / 50).max(1) {
+            self.hand_over(leases, (held - target).min(HAND_OVER_PER_ROUND))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Runs instances whose lease this node was just granted.
+    async fn adopt(&self, grants: Vec<Grant>) -> Result<(), StoreError> {
+        let mut records = Vec::with_capacity(grants.len());
+        for (id, epoch) in &grants {
+            match self.ctx.store.instance(id).await? {
+                Some(record) if self.get(id).is_none() => records.push(record),
+                Some(_) => {}
+                // Deleted meanwhile: its lease went with it.
+                None => {
+                    if let Some(leases) = &self.ctx.leases {
+                        leases.forget(id, *epoch);
+                    }
+                }
+            }
+        }
+        tracing::info!(instances = records.len(), "this node took over instances");
+        self.run_records(records).await;
+        // Their pending webhook events are this node's to deliver now.
+        self.ctx.webhooks_due.notify_one();
+        Ok(())
+    }
+
+    /// Gives up to `n` instances back for the other nodes to take: unlinked ones
+    /// first, never one that is linking or unlinking. Each is stopped here first, so
+    /// that its lease is free only once nothing of this node uses it.
+    async fn hand_over(&self, leases: &Leases, n: u64) {
+        let held = leases.held();
+        let mut candidates: Vec<(bool, String)> = self
+            .snapshots_by_id()
+            .into_iter()
+            .filter(|(id, _)| held.contains_key(id))
+            .filter(|(_, s)| {
+                !matches!(
+                    s.state,
+                    State::Linking | State::Unlinking | State::Reconnecting
+                )
+            })
+            .map(|(id, s)| (s.device.is_some(), id))
+            .collect();
+        candidates.sort();
+        for (_, id) in candidates.into_iter().take(n as usize) {
+            let Some(epoch) = held.get(&id).copied() else {
+                continue;
+            };
+            if !self.stop_one(&id).await {
+                continue;
+            }
+            match leases.release(&id, epoch).await {
+                Ok(_) => tracing::info!(instance.id = %id, "handed over to another node"),
+                Err(e) => {
+                    tracing::warn!(instance.id = %id, error = %e, "could not release an instance; its lease stays with this node")
+                }
+            }
+        }
+    }
+
+    /// Stops one instance's task here and waits (a bounded time) until it ended; false
+    /// if it was not running here.
+    async fn stop_one(&self, id: &str) -> bool {
+        let Some(handle) = self.write().remove(id) else {
+            return false;
+        };
+        if let Some(stop) = self.stops_lock().remove(id) {
+            stop.cancel();
+        }
+        let mut watch = handle.watch();
+        drop(handle);
+        // The task's end drops its side of the watch.
+        let ended = async { while watch.changed().await.is_ok() {} };
+        if tokio::time::timeout(super::work::STOP_TIMEOUT * 3, ended)
+            .await
+            .is_err()
+        {
+            tracing::warn!(instance.id = %id, "an instance task is slow to stop");
+        }
+        true
+    }
+
+    fn snapshots_by_id(&self) -> Vec<(String, super::Snapshot)> {
+        self.read()
+            .iter()
+            .map(|(id, handle)| (id.clone(), handle.snapshot()))
+            .collect()
     }
 
     /// Stops every instance task (sessions are kept) and waits for them and their
@@ -239,12 +398,20 @@ impl Manager {
 /// (a wrong `--database-url`, a backup restored on one side only): none is marked, and
 /// every one is kept.
 /// Returns the sessions the instances keep, or why they could not be listed.
+/// With `scope`, only the sessions of those instances are looked at.
 async fn set_aside_unclaimed(
     sessions: &dyn crate::store::SessionStore,
     records: &[InstanceRecord],
+    scope: Option<&[InstanceRecord]>,
 ) -> Result<std::collections::HashSet<String>, String> {
     let stored = match sessions.stored().await {
-        Ok(stored) => stored,
+        Ok(stored) => match scope {
+            Some(scope) => stored
+                .into_iter()
+                .filter(|id| scope.iter().any(|r| &r.id == id))
+                .collect(),
+            None => stored,
+        },
         Err(e) => {
             tracing::error!(error = %e, "could not list the sessions");
             return Err(e.to_string());
@@ -284,6 +451,14 @@ async fn set_aside_unclaimed(
     Ok(kept)
 }
 
+/// How often a node on a shared database looks at the other nodes and its share.
+const LEASE_ROUND: Duration = Duration::from_secs(1);
+/// Instances a node claims in one round, at most (each reconnects at the restore pace).
+const CLAIM_PER_ROUND: u64 = 500;
+/// Instances a node over its share hands over in one round, at most: a new node fills
+/// up without a storm of reconnects.
+const HAND_OVER_PER_ROUND: u64 = 5;
+
 /// Sessions without a link a crash may leave at one start (the windows open then),
 /// before the instance database is doubted.
 const UNCLAIMED_AT_MOST: usize = 32;
@@ -293,11 +468,18 @@ const UNCLAIMED_AT_MOST: usize = 32;
 /// The app-state sync that follows the login does not hold a slot.
 async fn restore_paced(
     tracker: TaskTracker,
-    linked: Vec<InstanceHandle>,
+    mut linked: mpsc::UnboundedReceiver<InstanceHandle>,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
-    for handle in linked {
+    loop {
+        let handle = tokio::select! {
+            handle = linked.recv() => match handle {
+                Some(handle) => handle,
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,

@@ -28,7 +28,7 @@ pub use messages::{
 };
 pub use postgres::sessions::PgSessions;
 pub use postgres::{PgStore, leases};
-pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions, TO_UNLINK};
+pub use sessions::{Pairing, SET_ASIDE, SessionStore, SqliteSessions, TO_UNLINK, instance_of};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -43,6 +43,15 @@ pub const SET_ASIDE: &str = "set-aside/";
 /// A set-aside session whose device is to be removed at WhatsApp ends with this.
 pub const TO_UNLINK: &str = "/unlink";
 
+/// The instance a session kept under `name` belongs to: the instance itself, or the
+/// one a set-aside session (`set-aside/<instance>/<ms>[/unlink]`) was set aside from.
+pub fn instance_of(name: &str) -> &str {
+    name.strip_prefix(SET_ASIDE)
+        .map(|rest| rest.strip_suffix(TO_UNLINK).unwrap_or(rest))
+        .and_then(|rest| rest.rsplit_once('/'))
+        .map_or(name, |(instance, _)| instance)
+}
+
 /// What a session holds of a device linked at WhatsApp.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pairing {

@@ -212,6 +212,75 @@ impl Leases {
         }
     }
 
+    /// Brings what this node holds in line with the database: leases it no longer has
+    /// there (the instance was deleted, or its lease moved) are dropped here, and any
+    /// it has there but not here (a claim whose answer was lost) taken in. Returns
+    /// `(dropped, taken)`.
+    pub async fn sync(&self) -> Result<(Vec<String>, Vec<Grant>), StoreError> {
+        let there: HashMap<String, i64> = sqlx::query_as(
+            "SELECT l.instance::text, l.epoch FROM zg_lease l JOIN zg_node n ON n.id = l.node \
+             WHERE l.node = $1 AND n.expires_at > clock_timestamp()",
+        )
+        .bind(&self.id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
+        let mut held = self.held.lock().unwrap();
+        if self.gone() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let dropped: Vec<String> = held
+            .iter()
+            .filter(|(instance, epoch)| there.get(*instance) != Some(epoch))
+            .map(|(instance, _)| instance.clone())
+            .collect();
+        for instance in &dropped {
+            held.remove(instance);
+        }
+        let taken: Vec<Grant> = there
+            .into_iter()
+            .filter(|(instance, _)| !held.contains_key(instance))
+            .collect();
+        held.extend(taken.iter().cloned());
+        Ok((dropped, taken))
+    }
+
+    /// How many instances there are, and how many nodes share them (alive and not
+    /// draining, this one included unless it drains).
+    pub async fn census(&self) -> Result<(u64, u64), StoreError> {
+        let (instances, nodes): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM zg_lease), \
+                    (SELECT count(*) FROM zg_node \
+                      WHERE expires_at > clock_timestamp() AND NOT draining)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((instances as u64, nodes as u64))
+    }
+
+    /// Says this node is leaving: the others stop counting it when they share the
+    /// instances, and take each one it releases.
+    pub async fn drain(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE zg_node SET draining = true WHERE id = $1")
+            .bind(&self.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The address of the node that holds `instance` now, if another node holds it.
+    pub async fn owner_addr(&self, instance: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT n.addr FROM zg_lease l JOIN zg_node n ON n.id = l.node \
+             WHERE l.instance = $1 AND n.id <> $2 AND n.expires_at > clock_timestamp()",
+        )
+        .bind(instance)
+        .bind(&self.id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// The other nodes alive now: their names and addresses.
     pub async fn others(&self) -> Result<Vec<(String, String)>, StoreError> {
         Ok(sqlx::query_as(

@@ -24,29 +24,46 @@ use super::{
 pub struct PgStore {
     pub(super) pool: PgPool,
     options: PgConnectOptions,
+    /// The node this store serves, when it is one of several: it delivers the webhook
+    /// events of the instances it holds.
+    node: Option<String>,
 }
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::open(url, "zapgate".into()).await
+        Self::open(url, None).await
     }
 
     /// Opens the database as node `node` (its connections say so to the server).
     pub async fn connect_as(url: &str, node: &str) -> Result<Self, StoreError> {
-        Self::open(url, format!("zapgate/{node}")).await
+        Self::open(url, Some(node.to_owned())).await
     }
 
-    async fn open(url: &str, application: String) -> Result<Self, StoreError> {
+    async fn open(url: &str, node: Option<String>) -> Result<Self, StoreError> {
+        let application = match &node {
+            Some(node) => format!("zapgate/{node}"),
+            None => "zapgate".into(),
+        };
         let options = url
             .parse::<PgConnectOptions>()?
-            .application_name(&application);
+            .application_name(&application)
+            // A paused node's open transaction holds row locks the others wait on:
+            // the server ends it. No statement of the gateway's runs for long.
+            .options([
+                ("idle_in_transaction_session_timeout", "10s"),
+                ("statement_timeout", "60s"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool, options })
+        Ok(Self {
+            pool,
+            options,
+            node,
+        })
     }
 
     /// The connections' pool, shared with the node's leases.
@@ -69,11 +86,18 @@ macro_rules! listed {
     };
 }
 
-/// The head of each instance's queue: its oldest pending event.
+/// The head of each instance's queue (its oldest pending event) that this node
+/// delivers (`$2`; NULL: every one): those of the instances it holds, and, when it is
+/// the oldest node alive, those of deleted instances.
 macro_rules! heads {
     () => {
-        " FROM webhook_outbox WHERE seq IN (SELECT MIN(seq) FROM webhook_outbox \
-         WHERE done_at IS NULL GROUP BY instance_id) AND instance_id <> ALL($1)"
+        " FROM webhook_outbox o WHERE seq IN (SELECT MIN(seq) FROM webhook_outbox \
+         WHERE done_at IS NULL GROUP BY instance_id) AND instance_id <> ALL($1) \
+         AND ($2::text IS NULL \
+           OR EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id AND l.node = $2) \
+           OR (NOT EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id) \
+             AND $2 = (SELECT id FROM zg_node WHERE expires_at > clock_timestamp() \
+                       ORDER BY started_at, id LIMIT 1)))"
     };
 }
 
@@ -414,9 +438,10 @@ impl Store for PgStore {
             "SELECT ",
             outbox_columns!(),
             heads!(),
-            " AND next_attempt_at <= $2 ORDER BY next_attempt_at, seq LIMIT $3"
+            " AND next_attempt_at <= $3 ORDER BY next_attempt_at, seq LIMIT $4"
         ))
         .bind(busy)
+        .bind(&self.node)
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -428,6 +453,7 @@ impl Store for PgStore {
         Ok(
             sqlx::query_scalar(concat!("SELECT MIN(next_attempt_at)", heads!()))
                 .bind(busy)
+                .bind(&self.node)
                 .fetch_one(&self.pool)
                 .await?,
         )

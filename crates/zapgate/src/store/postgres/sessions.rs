@@ -10,7 +10,7 @@ use whatsapp_rust::wacore::store::traits::Backend;
 
 use super::leases::Held;
 use super::session_keys::{FENCE_REFUSED, Fenced, Lease, PgSessionKeys, begin_fenced};
-use crate::store::{Pairing, SET_ASIDE, SessionStore, StoreError, TO_UNLINK};
+use crate::store::{Pairing, SET_ASIDE, SessionStore, StoreError, TO_UNLINK, instance_of};
 
 /// Every instance's WhatsApp session in the shared database. Only the node that holds an
 /// instance's lease writes its session, and a session opened under one epoch of the
@@ -46,7 +46,7 @@ impl PgSessions {
     /// The lease that fences writes to the session kept under `name`, as this node holds
     /// it now.
     fn lease(&self, name: &str) -> Lease {
-        let instance = leased_by(name);
+        let instance = instance_of(name);
         Lease {
             instance: instance.to_owned(),
             node: self.held.node().to_owned(),
@@ -82,22 +82,12 @@ impl PgSessions {
         )
         .bind(id)
         .bind(name)
-        .bind(leased_by(name))
+        .bind(instance_of(name))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
     }
-}
-
-/// The instance whose lease fences the session kept under `name`: the instance itself,
-/// or the one a set-aside session (`set-aside/<instance>/<ms>[/unlink]`) was set aside
-/// from.
-fn leased_by(name: &str) -> &str {
-    name.strip_prefix(SET_ASIDE)
-        .map(|rest| rest.strip_suffix(TO_UNLINK).unwrap_or(rest))
-        .and_then(|rest| rest.rsplit_once('/'))
-        .map_or(name, |(instance, _)| instance)
 }
 
 #[async_trait]
@@ -162,7 +152,7 @@ impl SessionStore for PgSessions {
         if instance.starts_with(SET_ASIDE) {
             let leased: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM zg_lease WHERE instance = $1)")
-                    .bind(leased_by(instance))
+                    .bind(instance_of(instance))
                     .fetch_one(&self.pool)
                     .await?;
             if !leased {

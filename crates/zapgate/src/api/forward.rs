@@ -1,0 +1,179 @@
+//! On a shared database any node answers any instance route: a call for an instance
+//! another node runs is checked here (the same credentials, counted against the same
+//! caller) and then passed to that node, its answer streamed back unchanged. A call
+//! is passed once at most: the node it reaches answers it or says to try again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts as _, Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState, BODY_LIMIT};
+use crate::store::InstanceRecord;
+use crate::store::leases::Leases;
+
+/// Marks a call passed on by another node (the value: that node's id).
+const FORWARDED_BY: HeaderName = HeaderName::from_static("x-zapgate-forwarded-by");
+/// How long a caller waits before trying again while an instance moves between nodes.
+const MOVING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest wait for the owner node to accept a connection.
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// This node's place among the nodes of a shared database.
+pub struct Cluster {
+    pub leases: Arc<Leases>,
+    client: reqwest::Client,
+}
+
+impl Cluster {
+    pub fn new(leases: Arc<Leases>) -> Self {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(CONNECT_WAIT)
+            .build()
+            .expect("an HTTP client for the other nodes");
+        Self { leases, client }
+    }
+}
+
+/// Runs an instance route here when this node runs the instance; passes it to the
+/// node that does otherwise.
+pub(super) async fn to_owner(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(cluster) = &state.cluster else {
+        return next.run(request).await;
+    };
+    let (mut parts, body) = request.into_parts();
+    let id = axum::extract::Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
+        .await
+        .ok()
+        .and_then(|p| p.0.get("id").cloned());
+    let local = id.as_ref().is_none_or(|id| state.manager.get(id).is_some());
+    if local {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let id = id.expect("looked at above");
+    if parts.headers.contains_key(&FORWARDED_BY) {
+        // The node that passed it believed this one runs it: it moved meanwhile.
+        return moving();
+    }
+    let record = match state.store.instance(&id).await {
+        Ok(record) => record,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let record = match super::auth::verify_instance(
+        &mut parts,
+        &state,
+        |_| record.filter(|r: &InstanceRecord| r.cancelled_at.is_none()),
+        |r| &r.token,
+    )
+    .await
+    {
+        Ok(record) => record,
+        Err(e) => return e.into_response(),
+    };
+    // Created on this node a moment ago, or taken over since the look above.
+    if state.manager.get(&record.id).is_some() {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    match cluster.leases.owner_addr(&record.id).await {
+        Ok(Some(addr)) => pass(cluster, &addr, &record, parts, body).await,
+        // No node holds it this moment: one is taking it over.
+        Ok(None) => moving(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn moving() -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The instance is moving to another gateway node; try again in a moment",
+    )
+    .retry_after(MOVING_RETRY)
+    .into_response()
+}
+
+/// Headers of one connection, never passed on (RFC 9110, 7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::HOST,
+        header::CONTENT_LENGTH,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Passes the call to the node at `addr`, and its answer back as it comes (an event
+/// stream stays a stream).
+async fn pass(
+    cluster: &Cluster,
+    addr: &str,
+    record: &InstanceRecord,
+    parts: axum::http::request::Parts,
+    body: axum::body::Body,
+) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The request body is too large",
+        )
+        .into_response();
+    };
+    // The route as the caller named it: its id and token were checked above, and the
+    // rest is what the instance routes' router was given.
+    let rest = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let path = format!("/instances/{}/token/{}{rest}", record.id, record.token);
+    let mut call = cluster
+        .client
+        .request(parts.method.clone(), format!("{addr}{path}"));
+    for (name, value) in parts.headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
+        call = call.header(name, value);
+    }
+    let sent = call
+        .header(FORWARDED_BY, cluster.leases.id())
+        .body(body)
+        .send()
+        .await;
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(node.addr = %addr, error = %e, "the node running an instance did not answer a call passed to it");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The gateway node running this instance did not answer; try again in a moment",
+            )
+            .retry_after(MOVING_RETRY)
+            .into_response();
+        }
+    };
+    let mut response = Response::builder().status(answer.status());
+    for (name, value) in answer.headers().iter().filter(|(n, _)| !hop_by_hop(n)) {
+        response = response.header(name, value);
+    }
+    // A failure mid-way ends the body as a failure (the caller sees it cut).
+    let chunks = futures_util::stream::unfold(Some(answer), |answer| async move {
+        let mut answer = answer?;
+        match answer.chunk().await {
+            Ok(Some(chunk)) => Some((Ok::<_, reqwest::Error>(chunk), Some(answer))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    response
+        .body(axum::body::Body::from_stream(chunks))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}

@@ -1,0 +1,203 @@
+//! Several gateway processes on one PostgreSQL database: they share the instances, any
+//! of them answers any instance's routes, and the numbers of a node that is killed,
+//! stopped or outnumbered move to the others, never logged in twice at once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Gateway, Instance, World, connected, pg};
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+const LEASE_SECS: u64 = 3;
+const INSTANCES: usize = 9;
+
+struct Cluster {
+    world: World,
+    url: String,
+    db: PgPool,
+}
+
+impl Cluster {
+    async fn new() -> Self {
+        let url = pg::database().await;
+        let world = World::new().await;
+        // The schema is the gateways' to make: the first one starts before any look.
+        let db = PgPool::connect_lazy(&url).unwrap();
+        Self { world, url, db }
+    }
+
+    async fn node(&self, name: &str) -> Gateway {
+        let lease = LEASE_SECS.to_string();
+        Gateway::start(
+            &self.world.sim.ws_url(),
+            &self.world.dir.path().join(name),
+            &[
+                ("ZAPGATE_DATABASE_URL", &self.url),
+                ("ZAPGATE_NODE_NAME", name),
+                ("ZAPGATE_LEASE_SECS", &lease),
+            ],
+        )
+        .await
+    }
+
+    /// Each live node's name and how many instances it holds.
+    async fn shares(&self) -> HashMap<String, i64> {
+        sqlx::query_as(
+            "SELECT n.name, count(l.instance) FROM zg_node n \
+             LEFT JOIN zg_lease l ON l.node = n.id \
+             WHERE n.expires_at > clock_timestamp() GROUP BY n.name",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+    }
+
+    /// The instances `name` holds.
+    async fn held_by(&self, name: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT l.instance FROM zg_lease l JOIN zg_node n ON n.id = l.node \
+             WHERE n.name = $1 ORDER BY l.instance",
+        )
+        .bind(name)
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// Every lease change of `instance`, oldest first: `(what, epoch)`.
+    async fn lease_log(&self, instance: &str) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT what, epoch FROM zg_lease_log WHERE instance = $1 ORDER BY seq")
+            .bind(instance)
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+    }
+
+    async fn replaced_logins(&self) -> u64 {
+        self.world.stat("replacedLogins").await
+    }
+}
+
+/// `/status` through `gw` until every instance says connected; moving ones (503,
+/// Retry-After) are asked again. How long it took.
+async fn all_connected(gw: &Gateway, instances: &[Instance], within: Duration) -> Duration {
+    let started = Instant::now();
+    for inst in instances {
+        loop {
+            let (code, body) = gw.api.instance_get(inst, "status").await;
+            if code == 200 && body == connected() {
+                break;
+            }
+            assert!(
+                code == 200 || code == 503,
+                "/status through another node: {code} {body}"
+            );
+            assert!(
+                started.elapsed() < within,
+                "instance {} not connected again within {within:?}: {code} {body}",
+                inst.id
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_an_outnumbered_node()
+ {
+    let cluster = Cluster::new().await;
+    let nodes = [
+        cluster.node("n0").await,
+        cluster.node("n1").await,
+        cluster.node("n2").await,
+    ];
+    // Created through each node in turn, linked through the next: the QR code and
+    // the status come from the node that runs the instance, through another.
+    let mut instances = Vec::new();
+    for i in 0..INSTANCES {
+        let inst = nodes[i % 3]
+            .api
+            .create_instance(&format!("shop {i}"))
+            .await;
+        let through = &nodes[(i + 1) % 3];
+        cluster
+            .world
+            .wa_link(through, &inst, &format!("55119888{i:05}"))
+            .await;
+        instances.push(inst);
+    }
+    let shares = cluster.shares().await;
+    assert_eq!(
+        shares,
+        HashMap::from([("n0".into(), 3), ("n1".into(), 3), ("n2".into(), 3)])
+    );
+    for gw in &nodes {
+        all_connected(gw, &instances, Duration::from_secs(5)).await;
+    }
+    assert_eq!(cluster.replaced_logins().await, 0);
+
+    // A node killed: its numbers are connected elsewhere within the lease and a restore,
+    // and none was logged in twice (a killed process's sockets close with it).
+    let [n0, n1, n2] = nodes;
+    let lost = cluster.held_by("n0").await;
+    let killed = Instant::now();
+    n0.kill().await;
+    let took = all_connected(&n1, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
+    println!(
+        "failover: {} numbers of a killed node connected again on the others in {:.1} s (lease {LEASE_SECS} s)",
+        lost.len(),
+        (killed.elapsed().max(took)).as_secs_f64()
+    );
+    assert_eq!(cluster.replaced_logins().await, 0);
+    let shares = cluster.shares().await;
+    assert_eq!(shares.values().sum::<i64>(), INSTANCES as i64, "{shares:?}");
+    assert!(!shares.contains_key("n0"), "{shares:?}");
+    for instance in &lost {
+        let log = cluster.lease_log(instance).await;
+        let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(what, ["claimed", "reaped", "claimed"], "{instance}: {log:?}");
+        assert!(log[2].1 > log[0].1, "a new epoch: {log:?}");
+    }
+
+    // A node stopped (SIGTERM): it leaves at once, no waiting out its lease.
+    let stopped = Instant::now();
+    n1.stop().await;
+    let took = all_connected(&n2, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
+    println!(
+        "drain: every number connected on the last node {:.1} s after the stop began",
+        (stopped.elapsed().max(took)).as_secs_f64()
+    );
+    assert_eq!(cluster.shares().await, HashMap::from([("n2".into(), 9)]));
+    assert_eq!(cluster.replaced_logins().await, 0);
+
+    // A node joins: the one holding everything hands over, a few at a time, until the
+    // shares are even; each number stops on one node before it starts on the other.
+    let n3 = cluster.node("n3").await;
+    let joined = Instant::now();
+    loop {
+        let shares = cluster.shares().await;
+        if shares.get("n3") >= Some(&4) && shares.get("n2") >= Some(&4) {
+            break;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "never balanced: {shares:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    all_connected(&n3, &instances, Duration::from_secs(30)).await;
+    all_connected(&n2, &instances, Duration::from_secs(5)).await;
+    println!(
+        "join: shares even in {:.1} s",
+        joined.elapsed().as_secs_f64()
+    );
+    assert_eq!(cluster.replaced_logins().await, 0);
+    n2.stop().await;
+    n3.stop().await;
+}
