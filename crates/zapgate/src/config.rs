@@ -110,7 +110,8 @@ pub struct Config {
 
     /// On a shared PostgreSQL database: where the other gateways reach this one (they
     /// forward the calls of the instances this one runs), like http://10.0.0.5:8080.
-    /// Default: --public-url, else the listen address (when it names one host).
+    /// Default: the listen address (a wildcard one with the host name). Not
+    /// --public-url, which behind a load balancer reaches any node.
     #[arg(long, env = "ZAPGATE_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 

@@ -179,14 +179,11 @@ fn host_name() -> String {
         .unwrap_or_else(|| "zapgate".into())
 }
 
-/// Where the other nodes reach this one: `--advertise-url`, else `--public-url`, else
-/// the listen address (a wildcard one by the host name).
+/// Where the other nodes reach this one: `--advertise-url`, else the listen address
+/// (a wildcard one by the host name). Never `--public-url`: behind a load balancer
+/// that reaches any node.
 fn advertised_url(config: &Config, listening: Option<std::net::SocketAddr>) -> String {
-    if let Some(url) = config
-        .advertise_url
-        .as_deref()
-        .or(config.public_url.as_deref())
-    {
+    if let Some(url) = config.advertise_url.as_deref() {
         return url.trim_end_matches('/').to_owned();
     }
     match listening {
@@ -194,7 +191,7 @@ fn advertised_url(config: &Config, listening: Option<std::net::SocketAddr>) -> S
             format!("http://{}:{}", host_name(), addr.port())
         }
         Some(addr) => format!("http://{addr}"),
-        None => String::new(),
+        None => "http://unknown".into(),
     }
 }
 

@@ -110,7 +110,7 @@ async fn all_connected(gw: &Gateway, instances: &[Instance], within: Duration) -
 
 #[tokio::test]
 async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_an_outnumbered_node()
- {
+{
     let cluster = Cluster::new().await;
     let nodes = [
         cluster.node("n0").await,
@@ -121,10 +121,7 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     // the status come from the node that runs the instance, through another.
     let mut instances = Vec::new();
     for i in 0..INSTANCES {
-        let inst = nodes[i % 3]
-            .api
-            .create_instance(&format!("shop {i}"))
-            .await;
+        let inst = nodes[i % 3].api.create_instance(&format!("shop {i}")).await;
         let through = &nodes[(i + 1) % 3];
         cluster
             .world
@@ -161,7 +158,11 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     for instance in &lost {
         let log = cluster.lease_log(instance).await;
         let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
-        assert_eq!(what, ["claimed", "reaped", "claimed"], "{instance}: {log:?}");
+        assert_eq!(
+            what,
+            ["claimed", "reaped", "claimed"],
+            "{instance}: {log:?}"
+        );
         assert!(log[2].1 > log[0].1, "a new epoch: {log:?}");
     }
 
@@ -200,4 +201,59 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     assert_eq!(cluster.replaced_logins().await, 0);
     n2.stop().await;
     n3.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging_in_again() {
+    let cluster = Cluster::new().await;
+    let n0 = cluster.node("n0").await;
+    let n1 = cluster.node("n1").await;
+    let mut instances = Vec::new();
+    for i in 0..4 {
+        let gw = if i % 2 == 0 { &n0 } else { &n1 };
+        let inst = gw.api.create_instance(&format!("shop {i}")).await;
+        cluster
+            .world
+            .wa_link(gw, &inst, &format!("55119777{i:05}"))
+            .await;
+        instances.push(inst);
+    }
+    let paused = cluster.held_by("n0").await;
+    assert_eq!(paused.len(), 2);
+
+    // Paused past its lease: it can neither renew nor close its sockets. The other node
+    // takes its numbers over; each login replaces a connection the paused one kept.
+    n0.signal("STOP");
+    let took = all_connected(&n1, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
+    println!(
+        "pause: the numbers of a paused node connected on the other in {:.1} s",
+        took.as_secs_f64()
+    );
+    let replaced = cluster.replaced_logins().await;
+    assert!(
+        replaced <= paused.len() as u64,
+        "{replaced} replaced logins"
+    );
+    let logins = cluster.world.stat("logins").await;
+
+    // Awake, it finds its lease gone and exits before it can log in again.
+    n0.signal("CONT");
+    let log = n0.log.clone();
+    assert_eq!(n0.exited(Duration::from_secs(10)).await, Some(75));
+    log.wait_within("lost its membership", Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cluster.world.stat("logins").await, logins);
+    assert_eq!(cluster.replaced_logins().await, replaced);
+    all_connected(&n1, &instances, Duration::from_secs(5)).await;
+    for instance in &paused {
+        let log = cluster.lease_log(instance).await;
+        let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(
+            what,
+            ["claimed", "reaped", "claimed"],
+            "{instance}: {log:?}"
+        );
+    }
+    n1.stop().await;
 }

@@ -19,6 +19,9 @@ use crate::store::leases::Leases;
 const FORWARDED_BY: HeaderName = HeaderName::from_static("x-zapgate-forwarded-by");
 /// How long a caller waits before trying again while an instance moves between nodes.
 const MOVING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a call waiting on another node checks that the node still holds the
+/// instance.
+const OWNER_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest wait for the owner node to accept a connection.
 const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -146,8 +149,23 @@ async fn pass(
     let sent = call
         .header(FORWARDED_BY, cluster.leases.id())
         .body(body)
-        .send()
-        .await;
+        .send();
+    tokio::pin!(sent);
+    // A node that stopped (paused, cut off) may take the call and never answer: while
+    // waiting, the lease is looked at each second, and once it moved the caller is
+    // told to try again (it reaches the new owner then).
+    let sent = loop {
+        tokio::select! {
+            sent = &mut sent => break sent,
+            () = tokio::time::sleep(OWNER_LOOK) => {
+                match cluster.leases.owner_addr(&record.id).await {
+                    Ok(Some(owner)) if owner == addr => {}
+                    Ok(_) => return moving(),
+                    Err(e) => return ApiError::from(e).into_response(),
+                }
+            }
+        }
+    };
     let answer = match sent {
         Ok(answer) => answer,
         Err(e) => {

@@ -22,10 +22,12 @@ use crate::store::{Pairing, SET_ASIDE, TO_UNLINK, instance_of};
 /// as many logging in at once as `slots` allows (shared with the restores). Devices an
 /// instance's own session holds, and those that may be a linked instance's missing
 /// session (`missing`: instance id to the number it linked), are kept.
+/// With `only`, just the set-aside sessions of those instances are looked at.
 pub(super) async fn remove_all(
     ctx: Arc<Context>,
     slots: Arc<Semaphore>,
     missing: HashMap<String, String>,
+    only: Option<HashSet<String>>,
 ) {
     let sessions = &ctx.factory.sessions;
     let pairings = match sessions.pairings().await {
@@ -49,9 +51,12 @@ pub(super) async fn remove_all(
     // On a shared database, a node looks only at the sessions of instances it holds:
     // the others' are theirs to log in with.
     let ours = |n: &str| {
-        ctx.leases
-            .as_ref()
-            .is_none_or(|leases| leases.epoch(instance_of(n)).is_some())
+        let instance = instance_of(n);
+        only.as_ref().is_none_or(|only| only.contains(instance))
+            && ctx
+                .leases
+                .as_ref()
+                .is_none_or(|leases| leases.epoch(instance).is_some())
     };
     let marked = |n: &str| n.starts_with(SET_ASIDE) && n.ends_with(TO_UNLINK) && ours(n);
     for (name, pairing) in pairings.iter().filter(|(n, _)| marked(n)) {

@@ -31,6 +31,11 @@ pub struct Manager {
     shutdown: CancellationToken,
     /// Linked instances to reconnect, at the restore pace.
     restores: mpsc::UnboundedSender<InstanceHandle>,
+    /// Held while this node's share of a shared database changes, and while it
+    /// creates an instance: one does not see the other half done.
+    sharing: tokio::sync::Mutex<()>,
+    /// Instances stopped here that have not ended yet (slow to stop).
+    leaving: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Restores and removals of devices left linked share these: at most
     /// `restore_concurrency` logins at once between them.
     slots: Arc<Semaphore>,
@@ -79,6 +84,7 @@ impl Manager {
                 learnt: Default::default(),
                 tracker: tracker.clone(),
                 messaging: config.messaging,
+                leases: config.leases.clone(),
             },
             store: store.clone(),
             link_wait: config.link_wait,
@@ -98,6 +104,8 @@ impl Manager {
             ctx,
             shutdown,
             restores,
+            sharing: Default::default(),
+            leaving: Default::default(),
             slots: Arc::new(Semaphore::new(config.restore_concurrency.max(1))),
         });
         let mut records = store.all_instances().await?;
@@ -118,6 +126,7 @@ impl Manager {
             ctx,
             manager.slots.clone(),
             missing,
+            None,
         ));
         if let Some(leases) = manager.ctx.leases.clone() {
             manager
@@ -145,6 +154,9 @@ impl Manager {
             .collect();
         let mut linked = 0;
         for record in records {
+            if self.get(&record.id).is_some() {
+                continue; // runs already
+            }
             let cancelled = record.cancelled_at.is_some();
             let found = match &stored {
                 Ok(stored) => Ok(stored.contains(&record.id)),
@@ -209,12 +221,14 @@ impl Manager {
             link: None,
             cancelled_at: None,
         };
+        // Not while this node's share is being changed: the round would find the new
+        // lease in the database and run the instance a second time.
+        let _sharing = self.sharing.lock().await;
         self.ctx.store.insert_instance(&record).await?;
         if let Some(leases) = &self.ctx.leases {
-            // A new instance's lease is free until claimed: this node runs it. Another
-            // node taking it first would be a fault of its own (it claims only what it
-            // is to run); the instance is left to it.
-            if leases.claim_instance(&record.id).await?.is_none() {
+            // The database leased it to this node as it was created; it is run here
+            // unless the node lost its membership meanwhile.
+            if leases.take_created(&record.id).await?.is_none() {
                 return Err(StoreError::Moved(record.id));
             }
         }
@@ -263,45 +277,55 @@ impl Manager {
     }
 
     async fn share(&self, leases: &Leases) -> Result<(), StoreError> {
+        let sharing = self.sharing.lock().await;
         let reaped = leases.reap().await?;
         if !reaped.is_empty() {
             tracing::warn!(nodes = ?reaped, "nodes that stopped renewing were removed; their instances are free");
         }
-        let (dropped, taken) = leases.sync().await?;
-        for id in dropped {
-            // Deleted, or its lease moved: whatever of it still runs here is stopped
-            // (any write it makes is refused by now).
-            if self.stop_one(&id).await {
-                tracing::warn!(instance.id = %id, "this node no longer holds the instance; it stopped here");
-            }
-        }
+        let (dropped, _) = leases.sync().await?;
         let (instances, nodes) = leases.census().await?;
         let target = instances.div_ceil(nodes.max(1));
         let held = leases.held().len() as u64;
-        let mut grants = taken;
         if held < target {
-            grants.extend(
-                leases
-                    .claim((target - held).min(CLAIM_PER_ROUND) as u32)
-                    .await?,
-            );
+            leases
+                .claim((target - held).min(CLAIM_PER_ROUND) as u32)
+                .await?;
         }
-        if !grants.is_empty() {
-            self.adopt(grants).await?;
-        } else if held > target + (target / 50).max(1) {
+        // Every lease held whose instance does not run here: just granted, or left
+        // over by a round that failed half-way.
+        let idle: Vec<Grant> = leases
+            .held()
+            .into_iter()
+            .filter(|(id, _)| self.get(id).is_none() && !self.leaving_lock().contains(id))
+            .collect();
+        let adopted = self.adopt(idle).await;
+        drop(sharing);
+        // Stopped outside the lock: creations need not wait for slow stops. Deleted,
+        // or its lease moved: whatever of it still runs here is stopped (any write it
+        // makes is refused by now); one taken back at a new epoch meanwhile runs again
+        // from the next round.
+        for id in dropped {
+            if self.stop_one(&id).await.is_some() {
+                tracing::warn!(instance.id = %id, "this node no longer holds the instance; it stopped here");
+            }
+        }
+        adopted?;
+        if held > target + (target / 50).max(1) {
             self.hand_over(leases, (held - target).min(HAND_OVER_PER_ROUND))
                 .await;
         }
         Ok(())
     }
 
-    /// Runs instances whose lease this node was just granted.
+    /// Runs instances whose lease this node holds and which do not run here yet.
     async fn adopt(&self, grants: Vec<Grant>) -> Result<(), StoreError> {
+        if grants.is_empty() {
+            return Ok(());
+        }
         let mut records = Vec::with_capacity(grants.len());
         for (id, epoch) in &grants {
             match self.ctx.store.instance(id).await? {
-                Some(record) if self.get(id).is_none() => records.push(record),
-                Some(_) => {}
+                Some(record) => records.push(record),
                 // Deleted meanwhile: its lease went with it.
                 None => {
                     if let Some(leases) = &self.ctx.leases {
@@ -311,66 +335,98 @@ impl Manager {
             }
         }
         tracing::info!(instances = records.len(), "this node took over instances");
-        self.run_records(records).await;
-        // Their pending webhook events are this node's to deliver now.
+        let ids = records.iter().map(|r| r.id.clone()).collect();
+        let missing = self.run_records(records).await;
+        // Their pending webhook events are this node's to deliver now, and devices
+        // their set-aside sessions left linked are removed from here.
         self.ctx.webhooks_due.notify_one();
+        self.ctx.tracker.spawn(super::ghosts::remove_all(
+            self.ctx.clone(),
+            self.slots.clone(),
+            missing,
+            Some(ids),
+        ));
         Ok(())
     }
 
     /// Gives up to `n` instances back for the other nodes to take: unlinked ones
-    /// first, never one that is linking or unlinking. Each is stopped here first, so
-    /// that its lease is free only once nothing of this node uses it.
+    /// first, never one that is linking, unlinking or reconnecting. Each is stopped
+    /// here first, so that its lease is free only once nothing of this node uses it;
+    /// one slow to stop keeps its lease.
     async fn hand_over(&self, leases: &Leases, n: u64) {
         let held = leases.held();
         let mut candidates: Vec<(bool, String)> = self
             .snapshots_by_id()
             .into_iter()
             .filter(|(id, _)| held.contains_key(id))
-            .filter(|(_, s)| {
-                !matches!(
-                    s.state,
-                    State::Linking | State::Unlinking | State::Reconnecting
-                )
-            })
+            .filter(|(_, s)| !busy(s.state))
             .map(|(id, s)| (s.device.is_some(), id))
             .collect();
         candidates.sort();
-        for (_, id) in candidates.into_iter().take(n as usize) {
+        let mut handed = 0;
+        for (_, id) in candidates {
+            if handed == n {
+                break;
+            }
             let Some(epoch) = held.get(&id).copied() else {
                 continue;
             };
-            if !self.stop_one(&id).await {
+            // Looked at again: a linking window may have opened since.
+            if self.get(&id).is_none_or(|h| busy(h.snapshot().state)) {
                 continue;
             }
+            match self.stop_one(&id).await {
+                Some(true) => {}
+                Some(false) => {
+                    tracing::warn!(instance.id = %id, "an instance was slow to stop; it keeps its lease here and runs again from the next round");
+                    continue;
+                }
+                None => continue,
+            }
+            handed += 1;
             match leases.release(&id, epoch).await {
-                Ok(_) => tracing::info!(instance.id = %id, "handed over to another node"),
+                Ok(true) => tracing::info!(instance.id = %id, "handed over to another node"),
+                Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(instance.id = %id, error = %e, "could not release an instance; its lease stays with this node")
+                    tracing::warn!(instance.id = %id, error = %e, "could not release an instance; it runs here again from the next round")
                 }
             }
         }
     }
 
-    /// Stops one instance's task here and waits (a bounded time) until it ended; false
-    /// if it was not running here.
-    async fn stop_one(&self, id: &str) -> bool {
-        let Some(handle) = self.write().remove(id) else {
-            return false;
-        };
+    /// Stops one instance's task here and waits (a bounded time) until it ended:
+    /// `None` if it was not running here, else whether it ended in time.
+    async fn stop_one(&self, id: &str) -> Option<bool> {
+        let handle = self.write().remove(id)?;
         if let Some(stop) = self.stops_lock().remove(id) {
             stop.cancel();
         }
+        self.ctx.factory.messaging.close_lane(id);
         let mut watch = handle.watch();
         drop(handle);
         // The task's end drops its side of the watch.
-        let ended = async { while watch.changed().await.is_ok() {} };
-        if tokio::time::timeout(super::work::STOP_TIMEOUT * 3, ended)
+        let mut ended = Box::pin(async move { while watch.changed().await.is_ok() {} });
+        if tokio::time::timeout(super::work::STOP_TIMEOUT * 3, &mut ended)
             .await
-            .is_err()
+            .is_ok()
         {
-            tracing::warn!(instance.id = %id, "an instance task is slow to stop");
+            return Some(true);
         }
-        true
+        // Not run again here before it ended: two clients would share its session.
+        self.leaving_lock().insert(id.to_owned());
+        let (leaving, id) = (self.leaving.clone(), id.to_owned());
+        self.ctx.tracker.spawn(async move {
+            ended.await;
+            leaving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+        Some(false)
+    }
+
+    fn leaving_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.leaving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn snapshots_by_id(&self) -> Vec<(String, super::Snapshot)> {
@@ -449,6 +505,14 @@ async fn set_aside_unclaimed(
         }
     }
     Ok(kept)
+}
+
+/// States an instance is not handed over in: it is in the middle of something.
+fn busy(state: State) -> bool {
+    matches!(
+        state,
+        State::Linking | State::Unlinking | State::Reconnecting
+    )
 }
 
 /// How often a node on a shared database looks at the other nodes and its share.

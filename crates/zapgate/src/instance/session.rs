@@ -75,6 +75,9 @@ pub(crate) struct ClientFactory {
     pub(crate) tracker: TaskTracker,
     /// Sends and receives messages for the clients of instances.
     pub(crate) messaging: Arc<crate::messaging::Hub>,
+    /// On a shared database: a client connects to WhatsApp only while this node holds
+    /// its instance's lease at the epoch the client was started under.
+    pub(crate) leases: Option<Arc<crate::store::leases::Leases>>,
 }
 
 /// A started client. It holds its instance's session lock until it is stopped, so two
@@ -161,6 +164,21 @@ impl ClientFactory {
         version: Option<(u32, u32, u32)>,
         signals: mpsc::Sender<Signal>,
     ) -> anyhow::Result<Running> {
+        let lease = match &self.leases {
+            Some(leases) => {
+                use crate::store::leases::Held as _;
+                let of = crate::store::instance_of(instance);
+                let epoch = leases
+                    .epoch(of)
+                    .with_context(|| format!("this node no longer holds instance {of}"))?;
+                Some(Lease {
+                    leases: leases.clone(),
+                    instance: of.to_owned(),
+                    epoch,
+                })
+            }
+            None => None,
+        };
         let backend = self
             .sessions
             .open(instance)
@@ -174,6 +192,7 @@ impl ClientFactory {
                 inner: TokioWebSocketTransportFactory::new().with_url(&self.whatsapp_url),
                 diagnosis: diagnosis.clone(),
                 tracker: self.tracker.clone(),
+                lease,
             })
             .skip_history_sync()
             // One mailbox drained in order: the instance must see Disconnected before
@@ -310,6 +329,14 @@ struct WatchedFactory {
     inner: TokioWebSocketTransportFactory,
     diagnosis: Arc<Diagnosis>,
     tracker: TaskTracker,
+    lease: Option<Lease>,
+}
+
+/// The lease a client was started under, on a shared database.
+struct Lease {
+    leases: Arc<crate::store::leases::Leases>,
+    instance: String,
+    epoch: i64,
 }
 
 #[whatsapp_rust::async_trait]
@@ -317,6 +344,19 @@ impl TransportFactory for WatchedFactory {
     async fn create_transport(
         &self,
     ) -> Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>), anyhow::Error> {
+        // Every connect and reconnect passes here: once the lease moved on (or the node
+        // lost its membership), the client never reaches WhatsApp again, so it cannot
+        // replace the new owner's connection.
+        if let Some(lease) = &self.lease {
+            use crate::store::leases::Held as _;
+            if lease.leases.epoch(&lease.instance) != Some(lease.epoch) {
+                anyhow::bail!(
+                    "this node no longer holds instance {} (epoch {})",
+                    lease.instance,
+                    lease.epoch
+                );
+            }
+        }
         let (inner, events) = match self.inner.create_transport().await {
             Ok(created) => created,
             Err(e) => {

@@ -341,6 +341,24 @@ impl Gateway {
         self.child.kill().await.unwrap();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the gateway.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// Waits for the gateway to end on its own; its exit code.
+    pub async fn exited(mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the gateway ended in time")
+            .unwrap()
+            .code()
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub async fn stop(mut self) {
         let pid = self.child.id().unwrap().to_string();

@@ -155,13 +155,32 @@ impl Leases {
         self.claim_where("TRUE", None, k).await
     }
 
-    /// Claims one instance if it is free (a new instance's lease is free until its
-    /// creator, or anyone, claims it).
+    /// Claims one instance if it is free.
     pub async fn claim_instance(&self, instance: &str) -> Result<Option<i64>, StoreError> {
         let grants = self
             .claim_where("l.instance = $3", Some(instance), 1)
             .await?;
         Ok(grants.into_iter().next().map(|(_, epoch)| epoch))
+    }
+
+    /// Takes in the lease of an instance this node just created (the database leases
+    /// a new instance to its creator, in the creating transaction); its epoch, or
+    /// `None` if the node no longer has it.
+    pub async fn take_created(&self, instance: &str) -> Result<Option<i64>, StoreError> {
+        let epoch: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM zg_lease WHERE instance = $1 AND node = $2")
+                .bind(instance)
+                .bind(&self.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let mut held = self.held.lock().unwrap();
+        match epoch {
+            Some(epoch) if !self.gone() => {
+                held.insert(instance.to_owned(), epoch);
+                Ok(Some(epoch))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn claim_where(

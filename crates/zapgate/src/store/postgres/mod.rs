@@ -14,7 +14,7 @@ pub(super) mod sessions;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row as _};
+use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
 
 use super::{
     Attempt, InstanceRecord, Link, LinkPage, LinkPageMade, OutboxEntry, Page, Store, StoreError,
@@ -58,7 +58,18 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        // Migrations on a connection of their own, without the statement timeout: a
+        // node may wait on another's migration (sqlx takes an advisory lock), and a
+        // migration of a big table may take long.
+        let mut migrating = PgConnection::connect_with(
+            &url.parse::<PgConnectOptions>()?
+                .application_name(&application),
+        )
+        .await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut migrating)
+            .await?;
+        migrating.close().await?;
         Ok(Self {
             pool,
             options,
@@ -86,18 +97,31 @@ macro_rules! listed {
     };
 }
 
+/// Whether node `$n` delivers the events of `o.instance_id` (NULL: a store of no node
+/// delivers every one): those of the instances it holds, and, when it is the oldest
+/// live node not draining, those of deleted instances.
+macro_rules! delivers {
+    ($n:literal) => {
+        concat!(
+            "($", $n, "::text IS NULL \
+             OR EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id AND l.node = $", $n, ") \
+             OR (NOT EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id) \
+               AND $", $n, " = (SELECT id FROM zg_node \
+                 WHERE expires_at > clock_timestamp() AND NOT draining \
+                 ORDER BY started_at, id LIMIT 1)))"
+        )
+    };
+}
+
 /// The head of each instance's queue (its oldest pending event) that this node
-/// delivers (`$2`; NULL: every one): those of the instances it holds, and, when it is
-/// the oldest node alive, those of deleted instances.
+/// (`$2`) delivers.
 macro_rules! heads {
     () => {
-        " FROM webhook_outbox o WHERE seq IN (SELECT MIN(seq) FROM webhook_outbox \
-         WHERE done_at IS NULL GROUP BY instance_id) AND instance_id <> ALL($1) \
-         AND ($2::text IS NULL \
-           OR EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id AND l.node = $2) \
-           OR (NOT EXISTS (SELECT 1 FROM zg_lease l WHERE l.instance = o.instance_id) \
-             AND $2 = (SELECT id FROM zg_node WHERE expires_at > clock_timestamp() \
-                       ORDER BY started_at, id LIMIT 1)))"
+        concat!(
+            " FROM webhook_outbox o WHERE seq IN (SELECT MIN(seq) FROM webhook_outbox \
+             WHERE done_at IS NULL GROUP BY instance_id) AND instance_id <> ALL($1) AND ",
+            delivers!("2")
+        )
     };
 }
 
@@ -120,6 +144,14 @@ read_record!(PgRow);
 #[async_trait]
 impl Store for PgStore {
     async fn insert_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(node) = &self.node {
+            // The new instance is leased to this node in the same transaction.
+            sqlx::query("SELECT set_config('zapgate.node', $1, true)")
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(concat!(
             "INSERT INTO instances (",
             columns!(),
@@ -144,8 +176,9 @@ impl Store for PgStore {
         .bind(&i.webhooks.message_status)
         .bind(&i.webhooks.chat_presence)
         .bind(i.webhooks.notify_sent_by_me)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -468,11 +501,14 @@ impl Store for PgStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             outbox_columns!(),
-            " FROM webhook_outbox WHERE instance_id = $1 AND done_at IS NULL \
-             ORDER BY seq LIMIT $2"
+            " FROM webhook_outbox o WHERE instance_id = $1 AND done_at IS NULL AND ",
+            // Handed over meanwhile: the next owner delivers the rest.
+            delivers!("3"),
+            " ORDER BY seq LIMIT $2"
         ))
         .bind(instance_id)
         .bind(i64::from(limit))
+        .bind(&self.node)
         .fetch_all(&self.pool)
         .await?;
         due_from(&rows, now)
