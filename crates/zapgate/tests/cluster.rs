@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::receiver::Receiver;
 use common::{Gateway, Instance, World, connected, pg};
 use sqlx::PgPool;
 use tokio::time::Instant;
@@ -38,6 +39,7 @@ impl Cluster {
                 ("ZAPGATE_DATABASE_URL", &self.url),
                 ("ZAPGATE_NODE_NAME", name),
                 ("ZAPGATE_LEASE_SECS", &lease),
+                ("ZAPGATE_WEBHOOK_ALLOW_PRIVATE", "true"),
             ],
         )
         .await
@@ -117,12 +119,22 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
         cluster.node("n1").await,
         cluster.node("n2").await,
     ];
-    // Created through each node in turn, linked through the next: the QR code and
-    // the status come from the node that runs the instance, through another.
+    // Created through each node in turn, set up and linked through the next: the
+    // webhook settings, the QR code and the status go to the node that runs the
+    // instance, through another.
+    let receiver = Receiver::start().await;
     let mut instances = Vec::new();
     for i in 0..INSTANCES {
         let inst = nodes[i % 3].api.create_instance(&format!("shop {i}")).await;
         let through = &nodes[(i + 1) % 3];
+        for (route, path) in [
+            ("update-webhook-connected", "connected"),
+            ("update-webhook-disconnected", "disconnected"),
+        ] {
+            let url = receiver.url(&format!("{}/{path}", inst.id));
+            let (status, body) = through.api.set_webhook(&inst, route, &url).await;
+            assert_eq!(status, 200, "{body}");
+        }
         cluster
             .world
             .wa_link(through, &inst, &format!("55119888{i:05}"))
@@ -199,6 +211,24 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
         joined.elapsed().as_secs_f64()
     );
     assert_eq!(cluster.replaced_logins().await, 0);
+
+    // Through a kill, a stop and two hand-overs, each number was back well within the
+    // grace a disconnect waits: its webhooks said connected once, disconnected never.
+    let mut duplicates = 0;
+    for inst in &instances {
+        let connected = receiver
+            .wait_delivered(&format!("{}/connected", inst.id), 1)
+            .await;
+        let mut ids: Vec<&str> = connected.iter().map(|r| r.event_id.as_str()).collect();
+        duplicates += ids.len();
+        ids.dedup();
+        duplicates -= ids.len();
+        assert_eq!(ids.len(), 1, "{}: {connected:?}", inst.id);
+        assert_eq!(connected[0].body["connected"], true);
+        let disconnected = receiver.delivered(&format!("{}/disconnected", inst.id));
+        assert!(disconnected.is_empty(), "{}: {disconnected:?}", inst.id);
+    }
+    println!("webhooks: one connected event per number, {duplicates} delivered twice");
     n2.stop().await;
     n3.stop().await;
 }
@@ -225,11 +255,12 @@ async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging
     // takes its numbers over; each login replaces a connection the paused one kept.
     n0.signal("STOP");
     let took = all_connected(&n1, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
+    let replaced = cluster.replaced_logins().await;
     println!(
-        "pause: the numbers of a paused node connected on the other in {:.1} s",
+        "pause: the {} numbers of a paused node connected on the other in {:.1} s, {replaced} of its connections replaced",
+        paused.len(),
         took.as_secs_f64()
     );
-    let replaced = cluster.replaced_logins().await;
     assert!(
         replaced <= paused.len() as u64,
         "{replaced} replaced logins"

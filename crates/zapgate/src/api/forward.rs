@@ -63,10 +63,6 @@ pub(super) async fn to_owner(
         return next.run(Request::from_parts(parts, body)).await;
     }
     let id = id.expect("looked at above");
-    if parts.headers.contains_key(&FORWARDED_BY) {
-        // The node that passed it believed this one runs it: it moved meanwhile.
-        return moving();
-    }
     let record = match state.store.instance(&id).await {
         Ok(record) => record,
         Err(e) => return ApiError::from(e).into_response(),
@@ -85,6 +81,11 @@ pub(super) async fn to_owner(
     // Created on this node a moment ago, or taken over since the look above.
     if state.manager.get(&record.id).is_some() {
         return next.run(Request::from_parts(parts, body)).await;
+    }
+    if parts.headers.contains_key(&FORWARDED_BY) {
+        // The node that passed it believed this one runs it: it moved meanwhile.
+        // Never passed twice.
+        return moving();
     }
     match cluster.leases.owner_addr(&record.id).await {
         Ok(Some(addr)) => pass(cluster, &addr, &record, parts, body).await,
