@@ -106,6 +106,23 @@ async fn commits(db: &PgPool) -> i64 {
     .unwrap()
 }
 
+/// The instances of `all` node `name` holds now.
+async fn held_by(db: &PgPool, all: &[Instance], name: &str) -> Vec<Instance> {
+    let held: std::collections::HashSet<String> = sqlx::query_scalar(
+        "SELECT l.instance FROM zg_lease l JOIN zg_node n ON n.id = l.node WHERE n.name = $1",
+    )
+    .bind(name)
+    .fetch_all(db)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    all.iter()
+        .filter(|i| held.contains(&i.id))
+        .cloned()
+        .collect()
+}
+
 async fn shares(db: &PgPool) -> Value {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT n.name, count(l.instance) FROM zg_node n LEFT JOIN zg_lease l ON l.node = n.id \
@@ -165,7 +182,33 @@ async fn main() {
         shares(&db).await
     );
 
-    // At rest: what keeping the leases costs the database and the nodes.
+    // At rest once the shares are even (a node creating its numbers held them all
+    // and handed some over): what keeping the leases costs the database and the nodes.
+    let target = total.div_ceil(k) as i64;
+    let even = Instant::now();
+    loop {
+        let now = shares(&db).await;
+        let most = now
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(Value::as_i64)
+            .max();
+        if most.is_some_and(|most| most <= target + (target / 50).max(1)) {
+            break;
+        }
+        assert!(
+            even.elapsed() < Duration::from_secs(600),
+            "never even: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    until_connected(&nodes[0], &all, Duration::from_secs(300)).await;
+    println!(
+        "shares even {:.1} s after the last link: {}",
+        even.elapsed().as_secs_f64(),
+        shares(&db).await
+    );
     let (commits_before, cpu_before) = (
         commits(&db).await,
         nodes
@@ -191,6 +234,7 @@ async fn main() {
 
     // A node killed: its numbers come back on the others once its lease lapsed.
     let replaced_before = world.stat("replacedLogins").await;
+    let lost = held_by(&db, &all, "n0").await;
     let mut nodes = nodes.into_iter();
     let killed_node = nodes.next().unwrap();
     let killed = Instant::now();
@@ -198,14 +242,15 @@ async fn main() {
     let survivors: Vec<Gateway> = nodes.collect();
     let (kill_secs, kill_moving) = until_connected(
         &survivors[0],
-        &fleets[0],
+        &lost,
         Duration::from_secs(args.lease_secs + 300),
     )
     .await;
     let kill_secs = kill_secs.max(killed.elapsed().as_secs_f64());
     let kill_replaced = world.stat("replacedLogins").await - replaced_before;
     println!(
-        "kill -9 of a node: its {per} numbers connected on the others in {kill_secs:.1} s (lease {} s; {kill_moving} answers 503 meanwhile), {kill_replaced} replaced logins; shares {}",
+        "kill -9 of a node: its {} numbers connected on the others in {kill_secs:.1} s (lease {} s; {kill_moving} answers 503 meanwhile), {kill_replaced} replaced logins; shares {}",
+        lost.len(),
         args.lease_secs,
         shares(&db).await
     );
@@ -214,18 +259,7 @@ async fn main() {
     let mut survivors = survivors.into_iter();
     let drained_node = survivors.next().unwrap();
     let last = survivors.next().unwrap();
-    let moved: Vec<Instance> = {
-        let held: Vec<String> = sqlx::query_scalar(
-            "SELECT l.instance FROM zg_lease l JOIN zg_node n ON n.id = l.node WHERE n.name = 'n1'",
-        )
-        .fetch_all(&db)
-        .await
-        .unwrap();
-        all.iter()
-            .filter(|i| held.contains(&i.id))
-            .cloned()
-            .collect()
-    };
+    let moved = held_by(&db, &all, "n1").await;
     let drained = Instant::now();
     drained_node.stop().await;
     let stop_secs = drained.elapsed().as_secs_f64();
@@ -245,7 +279,7 @@ async fn main() {
         "nodes": k, "perNode": per, "leaseSecs": args.lease_secs,
         "linkSecs": link_secs,
         "idle": { "commitsPerSec": commits_per_sec, "cpuSecsPerMinute": idle_cpu, "loginsAgain": idle_logins },
-        "kill": { "secs": kill_secs, "moving503": kill_moving, "replacedLogins": kill_replaced },
+        "kill": { "instances": lost.len(), "secs": kill_secs, "moving503": kill_moving, "replacedLogins": kill_replaced },
         "drain": { "instances": moved.len(), "secs": drain_secs, "stopSecs": stop_secs, "moving503": drain_moving, "replacedLogins": drain_replaced },
     });
     println!("RESULT {result}");

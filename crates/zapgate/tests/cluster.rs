@@ -229,6 +229,34 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
         assert!(disconnected.is_empty(), "{}: {disconnected:?}", inst.id);
     }
     println!("webhooks: one connected event per number, {duplicates} delivered twice");
+
+    // A cancel through the node that does not run the instance: unlinked at WhatsApp,
+    // gone from every node, and not started again by a round while it unlinked.
+    let gone = &instances[0];
+    let runs_it = cluster.held_by("n2").await.contains(&gone.id);
+    let (other, owner) = if runs_it { (&n3, &n2) } else { (&n2, &n3) };
+    let devices = cluster.world.wa.devices().await.unwrap().len();
+    let logins = cluster.world.stat("logins").await;
+    let cancel = format!(
+        "/instances/{}/token/{}/integrator/on-demand/cancel",
+        gone.id, gone.token
+    );
+    let (status, body) = other
+        .api
+        .call(reqwest::Method::POST, &cancel, None, Some(common::ADMIN))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(cluster.world.wa.devices().await.unwrap().len(), devices - 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for gw in [other, owner] {
+        let (status, _) = gw.api.instance_get(gone, "status").await;
+        assert_eq!(status, 404);
+    }
+    assert_eq!(cluster.world.stat("logins").await, logins);
+    assert_eq!(
+        cluster.shares().await.values().sum::<i64>(),
+        INSTANCES as i64 - 1
+    );
     n2.stop().await;
     n3.stop().await;
 }

@@ -11,8 +11,10 @@ BEGIN
         INSERT INTO zg_lease (instance, node, epoch) VALUES (NEW.id, NULL, 0);
         RETURN NEW;
     END IF;
-    -- The creator must be a live node, as for any claim.
-    PERFORM 1 FROM zg_node WHERE id = creator AND expires_at > clock_timestamp();
+    -- The creator must be a live node, as for any claim (kept so until the commit:
+    -- a reap waits for it, and its log sees the new lease).
+    PERFORM 1 FROM zg_node WHERE id = creator AND expires_at > clock_timestamp()
+        FOR KEY SHARE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'node % is not a live node of this database', creator
             USING ERRCODE = 'ZG001';

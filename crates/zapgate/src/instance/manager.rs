@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rand::RngExt as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -166,6 +166,8 @@ impl Manager {
             let handle = actor::spawn(record, found, self.ctx.clone(), stop.clone());
             if cancelled {
                 tracing::info!(instance.id = %handle.record.id, "finishing an interrupted cancel");
+                let id = handle.record.id.clone();
+                drop(self.let_go(&id, handle.clone()));
                 self.ctx.tracker.spawn(async move { handle.cancel().await });
                 continue;
             }
@@ -253,6 +255,8 @@ impl Manager {
             return Ok(()); // another caller is cancelling it
         };
         self.stops_lock().remove(id);
+        // Not run again by a lease round while it unlinks.
+        drop(self.let_go(id, handle.clone()));
         if let Err(e) = handle.cancel().await {
             tracing::warn!(instance.id = %id, error = %e, "the cancel is finished at the next start");
         }
@@ -283,6 +287,13 @@ impl Manager {
             tracing::warn!(nodes = ?reaped, "nodes that stopped renewing were removed; their instances are free");
         }
         let (dropped, _) = leases.sync().await?;
+        // Deleted, or its lease moved: whatever of it still runs here stops now (any
+        // write it makes is refused by now); one taken back at a new epoch meanwhile
+        // runs again once it ended.
+        let stopping: Vec<(String, oneshot::Receiver<()>)> = dropped
+            .into_iter()
+            .filter_map(|id| Some((id.clone(), self.begin_stop(&id)?)))
+            .collect();
         let (instances, nodes) = leases.census().await?;
         let target = instances.div_ceil(nodes.max(1));
         let held = leases.held().len() as u64;
@@ -300,14 +311,10 @@ impl Manager {
             .collect();
         let adopted = self.adopt(idle).await;
         drop(sharing);
-        // Stopped outside the lock: creations need not wait for slow stops. Deleted,
-        // or its lease moved: whatever of it still runs here is stopped (any write it
-        // makes is refused by now); one taken back at a new epoch meanwhile runs again
-        // from the next round.
-        for id in dropped {
-            if self.stop_one(&id).await.is_some() {
-                tracing::warn!(instance.id = %id, "this node no longer holds the instance; it stopped here");
-            }
+        // Waited for outside the lock: creations need not wait for slow stops.
+        for (id, end) in stopping {
+            let ended = tokio::time::timeout(super::work::STOP_TIMEOUT * 3, end).await;
+            tracing::warn!(instance.id = %id, ended_in_time = ended.is_ok(), "this node no longer holds the instance; it stopped here");
         }
         adopted?;
         if held > target + (target / 50).max(1) {
@@ -394,35 +401,46 @@ impl Manager {
         }
     }
 
-    /// Stops one instance's task here and waits (a bounded time) until it ended:
-    /// `None` if it was not running here, else whether it ended in time.
-    async fn stop_one(&self, id: &str) -> Option<bool> {
+    /// Takes the task of an instance out of this node's map while it may still run:
+    /// the instance is not run here again before it ended (two clients would share
+    /// its session). The receiver hears when it ended.
+    fn let_go(&self, id: &str, handle: InstanceHandle) -> oneshot::Receiver<()> {
+        self.leaving_lock().insert(id.to_owned());
+        let mut watch = handle.watch();
+        drop(handle);
+        let (ended, end) = oneshot::channel();
+        let (leaving, id) = (self.leaving.clone(), id.to_owned());
+        self.ctx.tracker.spawn(async move {
+            // The task's end drops its side of the watch.
+            while watch.changed().await.is_ok() {}
+            leaving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            let _ = ended.send(());
+        });
+        end
+    }
+
+    /// Tells one instance's task here to stop; `None` if it was not running here.
+    fn begin_stop(&self, id: &str) -> Option<oneshot::Receiver<()>> {
         let handle = self.write().remove(id)?;
         if let Some(stop) = self.stops_lock().remove(id) {
             stop.cancel();
         }
         self.ctx.factory.messaging.close_lane(id);
-        let mut watch = handle.watch();
-        drop(handle);
-        // The task's end drops its side of the watch.
-        let mut ended = Box::pin(async move { while watch.changed().await.is_ok() {} });
-        if tokio::time::timeout(super::work::STOP_TIMEOUT * 3, &mut ended)
-            .await
-            .is_ok()
-        {
-            return Some(true);
-        }
-        // Not run again here before it ended: two clients would share its session.
-        self.leaving_lock().insert(id.to_owned());
-        let (leaving, id) = (self.leaving.clone(), id.to_owned());
-        self.ctx.tracker.spawn(async move {
-            ended.await;
-            leaving
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-        });
-        Some(false)
+        Some(self.let_go(id, handle))
+    }
+
+    /// Stops one instance's task here and waits (a bounded time) until it ended:
+    /// `None` if it was not running here, else whether it ended in time.
+    async fn stop_one(&self, id: &str) -> Option<bool> {
+        let end = self.begin_stop(id)?;
+        Some(
+            tokio::time::timeout(super::work::STOP_TIMEOUT * 3, end)
+                .await
+                .is_ok(),
+        )
     }
 
     fn leaving_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {

@@ -50,6 +50,11 @@ pub struct Leases {
     lost: watch::Sender<bool>,
     /// Ends the renewing thread: the node left.
     stop: tokio_util::sync::CancellationToken,
+    /// When the node holds nothing any more unless a renewal succeeds first: 60% of
+    /// the lease past the last renewal sent that succeeded. Read by every check, so
+    /// that a node that wakes from a pause holds nothing from its first instant, before
+    /// its renewing thread has run.
+    deadline: Mutex<std::time::Instant>,
 }
 
 impl Held for Leases {
@@ -105,6 +110,8 @@ impl Leases {
             held: Mutex::new(HashMap::new()),
             lost: watch::channel(false).0,
             stop: tokio_util::sync::CancellationToken::new(),
+            // The row was written just now.
+            deadline: Mutex::new(std::time::Instant::now() + fence_after(node.ttl)),
         });
         let renewer = Renewer {
             leases: leases.clone(),
@@ -136,7 +143,9 @@ impl Leases {
 
     /// Whether the node lost its membership or left: it holds nothing then.
     fn gone(&self) -> bool {
-        *self.lost.borrow() || self.stop.is_cancelled()
+        *self.lost.borrow()
+            || self.stop.is_cancelled()
+            || std::time::Instant::now() >= *self.deadline.lock().unwrap()
     }
 
     /// Stops everything this node holds, at once: on a failed renewal, nothing it
@@ -389,12 +398,23 @@ impl Leases {
     pub async fn leave(&self) -> Result<(), StoreError> {
         self.stop.cancel();
         self.held.lock().unwrap().clear();
-        sqlx::query("DELETE FROM zg_node WHERE id = $1")
-            .bind(&self.id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "WITH freed AS (UPDATE zg_lease SET node = NULL WHERE node = $1 \
+               RETURNING instance, epoch), \
+             logged AS (INSERT INTO zg_lease_log (instance, node, epoch, what) \
+               SELECT instance, $1, epoch, 'released' FROM freed) \
+             DELETE FROM zg_node WHERE id = $1",
+        )
+        .bind(&self.id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
+}
+
+/// How long past its last renewal a node goes on holding anything.
+fn fence_after(ttl: Duration) -> Duration {
+    ttl.mul_f64(0.6)
 }
 
 /// Renews the node's row every tenth of the lease, on a connection of its own.
@@ -415,14 +435,14 @@ impl Renewer {
 
     async fn renew_until_lost(&self) {
         let every = self.ttl / 10;
-        let fence_after = self.ttl.mul_f64(0.6);
+        let fence_after = fence_after(self.ttl);
         let options = self
             .options
             .clone()
             .application_name(&format!("zapgate/{}", self.leases.id));
         let mut conn: Option<PgConnection> = None;
         // Joined: the row was written before this started.
-        let mut renewed = Instant::now();
+        let mut renewed = Instant::from_std(*self.leases.deadline.lock().unwrap()) - fence_after;
         let stop = self.leases.stop.clone();
         loop {
             tokio::select! {
@@ -448,7 +468,10 @@ impl Renewer {
             };
             let result = tokio::time::timeout_at(deadline, attempt).await;
             match result {
-                Ok(Ok(true)) => renewed = sent,
+                Ok(Ok(true)) => {
+                    renewed = sent;
+                    *self.leases.deadline.lock().unwrap() = (sent + fence_after).into_std();
+                }
                 Ok(Ok(false)) => return self.leases.fence("its row expired or was reaped"),
                 Ok(Err(e)) => {
                     tracing::warn!(node = %self.leases.id, error = %e, "could not renew this node's lease");
