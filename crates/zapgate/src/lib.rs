@@ -265,6 +265,7 @@ async fn open_storage(
             std::process::exit(EXIT_LEASE_LOST);
         }
     });
+    pg.fence_with(leases.clone());
     let sessions = std::sync::Arc::new(store::PgSessions::new(pg.pool(), leases.clone()));
     Ok((std::sync::Arc::new(pg), sessions, Some(leases)))
 }

@@ -614,6 +614,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_registry_writes_of_an_owner_are_fenced_and_a_creation_is_leased_to_its_node() {
+        use crate::store::{Link, StoreError, WebhookEvent, WebhookKind};
+        let (url, store) = database(1).await;
+        let a = join(&url, &store, Duration::from_secs(10)).await;
+        let b = join(&url, &store, Duration::from_secs(10)).await;
+        // Node a's own store, fenced by what a holds.
+        let mine = PgStore::connect_as(&url, a.id()).await.unwrap();
+        mine.fence_with(a.clone());
+        let link = Link {
+            phone: "5511999990000".into(),
+            linked_at: 1,
+            platform: None,
+        };
+        let moved =
+            |r: Result<(), StoreError>| matches!(r, Err(StoreError::Moved(i)) if i == "I00");
+        assert!(moved(mine.set_link("I00", Some(&link)).await), "not held");
+        let epoch = b.claim_instance("I00").await.unwrap().unwrap();
+        assert!(moved(mine.set_link("I00", None).await), "held by another");
+        let event = WebhookEvent {
+            event_id: "E1".into(),
+            instance_id: "I00".into(),
+            kind: WebhookKind::Disconnected,
+            body: "{}".into(),
+            created_at: 1,
+        };
+        assert!(matches!(
+            mine.enqueue_webhook(&event, 10).await,
+            Err(StoreError::Moved(_))
+        ));
+        assert!(moved(mine.delete_instance("I00").await));
+        assert_eq!(store.instance("I00").await.unwrap().unwrap().link, None);
+
+        // Handed over to a: its writes pass now, b's epoch stays refused for good.
+        assert!(b.release("I00", epoch).await.unwrap());
+        a.claim_instance("I00").await.unwrap().unwrap();
+        mine.set_link("I00", Some(&link)).await.unwrap();
+        assert_eq!(
+            store.instance("I00").await.unwrap().unwrap().link,
+            Some(link)
+        );
+
+        // An instance a's store creates is a's from its first instant, at a new epoch.
+        let created = contract::instance("I01", "n", 1);
+        mine.insert_instance(&created).await.unwrap();
+        let epoch = a.take_created("I01").await.unwrap().unwrap();
+        assert!(epoch > 0);
+        assert!(
+            b.claim(10).await.unwrap().is_empty(),
+            "nothing free to claim"
+        );
+        mine.delete_instance("I01").await.unwrap();
+        assert!(store.instance("I01").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn a_node_whose_row_expired_fences_itself_and_its_instances_move() {
         let (url, store) = database(3).await;
         let a = join(&url, &store, Duration::from_secs(3)).await;

@@ -14,7 +14,10 @@ pub(super) mod sessions;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Connection as _, PgConnection, PgPool, Row as _};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Row as _, Transaction};
+
+use leases::Held;
+use session_keys::{FENCE_REFUSED, Lease, begin_fenced};
 
 use super::{
     Attempt, InstanceRecord, Link, LinkPage, LinkPageMade, OutboxEntry, Page, Store, StoreError,
@@ -27,6 +30,9 @@ pub struct PgStore {
     /// The node this store serves, when it is one of several: it delivers the webhook
     /// events of the instances it holds.
     node: Option<String>,
+    /// What that node holds, once it joined: the writes only an instance's owner makes
+    /// are fenced by it.
+    held: std::sync::OnceLock<std::sync::Arc<dyn Held>>,
 }
 
 impl PgStore {
@@ -74,7 +80,38 @@ impl PgStore {
             pool,
             options,
             node,
+            held: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on, the writes only an instance's owner makes (its link, its connection
+    /// events, its deletion) are refused unless `held` holds the instance's lease.
+    pub fn fence_with(&self, held: std::sync::Arc<dyn Held>) {
+        let _ = self.held.set(held);
+    }
+
+    /// A transaction for a write only `instance`'s owner makes: once the store is
+    /// fenced, it opens with `zg_fence`, and is refused ([`StoreError::Moved`]) when
+    /// this node does not hold the instance's lease (any more).
+    async fn owner_tx(&self, instance: &str) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let Some(held) = self.held.get() else {
+            return Ok(self.pool.begin().await?);
+        };
+        let lease = Lease {
+            instance: instance.to_owned(),
+            node: held.node().to_owned(),
+            epoch: held.epoch(instance),
+        };
+        begin_fenced(&self.pool, &lease, None)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(refused)
+                    if refused.code().as_deref() == Some(FENCE_REFUSED) =>
+                {
+                    StoreError::Moved(instance.to_owned())
+                }
+                _ => StoreError::from(e),
+            })
     }
 
     /// The connections' pool, shared with the node's leases.
@@ -230,7 +267,7 @@ impl Store for PgStore {
     }
 
     async fn set_link(&self, id: &str, link: Option<&Link>) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.owner_tx(id).await?;
         // Holds the instance's row until the commit: a link page being made meanwhile
         // (which locks it too) either comes first and is spent below, or comes after and
         // sees the number linked.
@@ -351,7 +388,7 @@ impl Store for PgStore {
             // Their events come with messaging.
             _ => return Ok(false),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.owner_tx(&event.instance_id).await?;
         // This UPDATE also locks the instance's row until the commit, so the instance's
         // events are written one transaction at a time, from any node: the count under
         // the cap below sees every pending event (two at once would each miss the
@@ -639,7 +676,7 @@ impl Store for PgStore {
     }
 
     async fn delete_instance(&self, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.owner_tx(id).await?;
         // The instance's row first: a message being recorded for it meanwhile (its
         // writers lock the row too) either comes first and is deleted below, or finds
         // no instance after.
