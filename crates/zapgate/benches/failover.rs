@@ -161,22 +161,37 @@ async fn main() {
 
     // Each node creates and links its numbers (the others may serve their calls too).
     let started = Instant::now();
-    let mut fleets = Vec::new();
-    for (i, gw) in nodes.iter().enumerate() {
-        let instances = fleet::create(gw, per, &format!("n{i}")).await;
-        fleet::link(
-            gw,
-            &world,
-            &instances,
-            "55119",
-            70_000_000 + i * per,
-            args.link_concurrency,
-        )
-        .await;
-        fleets.push(instances);
-    }
-    let link_secs = started.elapsed().as_secs_f64();
+    // Created on every node at once, so the shares stay near even; a number linked
+    // while a node hands some over may be asked again (503, Retry-After).
+    let fleets: Vec<Vec<Instance>> = futures_util::future::join_all(
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, gw)| async move { fleet::create(gw, per, &format!("n{i}")).await }),
+    )
+    .await;
     let all: Vec<Instance> = fleets.concat();
+    stream::iter(all.iter().enumerate())
+        .for_each_concurrent(args.link_concurrency, |(i, inst)| {
+            let (gw, wa) = (&nodes[i % k], &world.wa);
+            async move {
+                let qr = loop {
+                    let (status, qr) = gw.api.qr_code(inst).await;
+                    if status == 200 {
+                        break qr;
+                    }
+                    assert_eq!(status, 503, "{qr}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                };
+                let qr = qr["value"].as_str().expect("a QR code");
+                let phone = fleet::number("55119", 70_000_000, i);
+                let (status, body) = wa.scan(qr, Some(&phone)).await.unwrap();
+                assert_eq!(status, 200, "{body}");
+                until_connected(gw, std::slice::from_ref(inst), Duration::from_secs(120)).await;
+            }
+        })
+        .await;
+    let link_secs = started.elapsed().as_secs_f64();
     println!(
         "linked {total} in {link_secs:.1} s; shares {}",
         shares(&db).await
