@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts as _, Request, State};
+use axum::extract::{FromRequestParts as _, OriginalUri, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -87,8 +87,52 @@ pub(super) async fn to_owner(
         // Never passed twice.
         return moving();
     }
-    match cluster.leases.owner_addr(&record.id).await {
-        Ok(Some(addr)) => pass(cluster, &addr, &record, parts, body).await,
+    to_node_of(cluster, &record.id, parts, body).await
+}
+
+/// Runs a link page's route here when this node runs the page's instance; passes it to
+/// the node that does otherwise. The page's token is its only credential: the node that
+/// runs the instance checks it, and answers for a page that is not live.
+pub(super) async fn page_to_owner(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(cluster) = &state.cluster else {
+        return next.run(request).await;
+    };
+    let (mut parts, body) = request.into_parts();
+    let token =
+        axum::extract::Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
+            .await
+            .ok()
+            .and_then(|p| p.0.get("token").cloned());
+    let page = match token {
+        Some(token) => match state.store.link_page(&super::link_page::hash(&token)).await {
+            Ok(page) => page,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        None => None,
+    };
+    let elsewhere = page
+        .filter(|page| state.manager.get(&page.instance_id).is_none())
+        .filter(|_| !parts.headers.contains_key(&FORWARDED_BY));
+    match elsewhere {
+        Some(page) => to_node_of(cluster, &page.instance_id, parts, body).await,
+        // Here, unknown, or passed here already: answered here.
+        None => next.run(Request::from_parts(parts, body)).await,
+    }
+}
+
+/// Passes a call about `instance` to the node holding it, or says it is moving.
+async fn to_node_of(
+    cluster: &Cluster,
+    instance: &str,
+    parts: axum::http::request::Parts,
+    body: axum::body::Body,
+) -> Response {
+    match cluster.leases.owner_addr(instance).await {
+        Ok(Some(addr)) => pass(cluster, &addr, instance, parts, body).await,
         // No node holds it this moment: one is taking it over.
         Ok(None) => moving(),
         Err(e) => ApiError::from(e).into_response(),
@@ -126,7 +170,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 async fn pass(
     cluster: &Cluster,
     addr: &str,
-    record: &InstanceRecord,
+    instance: &str,
     parts: axum::http::request::Parts,
     body: axum::body::Body,
 ) -> Response {
@@ -137,10 +181,12 @@ async fn pass(
         )
         .into_response();
     };
-    // The route as the caller named it: its id and token were checked above, and the
-    // rest is what the instance routes' router was given.
-    let rest = parts.uri.path_and_query().map_or("", |p| p.as_str());
-    let path = format!("/instances/{}/token/{}{rest}", record.id, record.token);
+    // The route as the caller named it (a nested router sees only its own part).
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or(&parts.uri, |original| &original.0);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut call = cluster
         .client
         .request(parts.method.clone(), format!("{addr}{path}"));
@@ -159,7 +205,7 @@ async fn pass(
         tokio::select! {
             sent = &mut sent => break sent,
             () = tokio::time::sleep(OWNER_LOOK) => {
-                match cluster.leases.owner_addr(&record.id).await {
+                match cluster.leases.owner_addr(instance).await {
                     Ok(Some(owner)) if owner == addr => {}
                     Ok(_) => return moving(),
                     // The owner may still answer: the call is not given up for a

@@ -31,23 +31,32 @@ const MAX_LIVE: u64 = 20;
 /// "revoked" until then, and "not valid" after).
 const KEEP_DEAD_MS: i64 = 7 * 24 * 3600 * 1000;
 
-pub(super) fn partner_routes() -> Router<AppState> {
-    Router::new().route(
-        "/instances/{id}/token/{token}/link-page",
-        post(create_route).delete(revoke_route),
-    )
+pub(super) fn partner_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/instances/{id}/token/{token}/link-page",
+            post(create_route).delete(revoke_route),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::to_owner,
+        ))
 }
 
-pub(super) fn public_routes() -> Router<AppState> {
+pub(super) fn public_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/link/{token}", get(page))
         .route("/link/{token}/events", get(events))
         .route("/link/{token}/qr-code", post(qr_code))
         .route("/link/{token}/phone-code", post(phone_code))
         .route("/link/{token}/stop-linking", post(stop_linking))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::page_to_owner,
+        ))
 }
 
-fn hash(token: &str) -> String {
+pub(super) fn hash(token: &str) -> String {
     use sha2::Digest as _;
     sha2::Sha256::digest(token.as_bytes())
         .iter()

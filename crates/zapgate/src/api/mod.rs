@@ -104,8 +104,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(partner::routes())
-        .merge(link_page::partner_routes())
-        .merge(panel::routes())
+        .merge(link_page::partner_routes(&state))
+        .merge(panel::routes(&state))
         .nest(
             "/instances/{id}/token/{token}",
             instance::routes().route_layer(middleware::from_fn_with_state(

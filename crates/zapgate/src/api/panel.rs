@@ -151,7 +151,7 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
-pub(super) fn routes() -> Router<AppState> {
+pub(super) fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/panel") }))
         .route("/panel", get(instances_page))
@@ -176,7 +176,7 @@ pub(super) fn routes() -> Router<AppState> {
             "/panel/api/instances/{id}/link-page/revoke",
             post(revoke_link_pages),
         )
-        .merge(super::link_page::public_routes())
+        .merge(super::link_page::public_routes(state))
         .route(
             "/panel/api/instances/{id}/webhook-deliveries",
             get(webhook_deliveries),
