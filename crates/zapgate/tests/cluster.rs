@@ -230,6 +230,31 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     }
     println!("webhooks: one connected event per number, {duplicates} delivered twice");
 
+    // The partner list through either node: every number connected, wherever it runs.
+    for gw in [&n2, &n3] {
+        let (status, list) = gw
+            .api
+            .call(
+                reqwest::Method::GET,
+                "/instances?pageSize=100",
+                None,
+                Some(common::ADMIN),
+            )
+            .await;
+        assert_eq!(status, 200, "{list}");
+        let connected: Vec<&serde_json::Value> = list["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["phoneConnected"])
+            .collect();
+        assert_eq!(
+            connected,
+            vec![&serde_json::json!(true); INSTANCES],
+            "{list}"
+        );
+    }
+
     // A link page made and used through the node that does not run its instance: the
     // page, its QR code and the link all go to the node that does.
     let paged = n2.api.create_instance("by page").await;

@@ -108,7 +108,10 @@ async fn list(
     }
     let query = q.query.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let found = state.store.page_instances(page, page_size, query).await?;
-    let content: Vec<Value> = found.items.iter().map(|r| summary(&state, r)).collect();
+    let mut content = Vec::with_capacity(found.items.len());
+    for record in &found.items {
+        content.push(summary(&state, record).await?);
+    }
     Ok(Json(json!({
         "total": found.total,
         "totalPage": found.total.div_ceil(u64::from(page_size)),
@@ -118,11 +121,16 @@ async fn list(
     })))
 }
 
-fn summary(state: &AppState, r: &InstanceRecord) -> Value {
-    let connected = state
-        .manager
-        .get(&r.id)
-        .is_some_and(|h| h.snapshot().state == State::Connected);
+async fn summary(state: &AppState, r: &InstanceRecord) -> Result<Value, ApiError> {
+    let connected = match state.manager.get(&r.id) {
+        Some(handle) => handle.snapshot().state == State::Connected,
+        // Run by another node: what its connection webhooks last said (a disconnect
+        // is said once it lasted the grace).
+        None if state.cluster.is_some() => {
+            state.store.webhook_announced(&r.id).await? == Some(true)
+        }
+        None => false,
+    };
     let mut item = json!({
         "id": r.id,
         "token": r.token,
@@ -136,7 +144,7 @@ fn summary(state: &AppState, r: &InstanceRecord) -> Value {
     item.as_object_mut()
         .expect("an object")
         .extend(super::webhooks::fields(&r.webhooks));
-    item
+    Ok(item)
 }
 
 /// Unlinks the number and deletes the instance with its session.
