@@ -76,6 +76,10 @@ pub struct Metrics {
     message_send_seconds: Histogram,
     message_queue_depth: Gauge,
     message_queue_oldest_seconds: Gauge,
+    leases_held: Gauge,
+    lease_renewal_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    lease_renewal_max_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    lease_renewal_failures: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,6 +117,10 @@ impl Metrics {
             ]),
             message_queue_depth: Gauge::default(),
             message_queue_oldest_seconds: Gauge::default(),
+            leases_held: Gauge::default(),
+            lease_renewal_seconds: Gauge::default(),
+            lease_renewal_max_seconds: Gauge::default(),
+            lease_renewal_failures: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("instances", "Instances by state", metrics.instances.clone());
@@ -212,6 +220,26 @@ impl Metrics {
             "Age of the oldest message waiting to be sent",
             metrics.message_queue_oldest_seconds.clone(),
         );
+        registry.register(
+            "leases_held",
+            "On a shared PostgreSQL: the instances this node holds a lease on",
+            metrics.leases_held.clone(),
+        );
+        registry.register(
+            "lease_renewal_seconds",
+            "On a shared PostgreSQL: the round trip of this node's last lease renewal",
+            metrics.lease_renewal_seconds.clone(),
+        );
+        registry.register(
+            "lease_renewal_max_seconds",
+            "On a shared PostgreSQL: the longest renewal round trip since the node joined (it fences itself at 60% of the lease)",
+            metrics.lease_renewal_max_seconds.clone(),
+        );
+        registry.register(
+            "lease_renewal_failures",
+            "On a shared PostgreSQL: renewals of this node's lease that failed since it joined",
+            metrics.lease_renewal_failures.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -250,6 +278,14 @@ impl Metrics {
         if let Ok((depth, oldest)) = store.queue_stats().await {
             self.message_queue_depth.set(depth as i64);
             self.message_queue_oldest_seconds.set(age_secs(oldest));
+        }
+        if let Some(leases) = manager.leases() {
+            let renewals = leases.renewals();
+            self.leases_held.set(leases.held().len() as i64);
+            self.lease_renewal_seconds.set(renewals.last.as_secs_f64());
+            self.lease_renewal_max_seconds
+                .set(renewals.longest.as_secs_f64());
+            self.lease_renewal_failures.set(renewals.failed as i64);
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)

@@ -206,6 +206,11 @@ impl Manager {
         self.read().values().map(InstanceHandle::snapshot).collect()
     }
 
+    /// On a shared database, this node's leases.
+    pub fn leases(&self) -> Option<&Arc<Leases>> {
+        self.ctx.leases.as_ref()
+    }
+
     pub fn get(&self, id: &str) -> Option<InstanceHandle> {
         self.read().get(id).cloned()
     }

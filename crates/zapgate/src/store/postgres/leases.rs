@@ -55,6 +55,20 @@ pub struct Leases {
     /// that a node that wakes from a pause holds nothing from its first instant, before
     /// its renewing thread has run.
     deadline: Mutex<std::time::Instant>,
+    /// The renewals' round trips, in microseconds: the last and the longest since the
+    /// node joined; and the renewals that failed. A round trip nearing 60% of the lease
+    /// is a node about to fence itself.
+    renewal_last_us: std::sync::atomic::AtomicU64,
+    renewal_max_us: std::sync::atomic::AtomicU64,
+    renewal_failures: std::sync::atomic::AtomicU64,
+}
+
+/// How the renewals of a node's row go.
+#[derive(Clone, Copy, Debug)]
+pub struct Renewals {
+    pub last: Duration,
+    pub longest: Duration,
+    pub failed: u64,
 }
 
 impl Held for Leases {
@@ -112,6 +126,9 @@ impl Leases {
             stop: tokio_util::sync::CancellationToken::new(),
             // The row was written just now.
             deadline: Mutex::new(std::time::Instant::now() + fence_after(node.ttl)),
+            renewal_last_us: Default::default(),
+            renewal_max_us: Default::default(),
+            renewal_failures: Default::default(),
         });
         let renewer = Renewer {
             leases: leases.clone(),
@@ -126,6 +143,16 @@ impl Leases {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// How the renewals of this node's row went so far.
+    pub fn renewals(&self) -> Renewals {
+        use std::sync::atomic::Ordering::Relaxed;
+        Renewals {
+            last: Duration::from_micros(self.renewal_last_us.load(Relaxed)),
+            longest: Duration::from_micros(self.renewal_max_us.load(Relaxed)),
+            failed: self.renewal_failures.load(Relaxed),
+        }
     }
 
     /// Watches whether the node lost its membership (and with it every lease).
@@ -469,11 +496,18 @@ impl Renewer {
             let result = tokio::time::timeout_at(deadline, attempt).await;
             match result {
                 Ok(Ok(true)) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let took = sent.elapsed().as_micros() as u64;
+                    self.leases.renewal_last_us.store(took, Relaxed);
+                    self.leases.renewal_max_us.fetch_max(took, Relaxed);
                     renewed = sent;
                     *self.leases.deadline.lock().unwrap() = (sent + fence_after).into_std();
                 }
                 Ok(Ok(false)) => return self.leases.fence("its row expired or was reaped"),
                 Ok(Err(e)) => {
+                    self.leases
+                        .renewal_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(node = %self.leases.id, error = %e, "could not renew this node's lease");
                     conn = None;
                 }
