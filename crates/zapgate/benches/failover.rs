@@ -263,11 +263,24 @@ async fn main() {
     .await;
     let kill_secs = kill_secs.max(killed.elapsed().as_secs_f64());
     let kill_replaced = world.stat("replacedLogins").await - replaced_before;
+    // How the survivors' renewals fared under the restore storm (the longest since
+    // they joined; a node fences itself at 60% of the lease).
+    let mut renewal_max = 0.0f64;
+    let mut renewal_failures = 0.0;
+    for gw in &survivors {
+        renewal_max = renewal_max.max(gw.api.metric("zapgate_lease_renewal_max_seconds").await);
+        renewal_failures += gw.api.metric("zapgate_lease_renewal_failures").await;
+    }
     println!(
         "kill -9 of a node: its {} numbers connected on the others in {kill_secs:.1} s (lease {} s; {kill_moving} answers 503 meanwhile), {kill_replaced} replaced logins; shares {}",
         lost.len(),
         args.lease_secs,
         shares(&db).await
+    );
+    println!(
+        "the survivors' lease renewals: longest round trip {:.0} ms since they joined (they fence at {:.1} s), {renewal_failures} failed",
+        renewal_max * 1000.0,
+        args.lease_secs as f64 * 0.6
     );
 
     // A node drained (SIGTERM): it stops its numbers and leaves; no lease to wait out.
@@ -294,7 +307,7 @@ async fn main() {
         "nodes": k, "perNode": per, "leaseSecs": args.lease_secs,
         "linkSecs": link_secs,
         "idle": { "commitsPerSec": commits_per_sec, "cpuSecsPerMinute": idle_cpu, "loginsAgain": idle_logins },
-        "kill": { "instances": lost.len(), "secs": kill_secs, "moving503": kill_moving, "replacedLogins": kill_replaced },
+        "kill": { "instances": lost.len(), "secs": kill_secs, "renewalMaxSecs": renewal_max, "renewalFailures": renewal_failures, "moving503": kill_moving, "replacedLogins": kill_replaced },
         "drain": { "instances": moved.len(), "secs": drain_secs, "stopSecs": stop_secs, "moving503": drain_moving, "replacedLogins": drain_replaced },
     });
     println!("RESULT {result}");

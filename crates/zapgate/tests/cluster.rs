@@ -85,26 +85,6 @@ impl Cluster {
     }
 }
 
-/// The value of one metric `gw` exposes.
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = gw
-        .api
-        .http
-        .get(format!("{}/metrics", gw.api.base))
-        .bearer_auth(common::ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 /// `/status` through `gw` until every instance says connected; moving ones (503,
 /// Retry-After) are asked again. How long it took.
 async fn all_connected(gw: &Gateway, instances: &[Instance], within: Duration) -> Duration {
@@ -169,9 +149,9 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     for gw in &nodes {
         all_connected(gw, &instances, Duration::from_secs(5)).await;
         // Each node says what it holds and how its renewals go.
-        let held = metric(gw, "zapgate_leases_held").await;
+        let held = gw.api.metric("zapgate_leases_held").await;
         assert_eq!(held, 3.0);
-        let renewal = metric(gw, "zapgate_lease_renewal_seconds").await;
+        let renewal = gw.api.metric("zapgate_lease_renewal_seconds").await;
         assert!(
             renewal > 0.0 && renewal < 0.6 * LEASE_SECS as f64,
             "{renewal}"

@@ -468,6 +468,25 @@ impl Api {
         (status, value)
     }
 
+    /// The value of one metric the gateway exposes at `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
     pub async fn create_instance(&self, name: &str) -> Instance {
         let (status, body) = self
             .call(
