@@ -347,8 +347,17 @@ async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging
 
     // Paused past its lease: it can neither renew nor close its sockets. The other node
     // takes its numbers over; each login replaces a connection the paused one kept.
+    // An event stream of one of its numbers, open through the other node.
+    let watched = instances.iter().find(|i| i.id == paused[0]).unwrap();
+    let mut stream = n1.api.events(watched, None).await;
+    assert_eq!(stream.next().await.name, "state");
     n0.signal("STOP");
     let took = all_connected(&n1, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
+    // The stream from the paused node ends once the number moved: the caller opens
+    // it again and reaches the new owner.
+    stream.ends_within(Duration::from_secs(5)).await;
+    let mut stream = n1.api.events(watched, None).await;
+    assert_eq!(stream.next().await.data["connected"], true);
     let replaced = cluster.replaced_logins().await;
     println!(
         "pause: the {} numbers of a paused node connected on the other in {:.1} s, {replaced} of its connections replaced",

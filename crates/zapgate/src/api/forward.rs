@@ -148,6 +148,24 @@ fn moving() -> Response {
     .into_response()
 }
 
+/// The node an answer streams from, and the instance it was asked about.
+#[derive(Clone)]
+struct OwnerWatch {
+    leases: Arc<Leases>,
+    instance: String,
+    addr: String,
+}
+
+impl OwnerWatch {
+    /// Whether that node still holds the instance (a failed look counts as yes).
+    async fn still_there(&self) -> bool {
+        match self.leases.owner_addr(&self.instance).await {
+            Ok(owner) => owner.as_deref() == Some(self.addr.as_str()),
+            Err(_) => true,
+        }
+    }
+}
+
 /// Headers of one connection, never passed on (RFC 9110, 7.6.1).
 fn hop_by_hop(name: &HeaderName) -> bool {
     [
@@ -231,13 +249,32 @@ async fn pass(
     for (name, value) in answer.headers().iter().filter(|(n, _)| !hop_by_hop(n)) {
         response = response.header(name, value);
     }
-    // A failure mid-way ends the body as a failure (the caller sees it cut).
-    let chunks = futures_util::stream::unfold(Some(answer), |answer| async move {
-        let mut answer = answer?;
-        match answer.chunk().await {
-            Ok(Some(chunk)) => Some((Ok::<_, reqwest::Error>(chunk), Some(answer))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
+    // A failure mid-way ends the body as a failure (the caller sees it cut). A long
+    // answer (an event stream) also ends once the instance moved: its owner may be
+    // paused, and the caller reconnects to the new one.
+    let watch = OwnerWatch {
+        leases: cluster.leases.clone(),
+        instance: instance.to_owned(),
+        addr: addr.to_owned(),
+    };
+    let chunks = futures_util::stream::unfold(Some(answer), move |answer| {
+        let watch = watch.clone();
+        async move {
+            let mut answer = answer?;
+            loop {
+                tokio::select! {
+                    chunk = answer.chunk() => return match chunk {
+                        Ok(Some(chunk)) => Some((Ok::<_, reqwest::Error>(chunk), Some(answer))),
+                        Ok(None) => None,
+                        Err(e) => Some((Err(e), None)),
+                    },
+                    () = tokio::time::sleep(OWNER_LOOK) => {
+                        if !watch.still_there().await {
+                            return None;
+                        }
+                    }
+                }
+            }
         }
     });
     response
