@@ -80,6 +80,21 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Each of `instances` was claimed, its node reaped, and claimed again at a higher
+    /// epoch: moved once.
+    async fn moved_once(&self, instances: &[String]) {
+        for instance in instances {
+            let log = self.lease_log(instance).await;
+            let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
+            assert_eq!(
+                what,
+                ["claimed", "reaped", "claimed"],
+                "{instance}: {log:?}"
+            );
+            assert!(log[2].1 > log[0].1, "a new epoch: {log:?}");
+        }
+    }
+
     async fn replaced_logins(&self) -> u64 {
         self.world.stat("replacedLogins").await
     }
@@ -175,16 +190,7 @@ async fn nodes_share_the_numbers_and_take_over_those_of_a_killed_a_stopped_and_a
     let shares = cluster.shares().await;
     assert_eq!(shares.values().sum::<i64>(), INSTANCES as i64, "{shares:?}");
     assert!(!shares.contains_key("n0"), "{shares:?}");
-    for instance in &lost {
-        let log = cluster.lease_log(instance).await;
-        let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
-        assert_eq!(
-            what,
-            ["claimed", "reaped", "claimed"],
-            "{instance}: {log:?}"
-        );
-        assert!(log[2].1 > log[0].1, "a new epoch: {log:?}");
-    }
+    cluster.moved_once(&lost).await;
 
     // A node stopped (SIGTERM): it leaves at once, no waiting out its lease.
     let stopped = Instant::now();
@@ -380,14 +386,6 @@ async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging
     assert_eq!(cluster.world.stat("logins").await, logins);
     assert_eq!(cluster.replaced_logins().await, replaced);
     all_connected(&n1, &instances, Duration::from_secs(5)).await;
-    for instance in &paused {
-        let log = cluster.lease_log(instance).await;
-        let what: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
-        assert_eq!(
-            what,
-            ["claimed", "reaped", "claimed"],
-            "{instance}: {log:?}"
-        );
-    }
+    cluster.moved_once(&paused).await;
     n1.stop().await;
 }

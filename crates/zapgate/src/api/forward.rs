@@ -54,10 +54,7 @@ pub(super) async fn to_owner(
         return next.run(request).await;
     };
     let (mut parts, body) = request.into_parts();
-    let id = axum::extract::Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
-        .await
-        .ok()
-        .and_then(|p| p.0.get("id").cloned());
+    let id = path_param(&mut parts, &state, "id").await;
     let local = id.as_ref().is_none_or(|id| state.manager.get(id).is_some());
     if local {
         return next.run(Request::from_parts(parts, body)).await;
@@ -102,11 +99,7 @@ pub(super) async fn page_to_owner(
         return next.run(request).await;
     };
     let (mut parts, body) = request.into_parts();
-    let token =
-        axum::extract::Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
-            .await
-            .ok()
-            .and_then(|p| p.0.get("token").cloned());
+    let token = path_param(&mut parts, &state, "token").await;
     let page = match token {
         Some(token) => match state.store.link_page(&super::link_page::hash(&token)).await {
             Ok(page) => page,
@@ -137,6 +130,18 @@ async fn to_node_of(
         Ok(None) => moving(),
         Err(e) => ApiError::from(e).into_response(),
     }
+}
+
+/// The path parameter `name` of a call, if its path parses.
+async fn path_param(
+    parts: &mut axum::http::request::Parts,
+    state: &AppState,
+    name: &str,
+) -> Option<String> {
+    axum::extract::Path::<HashMap<String, String>>::from_request_parts(parts, state)
+        .await
+        .ok()
+        .and_then(|p| p.0.get(name).cloned())
 }
 
 fn moving() -> Response {
