@@ -116,7 +116,6 @@ pub async fn run(
             store,
             admin_token,
             client_token: config.client_token.clone(),
-            panel: Default::default(),
             shutdown: shutdown.clone(),
             simulator: config.simulator.clone(),
             public_url: config.public_url(),

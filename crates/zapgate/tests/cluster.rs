@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::receiver::Receiver;
-use common::{Gateway, Instance, World, connected, pg};
+use common::{Gateway, Instance, PanelSession, World, connected, pg};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
@@ -388,4 +388,105 @@ async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging
     all_connected(&n1, &instances, Duration::from_secs(5)).await;
     cluster.moved_once(&paused).await;
     n1.stop().await;
+}
+
+#[tokio::test]
+async fn one_sign_in_shows_and_works_the_instances_of_every_node_in_the_panel() {
+    use reqwest::Method;
+    use serde_json::{Value, json};
+    let cluster = Cluster::new().await;
+    let (n0, n1) = (cluster.node("p0").await, cluster.node("p1").await);
+    let mut instances = Vec::new();
+    for (i, gw) in [&n0, &n0, &n1, &n1].into_iter().enumerate() {
+        instances.push(gw.api.create_instance(&format!("desk {i}")).await);
+    }
+    let (linked, on_n0) = (&instances[0], &instances[1]);
+    cluster.world.wa_link(&n0, linked, "5511977700000").await;
+    assert!(cluster.held_by("p0").await.contains(&on_n0.id));
+    let (b0, b1) = (&n0.api.base, &n1.api.base);
+
+    // Signed in through one node, an operator is signed in on the other.
+    let session = PanelSession::sign_in(b0, common::ADMIN).await;
+    let (status, list) = session
+        .call(Method::GET, b1, "/panel/api/instances", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4, "{list}");
+    // Each instance's state as the node running it says it.
+    let item = |id: &str| items.iter().find(|i| i["id"] == id).unwrap().clone();
+    assert_eq!(item(&linked.id)["state"], "connected", "{list}");
+    assert_eq!(item(&linked.id)["phone"], "5511977700000", "{list}");
+    for inst in &instances[1..] {
+        assert_eq!(item(&inst.id)["state"], "noSession", "{list}");
+    }
+
+    // The live feed through one node carries the other's changes; the instance's page,
+    // its QR code and its webhook deliveries come from the node that runs it.
+    let mut feed = session.events(b1, "/panel/api/events").await;
+    let (status, page) = session.page(b1, &format!("/panel/instances/{}", on_n0.id)).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<h1>desk 1</h1>"), "{page}");
+    let base = format!("/panel/api/instances/{}", on_n0.id);
+    let (status, qr) = session
+        .call(Method::POST, b1, &format!("{base}/qr-code"), None)
+        .await;
+    assert_eq!(status, 200, "{qr}");
+    let state_of = async |feed: &mut common::EventStream, state: &str| loop {
+        let event = feed.until("instance").await;
+        if event.data["id"] == on_n0.id.as_str() && event.data["state"] == state {
+            return event.data;
+        }
+    };
+    state_of(&mut feed, "linking").await;
+    cluster.world.phone_scans(&qr, "5511977700001").await;
+    let connected = state_of(&mut feed, "connected").await;
+    assert_eq!(connected["phone"], "5511977700001");
+    let (status, deliveries) = session
+        .call(Method::GET, b1, &format!("{base}/webhook-deliveries"), None)
+        .await;
+    assert_eq!(status, 200, "{deliveries}");
+    // Without the session's CSRF token, a change is refused wherever it is sent.
+    let (status, _) = session
+        .call(Method::POST, b1, &format!("{base}/restart"), None)
+        .await;
+    assert_eq!(status, 200);
+    let refused = n1
+        .api
+        .http
+        .post(format!("{b1}{base}/restart"))
+        .header("cookie", session.set_cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    assert!(cluster.held_by("p0").await.contains(&on_n0.id));
+
+    // A node joins: the feed ends, so the panel reconnects and reads every node again.
+    let n2 = cluster.node("p2").await;
+    feed.ends_within(Duration::from_secs(15)).await;
+    let mut feed = session.events(b1, "/panel/api/events").await;
+    let created = session
+        .call(Method::POST, b0, "/panel/api/instances", Some(json!({"name": "desk 4"})))
+        .await;
+    assert_eq!(created.0, 200, "{}", created.1);
+    let made = loop {
+        let event = feed.until("instance").await;
+        if event.data["id"] == created.1["id"] {
+            break event.data;
+        }
+    };
+    assert_eq!(made["state"], Value::from("noSession"));
+
+    // Signing out through one node signs out of every node.
+    assert_eq!(session.sign_out(b1).await, 303);
+    for base in [b0, b1, &n2.api.base] {
+        let (status, _) = session
+            .call(Method::GET, base, "/panel/api/instances", None)
+            .await;
+        assert_eq!(status, 401);
+    }
+    for gw in [n0, n1, n2] {
+        gw.stop().await;
+    }
 }

@@ -282,23 +282,6 @@ async fn no_link_page_is_made_while_the_number_is_linked() {
     assert_eq!(status, 410);
 }
 
-/// The panel's sign-in: the session cookie it sets.
-async fn sign_in_cookie(gw: &Gateway) -> String {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let answer = http
-        .post(format!("{}/panel/sign-in", gw.api.base))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={ADMIN}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status().as_u16(), 303);
-    answer.headers()["set-cookie"].to_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn link_page_urls_come_from_the_configuration_never_from_the_request() {
     let world = World::new().await;
@@ -322,7 +305,7 @@ async fn link_page_urls_come_from_the_configuration_never_from_the_request() {
     let url = made["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/link/", gw.api.base)), "{url}");
     // Plain http: the panel's cookie is not marked Secure.
-    assert!(!sign_in_cookie(&gw).await.contains("Secure"));
+    assert!(!common::PanelSession::sign_in(&gw.api.base, ADMIN).await.set_cookie.contains("Secure"));
     gw.stop().await;
 
     // Behind https, the URL says so, and so does the cookie.
@@ -331,7 +314,7 @@ async fn link_page_urls_come_from_the_configuration_never_from_the_request() {
         .await;
     let url = link_page(&gw, &inst).await;
     assert!(url.starts_with("https://wa.example.com/link/"), "{url}");
-    let cookie = sign_in_cookie(&gw).await;
+    let cookie = common::PanelSession::sign_in(&gw.api.base, ADMIN).await.set_cookie;
     assert!(cookie.ends_with("; Secure"), "{cookie}");
 }
 

@@ -825,3 +825,41 @@ async fn a_pending_webhook_is_retried_from_the_panel() {
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_sign_in_outlives_a_restart_and_ends_when_the_admin_token_changes() {
+    use reqwest::Method;
+    let world = World::new().await;
+    let gw = world.gateway().await;
+    let session = common::PanelSession::sign_in(&gw.api.base, common::ADMIN).await;
+    gw.stop().await;
+    // Restarted: still signed in, the page's CSRF token still good.
+    let gw = world.gateway().await;
+    let (status, made) = session
+        .call(
+            Method::POST,
+            &gw.api.base,
+            "/panel/api/instances",
+            Some(serde_json::json!({"name": "After a restart"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{made}");
+    gw.stop().await;
+    // A new admin token: every session opened with the old one is over.
+    let gw = world
+        .gateway_with(&[("ZAPGATE_ADMIN_TOKEN", "a-new-admin-token")])
+        .await;
+    let (status, _) = session
+        .call(Method::GET, &gw.api.base, "/panel/api/instances", None)
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = session.page(&gw.api.base, "/panel").await;
+    assert_eq!(status, 303);
+    let again = common::PanelSession::sign_in(&gw.api.base, "a-new-admin-token").await;
+    let (status, list) = again
+        .call(Method::GET, &gw.api.base, "/panel/api/instances", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["items"][0]["name"], "After a restart");
+    gw.stop().await;
+}

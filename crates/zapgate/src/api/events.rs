@@ -282,12 +282,25 @@ pub(crate) fn state_name(state: State) -> &'static str {
 /// Every instance's state changes, for the panel's list: `instance` events
 /// (`{"id", "state", "phone"}`), and `resync` when the reader fell behind and should
 /// load the list again. Ends at shutdown.
-pub(super) fn every_instance(
-    receiver: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::instance::Event>>,
+pub(super) fn every_instance<S>(
+    states: S,
     shutdown: tokio_util::sync::CancellationToken,
     slot: StreamSlot,
-) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>> {
-    let events = stream::unfold(receiver, |mut receiver| async move {
+) -> axum::response::Sse<impl Stream<Item = Result<Sse, Infallible>>>
+where
+    S: Stream<Item = Sse> + Send + 'static,
+{
+    let events = states.map(Ok).take_until(shutdown.cancelled_owned());
+    axum::response::Sse::new(holding(slot, events))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The state changes of every instance this node runs, from now on; `resync` when
+/// some were missed.
+pub(super) fn instance_states(
+    receiver: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::instance::Event>>,
+) -> impl Stream<Item = Sse> + Send + 'static {
+    stream::unfold(receiver, |mut receiver| async move {
         loop {
             match receiver.recv().await {
                 Ok(event) => {
@@ -308,8 +321,54 @@ pub(super) fn every_instance(
             }
         }
     })
-    .map(Ok)
-    .take_until(shutdown.cancelled_owned());
-    axum::response::Sse::new(holding(slot, events))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The events of a server-sent event stream read from another node (its comments and
+/// fields other than `event` and `data` left out); `None` once it ended or failed.
+pub(super) fn read_events(
+    answer: reqwest::Response,
+) -> impl Stream<Item = Option<Sse>> + Send + 'static {
+    stream::unfold(
+        (answer, Vec::<u8>::new(), false),
+        |(mut answer, mut buffer, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                if let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                    let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+                    if let Some(event) = parse_event(&String::from_utf8_lossy(&frame)) {
+                        return Some((Some(event), (answer, buffer, false)));
+                    }
+                    continue;
+                }
+                match answer.chunk().await {
+                    Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
+                    Ok(None) | Err(_) => return Some((None, (answer, buffer, true))),
+                }
+            }
+        },
+    )
+}
+
+/// One event of a stream, from its lines; none for a comment alone.
+fn parse_event(frame: &str) -> Option<Sse> {
+    let (mut name, mut data) = (None, Vec::new());
+    for line in frame.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => name = Some(value),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    if data.is_empty() {
+        return None;
+    }
+    let event = Sse::default().data(data.join("\n"));
+    Some(match name {
+        Some(name) => event.event(name),
+        None => event,
+    })
 }

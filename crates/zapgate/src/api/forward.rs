@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts as _, OriginalUri, Request, State};
-use axum::http::{HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::sse::Event as Sse;
+use futures_util::Stream;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState, BODY_LIMIT};
-use crate::store::InstanceRecord;
+use crate::store::{InstanceRecord, StoreError};
 use crate::store::leases::Leases;
 
 /// Marks a call passed on by another node (the value: that node's id).
@@ -75,8 +77,54 @@ pub(super) async fn to_owner(
         Ok(record) => record,
         Err(e) => return e.into_response(),
     };
-    // Created on this node a moment ago, or taken over since the look above.
-    if state.manager.get(&record.id).is_some() {
+    here_or_owner(&state, cluster, &record.id, parts, body, next).await
+}
+
+/// Runs a panel route about an instance here when this node runs it; passes it to the
+/// node that does otherwise. The panel's session is in the database: it is checked
+/// here, and again where the call is run.
+pub(super) async fn panel_to_owner(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(cluster) = &state.cluster else {
+        return next.run(request).await;
+    };
+    let (mut parts, body) = request.into_parts();
+    let id = path_param(&mut parts, &state, "id").await;
+    let elsewhere = match id {
+        Some(id) if state.manager.get(&id).is_none() => Some(id),
+        _ => None,
+    };
+    let Some(id) = elsewhere else {
+        return next.run(Request::from_parts(parts, body)).await;
+    };
+    // Signed out: answered here, as anywhere.
+    if super::panel::signed_in(&mut parts, &state).await.is_err() {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    match state.store.instance(&id).await {
+        Ok(Some(record)) if record.cancelled_at.is_none() => {
+            here_or_owner(&state, cluster, &record.id, parts, body, next).await
+        }
+        // No such instance: answered here too.
+        Ok(_) => next.run(Request::from_parts(parts, body)).await,
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Runs a checked call about `instance` here if this node runs it (created here a
+/// moment ago, or taken over since the first look), or passes it to the node that does.
+async fn here_or_owner(
+    state: &AppState,
+    cluster: &Cluster,
+    instance: &str,
+    parts: axum::http::request::Parts,
+    body: axum::body::Body,
+    next: Next,
+) -> Response {
+    if state.manager.get(instance).is_some() {
         return next.run(Request::from_parts(parts, body)).await;
     }
     if parts.headers.contains_key(&FORWARDED_BY) {
@@ -84,7 +132,7 @@ pub(super) async fn to_owner(
         // Never passed twice.
         return moving();
     }
-    to_node_of(cluster, &record.id, parts, body).await
+    to_node_of(cluster, instance, parts, body).await
 }
 
 /// Runs a link page's route here when this node runs the page's instance; passes it to
@@ -142,6 +190,102 @@ async fn path_param(
         .await
         .ok()
         .and_then(|p| p.0.get(name).cloned())
+}
+
+/// Whether the call was passed here by another node.
+pub(super) fn passed(headers: &HeaderMap) -> bool {
+    headers.contains_key(&FORWARDED_BY)
+}
+
+/// The same GET asked of every other live node, with the caller's headers and marked as
+/// passed on: the addresses of the nodes asked, and the 200 answers of those that gave
+/// one (within `wait`, if given).
+pub(super) async fn ask_others(
+    cluster: &Cluster,
+    headers: &HeaderMap,
+    path: &str,
+    wait: Option<std::time::Duration>,
+) -> Result<(Vec<String>, Vec<(String, reqwest::Response)>), StoreError> {
+    let asked: Vec<String> = cluster
+        .leases
+        .others()
+        .await?
+        .into_iter()
+        .map(|(_, addr)| addr)
+        .collect();
+    let calls = asked.iter().map(|addr| {
+        let mut call = cluster.client.get(format!("{addr}{path}"));
+        for (name, value) in headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
+            call = call.header(name, value);
+        }
+        if let Some(wait) = wait {
+            call = call.timeout(wait);
+        }
+        let sent = call.header(FORWARDED_BY, cluster.leases.id()).send();
+        async move {
+            match sent.await {
+                Ok(answer) if answer.status() == StatusCode::OK => Some((addr.clone(), answer)),
+                Ok(answer) => {
+                    tracing::warn!(node.addr = %addr, status = %answer.status(), "another node refused a call passed to it");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(node.addr = %addr, error = %e, "another node did not answer a call passed to it");
+                    None
+                }
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    Ok((asked, answers.into_iter().flatten().collect()))
+}
+
+/// How often a stream merged from every node looks at which nodes are live.
+const NODES_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The events of `local` merged with those of the same stream on every other live node.
+/// The merged stream ends when one of those ends, and when the live nodes are no longer
+/// those it reads (one joined, left, or did not answer): the reader then reconnects,
+/// and reads what it shows again.
+pub(super) async fn with_others<S>(
+    cluster: &Cluster,
+    headers: &HeaderMap,
+    path: &str,
+    local: S,
+) -> Result<impl Stream<Item = Sse> + Send + 'static, StoreError>
+where
+    S: Stream<Item = Sse> + Send + 'static,
+{
+    use futures_util::StreamExt as _;
+    let (asked, answers) = ask_others(cluster, headers, path, None).await?;
+    let mut read: Vec<String> = answers.iter().map(|(addr, _)| addr.clone()).collect();
+    read.sort();
+    if read.len() < asked.len() {
+        // Tried again at the next look.
+        read.push(String::new());
+    }
+    let leases = cluster.leases.clone();
+    let nodes_changed = futures_util::stream::once(async move {
+        loop {
+            tokio::time::sleep(NODES_LOOK).await;
+            if let Ok(others) = leases.others().await {
+                let mut now: Vec<String> = others.into_iter().map(|(_, addr)| addr).collect();
+                now.sort();
+                if now != read {
+                    return None;
+                }
+            }
+        }
+    });
+    let mut all = vec![local.map(Some).boxed(), nodes_changed.boxed()];
+    all.extend(
+        answers
+            .into_iter()
+            .map(|(_, answer)| super::events::read_events(answer).boxed()),
+    );
+    Ok(futures_util::stream::select_all(all)
+        .take_while(|event| std::future::ready(event.is_some()))
+        .filter_map(std::future::ready))
 }
 
 fn moving() -> Response {

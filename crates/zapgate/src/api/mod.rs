@@ -16,7 +16,6 @@ pub(crate) use events::state_name as events_state_name;
 pub use webhooks::WebhookPolicy;
 
 pub use limits::{FailedAuth, StreamSlots};
-pub use panel::Sessions;
 
 use std::sync::Arc;
 
@@ -63,8 +62,6 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub admin_token: Secret,
     pub client_token: Option<Secret>,
-    /// The admin panel's signed-in sessions.
-    pub panel: Arc<Sessions>,
     /// Cancelled when the gateway shuts down: event streams end then.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The control API of the demo's simulated WhatsApp, whose phone the panel offers.

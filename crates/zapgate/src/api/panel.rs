@@ -3,8 +3,6 @@
 //! Signing in with the admin token opens a session (an HttpOnly, SameSite=Strict
 //! cookie); every state-changing request also carries the session's CSRF token.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, State as AxumState};
@@ -15,7 +13,6 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::instance::{InstanceHandle, LinkError, NewInstance, Requester, Unlinked};
@@ -24,23 +21,12 @@ const COOKIE: &str = "zapgate_panel";
 /// A session lasts this long from sign-in.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// At most this many open sessions; the one closest to expiry makes room.
-const MAX_SESSIONS: usize = 256;
+const MAX_SESSIONS: u64 = 256;
 /// A wrong admin token is answered after this delay.
 const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-
-/// The panel's open sessions, in memory: a restart signs everyone out.
-#[derive(Default)]
-pub struct Sessions {
-    open: Mutex<HashMap<String, Session>>,
-}
-
-struct Session {
-    expires: Instant,
-    csrf: String,
-}
 
 pub(super) fn random_token() -> String {
     use base64::Engine as _;
@@ -48,45 +34,43 @@ pub(super) fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-impl Sessions {
+/// The panel's sessions, in the database: a sign-in outlives a restart, and on a shared
+/// database it holds on every node. A session is kept under the hash of its cookie and
+/// the admin token, so a changed admin token signs everyone out.
+struct Sessions<'a>(&'a AppState);
+
+impl Sessions<'_> {
+    fn key(&self, id: &str) -> String {
+        super::link_page::hash(&format!("{id}\n{}", self.0.admin_token.expose()))
+    }
+
     /// A new session: its id (the cookie) and its CSRF token.
-    fn open(&self) -> (String, String) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        open.retain(|_, s| s.expires > now);
-        if open.len() >= MAX_SESSIONS {
-            if let Some(oldest) = open
-                .iter()
-                .min_by_key(|(_, s)| s.expires)
-                .map(|(id, _)| id.clone())
-            {
-                open.remove(&oldest);
-            }
-        }
+    async fn open(&self) -> Result<(String, String), ApiError> {
         let (id, csrf) = (random_token(), random_token());
-        open.insert(
-            id.clone(),
-            Session {
-                expires: now + SESSION_TTL,
-                csrf: csrf.clone(),
-            },
-        );
-        (id, csrf)
+        let now = crate::unix_millis();
+        let ttl = i64::try_from(SESSION_TTL.as_millis()).expect("a short TTL");
+        self.0
+            .store
+            .open_panel_session(&self.key(&id), &csrf, now + ttl, now, MAX_SESSIONS)
+            .await?;
+        Ok((id, csrf))
     }
 
-    /// The CSRF token of a live session.
-    fn csrf(&self, id: &str) -> Option<String> {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(id)
-            .filter(|s| s.expires > Instant::now())
-            .map(|s| s.csrf.clone())
+    /// The CSRF token of the live session the request's cookie names.
+    async fn csrf(&self, headers: &HeaderMap) -> Result<Option<(String, String)>, ApiError> {
+        let Some(id) = session_cookie(headers) else {
+            return Ok(None);
+        };
+        let found = self
+            .0
+            .store
+            .panel_session(&self.key(&id), crate::unix_millis())
+            .await?;
+        Ok(found.map(|csrf| (id, csrf)))
     }
 
-    fn close(&self, id: &str) {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+    async fn close(&self, id: &str) -> Result<(), ApiError> {
+        Ok(self.0.store.close_panel_session(&self.key(id)).await?)
     }
 }
 
@@ -113,11 +97,18 @@ impl FromRequestParts<AppState> for Page {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        session_cookie(&parts.headers)
-            .and_then(|id| state.panel.csrf(&id))
-            .map(|csrf| Page { csrf })
-            .ok_or_else(|| Redirect::to("/panel/sign-in").into_response())
+        match Sessions(state).csrf(&parts.headers).await {
+            Ok(Some((_, csrf))) => Ok(Page { csrf }),
+            Ok(None) => Err(Redirect::to("/panel/sign-in").into_response()),
+            Err(e) => Err(e.into_response()),
+        }
     }
+}
+
+/// Whether the call comes from a signed-in operator (with the session's CSRF token, for
+/// anything but a GET).
+pub(super) async fn signed_in(parts: &mut Parts, state: &AppState) -> Result<(), ApiError> {
+    Operator::from_request_parts(parts, state).await.map(|_| ())
 }
 
 /// A signed-in operator, on the panel's JSON routes: anything but a GET must carry the
@@ -132,8 +123,10 @@ impl FromRequestParts<AppState> for Operator {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let signed_out = || ApiError::new(StatusCode::UNAUTHORIZED, "Signed out: sign in again");
-        let session = session_cookie(&parts.headers).ok_or_else(signed_out)?;
-        let csrf = state.panel.csrf(&session).ok_or_else(signed_out)?;
+        let (_, csrf) = Sessions(state)
+            .csrf(&parts.headers)
+            .await?
+            .ok_or_else(signed_out)?;
         if parts.method != Method::GET {
             let given = parts
                 .headers
@@ -157,10 +150,18 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
         .route("/panel", get(instances_page))
         .route("/panel/sign-in", get(sign_in_page).post(sign_in))
         .route("/panel/sign-out", post(sign_out))
-        .route("/panel/instances/{id}", get(instance_page))
         .route("/panel/assets/{file}", get(asset))
         .route("/panel/api/instances", get(list).post(create))
         .route("/panel/api/events", get(every_instance))
+        .merge(super::link_page::public_routes(state))
+        .merge(instance_routes(state))
+        .layer(axum::middleware::map_response(secure_headers))
+}
+
+/// The panel's routes about one instance: run by the node that runs the instance.
+fn instance_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/panel/instances/{id}", get(instance_page))
         .route("/panel/api/instances/{id}/events", get(events))
         .route("/panel/api/instances/{id}/qr-code", post(qr_code))
         .route("/panel/api/instances/{id}/phone-code", post(phone_code))
@@ -176,7 +177,6 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
             "/panel/api/instances/{id}/link-page/revoke",
             post(revoke_link_pages),
         )
-        .merge(super::link_page::public_routes(state))
         .route(
             "/panel/api/instances/{id}/webhook-deliveries",
             get(webhook_deliveries),
@@ -186,7 +186,10 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
             post(retry_webhook),
         )
         .merge(simulated::routes())
-        .layer(axum::middleware::map_response(secure_headers))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::panel_to_owner,
+        ))
 }
 
 pub(super) async fn secure_headers(mut response: Response) -> Response {
@@ -315,10 +318,11 @@ fn sign_in_form(message: Option<&str>) -> Html<String> {
 }
 
 async fn sign_in_page(headers: HeaderMap, AxumState(state): AxumState<AppState>) -> Response {
-    if session_cookie(&headers).is_some_and(|id| state.panel.csrf(&id).is_some()) {
-        return Redirect::to("/panel").into_response();
+    match Sessions(&state).csrf(&headers).await {
+        Ok(Some(_)) => Redirect::to("/panel").into_response(),
+        Ok(None) => sign_in_form(None).into_response(),
+        Err(e) => e.into_response(),
     }
-    sign_in_form(None).into_response()
 }
 
 #[derive(Deserialize)]
@@ -351,7 +355,10 @@ async fn sign_in(
             return (StatusCode::TOO_MANY_REQUESTS, retry, page).into_response();
         }
     }
-    let (id, _) = state.panel.open();
+    let id = match Sessions(&state).open().await {
+        Ok((id, _)) => id,
+        Err(e) => return e.into_response(),
+    };
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         SESSION_TTL.as_secs(),
@@ -381,10 +388,14 @@ async fn sign_out(
     AxumState(state): AxumState<AppState>,
     Form(form): Form<SignOutForm>,
 ) -> Response {
-    // A session that is gone (expired, or a restart) is signed out already.
-    if let Some((id, csrf)) =
-        session_cookie(&headers).and_then(|id| state.panel.csrf(&id).map(|csrf| (id, csrf)))
-    {
+    // A session that is gone (expired, or a changed admin token) is signed out
+    // already.
+    let sessions = Sessions(&state);
+    let open = match sessions.csrf(&headers).await {
+        Ok(open) => open,
+        Err(e) => return e.into_response(),
+    };
+    if let Some((id, csrf)) = open {
         if !super::auth::same(form.csrf.as_bytes(), csrf.as_bytes()) {
             return (
                 StatusCode::FORBIDDEN,
@@ -392,7 +403,9 @@ async fn sign_out(
             )
                 .into_response();
         }
-        state.panel.close(&id);
+        if let Err(e) = sessions.close(&id).await {
+            return e.into_response();
+        }
     }
     let cookie = format!(
         "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
@@ -615,14 +628,19 @@ struct ListQuery {
     query: Option<String>,
 }
 
+/// How long the list waits for the other nodes' states of their instances.
+const OTHERS_WAIT: Duration = Duration::from_secs(3);
+
 async fn list(
     _: Operator,
     AxumState(state): AxumState<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let query = q.query.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let found = state.store.page_instances(1, 100, query).await?;
-    let items: Vec<Value> = found
+    let mut items: Vec<Value> = found
         .items
         .iter()
         .map(|r| {
@@ -640,6 +658,28 @@ async fn list(
             })
         })
         .collect();
+    // On a shared database, the states of the instances other nodes run are theirs to
+    // say: each is asked the same page.
+    let elsewhere = items.iter().any(|item| item["state"].is_null());
+    if let Some(cluster) = state.cluster.as_ref().filter(|_| elsewhere) {
+        if !super::forward::passed(&headers) {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            let (_, answers) =
+                super::forward::ask_others(cluster, &headers, path, Some(OTHERS_WAIT)).await?;
+            for (_, answer) in answers {
+                let Ok(theirs) = answer.json::<Value>().await else {
+                    continue;
+                };
+                let known = theirs["items"].as_array().into_iter().flatten();
+                for their in known.filter(|item| !item["state"].is_null()) {
+                    if let Some(item) = items.iter_mut().find(|item| item["id"] == their["id"]) {
+                        item["state"] = their["state"].clone();
+                        item["phone"] = their["phone"].clone();
+                    }
+                }
+            }
+        }
+    }
     Ok(Json(json!({ "total": found.total, "items": items })))
 }
 
@@ -674,13 +714,25 @@ async fn create(
     Ok(Json(json!({ "id": handle.record.id })))
 }
 
+/// The state changes of every instance; on a shared database, of those every node runs.
 async fn every_instance(
     _: Operator,
     AxumState(state): AxumState<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let slot = state.streams.take("panel")?;
-    let events = state.manager.events();
-    Ok(super::events::every_instance(events, state.shutdown.clone(), slot).into_response())
+    let shutdown = state.shutdown.clone();
+    let here = super::events::instance_states(state.manager.events());
+    let cluster = state.cluster.as_ref();
+    match cluster.filter(|_| !super::forward::passed(&headers)) {
+        None => Ok(super::events::every_instance(here, shutdown, slot).into_response()),
+        Some(cluster) => {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            let all = super::forward::with_others(cluster, &headers, path, here).await?;
+            Ok(super::events::every_instance(all, shutdown, slot).into_response())
+        }
+    }
 }
 
 async fn events(
@@ -862,19 +914,5 @@ mod tests {
             escape(r#"<b>"Tom" & 'Jerry'</b>"#),
             "&lt;b&gt;&quot;Tom&quot; &amp; &#39;Jerry&#39;&lt;/b&gt;"
         );
-    }
-
-    #[test]
-    fn sessions_expire_and_close() {
-        let sessions = Sessions::default();
-        let (id, csrf) = sessions.open();
-        assert_eq!(sessions.csrf(&id), Some(csrf));
-        assert_eq!(sessions.csrf("other"), None);
-        sessions.close(&id);
-        assert_eq!(sessions.csrf(&id), None);
-        for _ in 0..MAX_SESSIONS + 10 {
-            sessions.open();
-        }
-        assert_eq!(sessions.open.lock().unwrap().len(), MAX_SESSIONS);
     }
 }

@@ -319,6 +319,20 @@ pub trait Store: MessageStore + Send + Sync + 'static {
     /// Revokes every live link page of the instance (not expired, revoked or used);
     /// returns how many.
     async fn revoke_link_pages(&self, instance_id: &str, at: i64) -> Result<u64, StoreError>;
+    /// Opens an admin panel session, kept under `key` until `expires_at`, and forgets
+    /// those expired at `now`; while `max_open` are open, the one closest to expiry
+    /// makes room.
+    async fn open_panel_session(
+        &self,
+        key: &str,
+        csrf: &str,
+        expires_at: i64,
+        now: i64,
+        max_open: u64,
+    ) -> Result<(), StoreError>;
+    /// The CSRF token of the panel session kept under `key`, if it is open at `now`.
+    async fn panel_session(&self, key: &str, now: i64) -> Result<Option<String>, StoreError>;
+    async fn close_panel_session(&self, key: &str) -> Result<(), StoreError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -658,6 +658,56 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn open_panel_session(
+        &self,
+        key: &str,
+        csrf: &str,
+        expires_at: i64,
+        now: i64,
+        max_open: u64,
+    ) -> Result<(), StoreError> {
+        let mut writer = self.write.lock().await?;
+        let mut tx = writer.begin().await?;
+        sqlx::query("DELETE FROM panel_sessions WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM panel_sessions WHERE session_key IN (SELECT session_key \
+             FROM panel_sessions ORDER BY expires_at LIMIT \
+             MAX(0, (SELECT COUNT(*) FROM panel_sessions) - ? + 1))",
+        )
+        .bind(i64::try_from(max_open).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO panel_sessions (session_key, csrf, expires_at) VALUES (?, ?, ?)")
+            .bind(key)
+            .bind(csrf)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn panel_session(&self, key: &str, now: i64) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT csrf FROM panel_sessions WHERE session_key = ? AND expires_at > ?",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&mut *self.read.lock().await?)
+        .await?)
+    }
+
+    async fn close_panel_session(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM panel_sessions WHERE session_key = ?")
+            .bind(key)
+            .execute(&mut *self.write.lock().await?)
+            .await?;
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&mut *self.read.lock().await?)

@@ -666,6 +666,111 @@ impl Api {
     }
 }
 
+/// An admin panel session opened over plain HTTP, used as the panel's pages use it:
+/// the cookie with every call, and the page's CSRF token with every change.
+pub struct PanelSession {
+    http: reqwest::Client,
+    /// The `Set-Cookie` of the sign-in, as given.
+    pub set_cookie: String,
+    cookie: String,
+    pub csrf: String,
+}
+
+impl PanelSession {
+    /// Signs in with `token` at the gateway at `base`; fails unless it is let in.
+    pub async fn sign_in(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let answer = http
+            .post(format!("{base}/panel/sign-in"))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 303);
+        let set_cookie = answer.headers()["set-cookie"].to_str().unwrap().to_owned();
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        let mut session = Self {
+            http,
+            set_cookie,
+            cookie,
+            csrf: String::new(),
+        };
+        let (status, page) = session.page(base, "/panel").await;
+        assert_eq!(status, 200, "{page}");
+        let meta = page.split(r#"<meta name="csrf" content=""#).nth(1).unwrap();
+        session.csrf = meta.split('"').next().unwrap().to_owned();
+        session
+    }
+
+    /// A page of the panel: its status and HTML.
+    pub async fn page(&self, base: &str, path: &str) -> (u16, String) {
+        let answer = self
+            .http
+            .get(format!("{base}{path}"))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    /// A call to the panel's JSON routes (a change with the CSRF token).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        base: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{base}{path}"))
+            .header("cookie", &self.cookie);
+        if method != reqwest::Method::GET {
+            request = request.header("x-csrf-token", &self.csrf);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let answer = request.send().await.unwrap();
+        let status = answer.status().as_u16();
+        let text = answer.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Opens one of the panel's event streams.
+    pub async fn events(&self, base: &str, path: &str) -> EventStream {
+        let response = self
+            .http
+            .get(format!("{base}{path}"))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// Signs out, as the panel's button does: the status of the answer.
+    pub async fn sign_out(&self, base: &str) -> u16 {
+        self.http
+            .post(format!("{base}/panel/sign-out"))
+            .header("cookie", &self.cookie)
+            .form(&[("csrf", &self.csrf)])
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
 impl EventStream {
     /// The next event (keep-alive comments skipped), within `within`.
     pub async fn next_within(&mut self, within: Duration) -> Sse {

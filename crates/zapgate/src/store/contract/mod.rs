@@ -85,6 +85,7 @@ on_every_backend!(
     a_gone_url_is_cleared_and_the_events_waiting_for_it_settle,
     settled_events_are_forgotten_once_old_a_thousand_at_a_time,
     a_deleted_instance_s_events_are_still_delivered,
+    panel_sessions_live_until_they_expire_or_close_and_the_oldest_makes_room,
 );
 
 fn event(id: &str, instance: &str, kind: WebhookKind, created_at: i64) -> WebhookEvent {
@@ -295,6 +296,38 @@ async fn link_pages_live_until_they_expire_or_are_revoked_and_go_with_their_inst
     assert_eq!(store.revoke_link_pages("A", 270).await.unwrap(), 0);
     store.delete_instance("A").await.unwrap();
     assert_eq!(store.link_page("h3").await.unwrap(), None);
+}
+
+async fn panel_sessions_live_until_they_expire_or_close_and_the_oldest_makes_room(
+    store: &dyn Store,
+) {
+    let open = async |key: &str, expires_at: i64, now: i64| {
+        let csrf = format!("csrf-{key}");
+        store
+            .open_panel_session(key, &csrf, expires_at, now, 2)
+            .await
+            .unwrap();
+    };
+    open("a", 100, 0).await;
+    open("b", 200, 10).await;
+    assert_eq!(store.panel_session("a", 50).await.unwrap(), Some("csrf-a".into()));
+    assert_eq!(store.panel_session("b", 50).await.unwrap(), Some("csrf-b".into()));
+    assert_eq!(store.panel_session("nope", 50).await.unwrap(), None);
+    // Expired: not open any more, though still kept.
+    assert_eq!(store.panel_session("a", 100).await.unwrap(), None);
+    // Two open: the third takes the place of the one closest to expiry.
+    open("c", 300, 20).await;
+    assert_eq!(store.panel_session("a", 50).await.unwrap(), None);
+    assert_eq!(store.panel_session("b", 50).await.unwrap(), Some("csrf-b".into()));
+    assert_eq!(store.panel_session("c", 50).await.unwrap(), Some("csrf-c".into()));
+    // An expired one goes first, and makes the room.
+    open("d", 400, 250).await;
+    assert_eq!(store.panel_session("c", 260).await.unwrap(), Some("csrf-c".into()));
+    assert_eq!(store.panel_session("d", 260).await.unwrap(), Some("csrf-d".into()));
+    store.close_panel_session("c").await.unwrap();
+    store.close_panel_session("c").await.unwrap();
+    assert_eq!(store.panel_session("c", 260).await.unwrap(), None);
+    assert_eq!(store.panel_session("d", 260).await.unwrap(), Some("csrf-d".into()));
 }
 
 async fn spent_and_revoked_link_pages_are_not_live_and_are_forgotten_once_old(store: &dyn Store) {

@@ -788,6 +788,61 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn open_panel_session(
+        &self,
+        key: &str,
+        csrf: &str,
+        expires_at: i64,
+        now: i64,
+        max_open: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Sign-ins on several nodes at once count one after the other.
+        sqlx::query("LOCK TABLE panel_sessions IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM panel_sessions WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM panel_sessions WHERE session_key IN (SELECT session_key \
+             FROM panel_sessions ORDER BY expires_at \
+             LIMIT GREATEST(0, (SELECT count(*) FROM panel_sessions) - $1 + 1))",
+        )
+        .bind(i64::try_from(max_open).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO panel_sessions (session_key, csrf, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(key)
+        .bind(csrf)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn panel_session(&self, key: &str, now: i64) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT csrf FROM panel_sessions WHERE session_key = $1 AND expires_at > $2",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn close_panel_session(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM panel_sessions WHERE session_key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
