@@ -305,7 +305,12 @@ async fn link_page_urls_come_from_the_configuration_never_from_the_request() {
     let url = made["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/link/", gw.api.base)), "{url}");
     // Plain http: the panel's cookie is not marked Secure.
-    assert!(!common::PanelSession::sign_in(&gw.api.base, ADMIN).await.set_cookie.contains("Secure"));
+    assert!(
+        !common::PanelSession::sign_in(&gw.api.base, ADMIN)
+            .await
+            .set_cookie
+            .contains("Secure")
+    );
     gw.stop().await;
 
     // Behind https, the URL says so, and so does the cookie.
@@ -314,7 +319,9 @@ async fn link_page_urls_come_from_the_configuration_never_from_the_request() {
         .await;
     let url = link_page(&gw, &inst).await;
     assert!(url.starts_with("https://wa.example.com/link/"), "{url}");
-    let cookie = common::PanelSession::sign_in(&gw.api.base, ADMIN).await.set_cookie;
+    let cookie = common::PanelSession::sign_in(&gw.api.base, ADMIN)
+        .await
+        .set_cookie;
     assert!(cookie.ends_with("; Secure"), "{cookie}");
 }
 

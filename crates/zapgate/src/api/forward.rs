@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts as _, OriginalUri, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
-use axum::response::sse::Event as Sse;
-use futures_util::Stream;
 use axum::middleware::Next;
+use axum::response::sse::Event as Sse;
 use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
 
 use super::{ApiError, AppState, BODY_LIMIT};
-use crate::store::{InstanceRecord, StoreError};
 use crate::store::leases::Leases;
+use crate::store::{InstanceRecord, StoreError};
 
 /// Marks a call passed on by another node (the value: that node's id).
 const FORWARDED_BY: HeaderName = HeaderName::from_static("x-zapgate-forwarded-by");

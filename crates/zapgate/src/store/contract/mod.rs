@@ -310,24 +310,45 @@ async fn panel_sessions_live_until_they_expire_or_close_and_the_oldest_makes_roo
     };
     open("a", 100, 0).await;
     open("b", 200, 10).await;
-    assert_eq!(store.panel_session("a", 50).await.unwrap(), Some("csrf-a".into()));
-    assert_eq!(store.panel_session("b", 50).await.unwrap(), Some("csrf-b".into()));
+    assert_eq!(
+        store.panel_session("a", 50).await.unwrap(),
+        Some("csrf-a".into())
+    );
+    assert_eq!(
+        store.panel_session("b", 50).await.unwrap(),
+        Some("csrf-b".into())
+    );
     assert_eq!(store.panel_session("nope", 50).await.unwrap(), None);
     // Expired: not open any more, though still kept.
     assert_eq!(store.panel_session("a", 100).await.unwrap(), None);
     // Two open: the third takes the place of the one closest to expiry.
     open("c", 300, 20).await;
     assert_eq!(store.panel_session("a", 50).await.unwrap(), None);
-    assert_eq!(store.panel_session("b", 50).await.unwrap(), Some("csrf-b".into()));
-    assert_eq!(store.panel_session("c", 50).await.unwrap(), Some("csrf-c".into()));
+    assert_eq!(
+        store.panel_session("b", 50).await.unwrap(),
+        Some("csrf-b".into())
+    );
+    assert_eq!(
+        store.panel_session("c", 50).await.unwrap(),
+        Some("csrf-c".into())
+    );
     // An expired one goes first, and makes the room.
     open("d", 400, 250).await;
-    assert_eq!(store.panel_session("c", 260).await.unwrap(), Some("csrf-c".into()));
-    assert_eq!(store.panel_session("d", 260).await.unwrap(), Some("csrf-d".into()));
+    assert_eq!(
+        store.panel_session("c", 260).await.unwrap(),
+        Some("csrf-c".into())
+    );
+    assert_eq!(
+        store.panel_session("d", 260).await.unwrap(),
+        Some("csrf-d".into())
+    );
     store.close_panel_session("c").await.unwrap();
     store.close_panel_session("c").await.unwrap();
     assert_eq!(store.panel_session("c", 260).await.unwrap(), None);
-    assert_eq!(store.panel_session("d", 260).await.unwrap(), Some("csrf-d".into()));
+    assert_eq!(
+        store.panel_session("d", 260).await.unwrap(),
+        Some("csrf-d".into())
+    );
 }
 
 async fn spent_and_revoked_link_pages_are_not_live_and_are_forgotten_once_old(store: &dyn Store) {
