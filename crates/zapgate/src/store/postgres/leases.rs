@@ -649,6 +649,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_registry_writes_of_an_owner_are_fenced_and_a_creation_is_leased_to_its_node() {
+        use crate::store::messages::{Enqueued, MessageStore as _, NewOutbound};
         use crate::store::{Link, StoreError, WebhookEvent, WebhookKind};
         let (url, store) = database(1).await;
         let a = join(&url, &store, Duration::from_secs(10)).await;
@@ -679,10 +680,36 @@ mod tests {
         ));
         assert!(moved(mine.delete_instance("I00").await));
         assert_eq!(store.instance("I00").await.unwrap().unwrap().link, None);
+        // A message queued through any node: only the holder starts sending it.
+        let queued = NewOutbound {
+            zaap_id: "Z1".into(),
+            instance_id: "I00".into(),
+            message_id: "M1".into(),
+            phone: "5511988880000".into(),
+            text: "hi".into(),
+            reply_to: None,
+            edit_of: None,
+            delay_ms: None,
+            typing_ms: 0,
+            idempotency: None,
+            created_at: 1,
+        };
+        let Enqueued::New(queued) = mine.enqueue_message(&queued, 10).await.unwrap() else {
+            panic!("queued");
+        };
+        assert!(matches!(
+            mine.message_sending(queued.seq).await,
+            Err(StoreError::Moved(_))
+        ));
+        assert!(b.release("I00", epoch).await.unwrap());
+        assert!(matches!(
+            mine.message_sending(queued.seq).await,
+            Err(StoreError::Moved(_))
+        ));
 
         // Handed over to a: its writes pass now, b's epoch stays refused for good.
-        assert!(b.release("I00", epoch).await.unwrap());
         a.claim_instance("I00").await.unwrap().unwrap();
+        assert!(mine.message_sending(queued.seq).await.unwrap());
         mine.set_link("I00", Some(&link)).await.unwrap();
         assert_eq!(
             store.instance("I00").await.unwrap().unwrap().link,

@@ -330,14 +330,29 @@ impl MessageStore for PgStore {
     }
 
     async fn message_sending(&self, seq: i64) -> Result<bool, StoreError> {
+        // Only the node holding the instance starts a send: one that lost its lease
+        // (and may not know yet) is refused, so the message goes once, from the new
+        // owner. What WhatsApp said back (acks, receipts, messages received) is written
+        // by whichever node heard it: each such write is serialized by the instance's
+        // row and moves a state only forward, and one refused would be lost.
+        let instance: Option<String> =
+            sqlx::query_scalar("SELECT instance_id FROM outbound_messages WHERE seq = $1")
+                .bind(seq)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(instance) = instance else {
+            return Ok(false);
+        };
+        let mut tx = self.owner_tx(&instance).await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'sending', attempts = attempts + 1 \
              WHERE seq = $1 AND state IN ('queued', 'sending')",
         )
         .bind(seq)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        tx.commit().await?;
         Ok(moved == 1)
     }
 
