@@ -358,6 +358,26 @@ async fn a_paused_node_loses_its_numbers_and_exits_when_it_wakes_without_logging
     let mut stream = n1.api.events(watched, None).await;
     assert_eq!(stream.next().await.name, "state");
     n0.signal("STOP");
+    // The panel through the other node opens all the same: its feed and its list wait
+    // a moment for the node that says nothing, not forever.
+    let opening = Instant::now();
+    let panel = PanelSession::sign_in(&n1.api.base, common::ADMIN).await;
+    let _feed = panel.events(&n1.api.base, "/panel/api/events").await;
+    let (status, list) = panel
+        .call(
+            reqwest::Method::GET,
+            &n1.api.base,
+            "/panel/api/instances",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 4, "{list}");
+    assert!(
+        opening.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        opening.elapsed()
+    );
     let took = all_connected(&n1, &instances, Duration::from_secs(LEASE_SECS + 15)).await;
     // The stream from the paused node ends once the number moved: the caller opens
     // it again and reaches the new owner.
@@ -457,6 +477,16 @@ async fn one_sign_in_shows_and_works_the_instances_of_every_node_in_the_panel() 
         .api
         .http
         .post(format!("{b1}{base}/restart"))
+        .header("cookie", session.set_cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    // The node running it checks the token too.
+    let refused = n0
+        .api
+        .http
+        .post(format!("{b0}{base}/restart"))
         .header("cookie", session.set_cookie.split(';').next().unwrap())
         .send()
         .await

@@ -323,6 +323,9 @@ pub(super) fn instance_states(
     })
 }
 
+/// Longest event read from another node: past it, the stream is taken as broken.
+const LONGEST_EVENT: usize = 64 * 1024;
+
 /// The events of a server-sent event stream read from another node (its comments and
 /// fields other than `event` and `data` left out); `None` once it ended or failed.
 pub(super) fn read_events(
@@ -342,6 +345,9 @@ pub(super) fn read_events(
                     }
                     continue;
                 }
+                if buffer.len() > LONGEST_EVENT {
+                    return Some((None, (answer, buffer, true)));
+                }
                 match answer.chunk().await {
                     Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
                     Ok(None) | Err(_) => return Some((None, (answer, buffer, true))),
@@ -351,8 +357,12 @@ pub(super) fn read_events(
     )
 }
 
-/// One event of a stream, from its lines; none for a comment alone.
+/// One event of a stream, from its lines; none for a comment alone, or for one this
+/// gateway never writes (a carriage return in it).
 fn parse_event(frame: &str) -> Option<Sse> {
+    if frame.contains('\r') {
+        return None;
+    }
     let (mut name, mut data) = (None, Vec::new());
     for line in frame.lines() {
         let (field, value) = line.split_once(':').unwrap_or((line, ""));

@@ -197,14 +197,23 @@ pub(super) fn passed(headers: &HeaderMap) -> bool {
     headers.contains_key(&FORWARDED_BY)
 }
 
+/// How long a call asked of every node waits for each one.
+#[derive(Clone, Copy)]
+pub(super) enum Wait {
+    /// For the whole answer.
+    Answer(std::time::Duration),
+    /// For the answer to begin (a stream then lasts).
+    Start(std::time::Duration),
+}
+
 /// The same GET asked of every other live node, with the caller's headers and marked as
 /// passed on: the addresses of the nodes asked, and the 200 answers of those that gave
-/// one (within `wait`, if given).
+/// one in time (a paused node takes the connection and says nothing).
 pub(super) async fn ask_others(
     cluster: &Cluster,
     headers: &HeaderMap,
     path: &str,
-    wait: Option<std::time::Duration>,
+    wait: Wait,
 ) -> Result<(Vec<String>, Vec<(String, reqwest::Response)>), StoreError> {
     let asked: Vec<String> = cluster
         .leases
@@ -218,12 +227,20 @@ pub(super) async fn ask_others(
         for (name, value) in headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
             call = call.header(name, value);
         }
-        if let Some(wait) = wait {
-            call = call.timeout(wait);
-        }
+        let start = match wait {
+            Wait::Answer(wait) => {
+                call = call.timeout(wait);
+                wait
+            }
+            Wait::Start(wait) => wait,
+        };
         let sent = call.header(FORWARDED_BY, cluster.leases.id()).send();
         async move {
-            match sent.await {
+            let Ok(sent) = tokio::time::timeout(start, sent).await else {
+                tracing::warn!(node.addr = %addr, "another node did not answer a call passed to it in time");
+                return None;
+            };
+            match sent {
                 Ok(answer) if answer.status() == StatusCode::OK => Some((addr.clone(), answer)),
                 Ok(answer) => {
                     tracing::warn!(node.addr = %addr, status = %answer.status(), "another node refused a call passed to it");
@@ -242,11 +259,16 @@ pub(super) async fn ask_others(
 
 /// How often a stream merged from every node looks at which nodes are live.
 const NODES_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stream merged from every node waits for each to begin.
+const STREAM_START: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a stream merged without some node (it did not answer, or refused) lasts
+/// before it ends, so that the reader tries every node again.
+const WITHOUT_SOME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The events of `local` merged with those of the same stream on every other live node.
 /// The merged stream ends when one of those ends, and when the live nodes are no longer
-/// those it reads (one joined, left, or did not answer): the reader then reconnects,
-/// and reads what it shows again.
+/// those it asked (one joined or left): the reader then reconnects, and reads what it
+/// shows again. Without a node that did not answer, it ends after a while too.
 pub(super) async fn with_others<S>(
     cluster: &Cluster,
     headers: &HeaderMap,
@@ -257,21 +279,21 @@ where
     S: Stream<Item = Sse> + Send + 'static,
 {
     use futures_util::StreamExt as _;
-    let (asked, answers) = ask_others(cluster, headers, path, None).await?;
-    let mut read: Vec<String> = answers.iter().map(|(addr, _)| addr.clone()).collect();
-    read.sort();
-    if read.len() < asked.len() {
-        // Tried again at the next look.
-        read.push(String::new());
-    }
+    let (mut asked, answers) =
+        ask_others(cluster, headers, path, Wait::Start(STREAM_START)).await?;
+    asked.sort();
+    let partial = (answers.len() < asked.len()).then(|| tokio::time::Instant::now() + WITHOUT_SOME);
     let leases = cluster.leases.clone();
     let nodes_changed = futures_util::stream::once(async move {
         loop {
             tokio::time::sleep(NODES_LOOK).await;
+            if partial.is_some_and(|until| tokio::time::Instant::now() >= until) {
+                return None;
+            }
             if let Ok(others) = leases.others().await {
                 let mut now: Vec<String> = others.into_iter().map(|(_, addr)| addr).collect();
                 now.sort();
-                if now != read {
+                if now != asked {
                     return None;
                 }
             }

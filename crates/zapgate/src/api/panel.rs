@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, JsonBody};
 use crate::instance::{InstanceHandle, LinkError, NewInstance, Requester, Unlinked};
+use crate::store::InstanceRecord;
 
 const COOKIE: &str = "zapgate_panel";
 /// A session lasts this long from sign-in.
@@ -154,6 +155,16 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
         .route("/panel/api/instances", get(list).post(create))
         .route("/panel/api/events", get(every_instance))
         .merge(super::link_page::public_routes(state))
+        // What only the database knows is answered by any node.
+        .route("/panel/instances/{id}", get(instance_page))
+        .route(
+            "/panel/api/instances/{id}/link-page/revoke",
+            post(revoke_link_pages),
+        )
+        .route(
+            "/panel/api/instances/{id}/webhook-deliveries",
+            get(webhook_deliveries),
+        )
         .merge(instance_routes(state))
         .layer(axum::middleware::map_response(secure_headers))
 }
@@ -161,7 +172,6 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
 /// The panel's routes about one instance: run by the node that runs the instance.
 fn instance_routes(state: &AppState) -> Router<AppState> {
     Router::new()
-        .route("/panel/instances/{id}", get(instance_page))
         .route("/panel/api/instances/{id}/events", get(events))
         .route("/panel/api/instances/{id}/qr-code", post(qr_code))
         .route("/panel/api/instances/{id}/phone-code", post(phone_code))
@@ -173,14 +183,7 @@ fn instance_routes(state: &AppState) -> Router<AppState> {
             "/panel/api/instances/{id}/link-page",
             post(create_link_page),
         )
-        .route(
-            "/panel/api/instances/{id}/link-page/revoke",
-            post(revoke_link_pages),
-        )
-        .route(
-            "/panel/api/instances/{id}/webhook-deliveries",
-            get(webhook_deliveries),
-        )
+        // The node running the instance delivers its webhooks: it is the one to wake.
         .route(
             "/panel/api/instances/{id}/webhook-deliveries/{event}/retry",
             post(retry_webhook),
@@ -445,7 +448,11 @@ async fn instance_page(
     AxumState(state): AxumState<AppState>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(instance) = state.manager.get(&id) else {
+    let record = match listed(&state, &id).await {
+        Ok(record) => record,
+        Err(e) => return e.into_response(),
+    };
+    let Some(r) = &record else {
         let body = r#"<h1>No such instance</h1><p><a href="/panel">Back to the instances</a></p>"#;
         return (
             StatusCode::NOT_FOUND,
@@ -453,7 +460,6 @@ async fn instance_page(
         )
             .into_response();
     };
-    let r = &instance.record;
     let data = format!(r#"data-instance="{}""#, escape(&r.id));
     html(
         &r.name,
@@ -616,6 +622,23 @@ mod simulated {
     }
 }
 
+/// The instance as the database has it, unless it is being cancelled: for what any
+/// node answers.
+async fn listed(state: &AppState, id: &str) -> Result<Option<InstanceRecord>, ApiError> {
+    Ok(state
+        .store
+        .instance(id)
+        .await?
+        .filter(|r| r.cancelled_at.is_none()))
+}
+
+/// [`listed`], or the 404 of an instance that is not.
+async fn known(state: &AppState, id: &str) -> Result<InstanceRecord, ApiError> {
+    listed(state, id)
+        .await?
+        .ok_or_else(ApiError::instance_not_found)
+}
+
 fn found(state: &AppState, id: &str) -> Result<InstanceHandle, ApiError> {
     state
         .manager
@@ -664,8 +687,14 @@ async fn list(
     if let Some(cluster) = state.cluster.as_ref().filter(|_| elsewhere) {
         if !super::forward::passed(&headers) {
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            let (_, answers) =
-                super::forward::ask_others(cluster, &headers, path, Some(OTHERS_WAIT)).await?;
+            let wait = super::forward::Wait::Answer(OTHERS_WAIT);
+            let answers = match super::forward::ask_others(cluster, &headers, path, wait).await {
+                Ok((_, answers)) => answers,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look up the other nodes: the list shows this node's states only");
+                    Vec::new()
+                }
+            };
             for (_, answer) in answers {
                 let Ok(theirs) = answer.json::<Value>().await else {
                     continue;
@@ -721,11 +750,17 @@ async fn every_instance(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    let slot = state.streams.take("panel")?;
+    // The feeds other nodes read for their panels count apart from this node's own.
+    let passed = super::forward::passed(&headers);
+    let slot = state.streams.take(if passed {
+        "panel, for another node"
+    } else {
+        "panel"
+    })?;
     let shutdown = state.shutdown.clone();
     let here = super::events::instance_states(state.manager.events());
     let cluster = state.cluster.as_ref();
-    match cluster.filter(|_| !super::forward::passed(&headers)) {
+    match cluster.filter(|_| !passed) {
         None => Ok(super::events::every_instance(here, shutdown, slot).into_response()),
         Some(cluster) => {
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -841,7 +876,7 @@ async fn webhook_deliveries(
     AxumState(state): AxumState<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    found(&state, &id)?;
+    known(&state, &id).await?;
     super::webhooks::deliveries_of(&state, &id).await
 }
 
@@ -850,7 +885,7 @@ async fn retry_webhook(
     AxumState(state): AxumState<AppState>,
     Path((id, event)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    found(&state, &id)?;
+    known(&state, &id).await?;
     super::webhooks::retry_of(&state, &id, &event).await
 }
 
@@ -859,10 +894,10 @@ async fn revoke_link_pages(
     AxumState(state): AxumState<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let instance = found(&state, &id)?;
+    let instance = known(&state, &id).await?;
     let revoked = state
         .store
-        .revoke_link_pages(&instance.record.id, crate::unix_millis())
+        .revoke_link_pages(&instance.id, crate::unix_millis())
         .await?;
     Ok(Json(json!({ "revoked": revoked })))
 }
