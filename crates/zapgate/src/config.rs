@@ -10,10 +10,19 @@ use clap::{Args, Parser, Subcommand};
 /// WhatsApp's own websocket endpoint.
 pub const WHATSAPP_URL: &str = "wss://web.whatsapp.com/ws/chat";
 
+/// What `zapgate --version` says: the version, and whether this is a sandbox build.
+#[cfg(feature = "sandbox")]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (sandbox build: for a simulated WhatsApp on this machine only)"
+);
+#[cfg(not(feature = "sandbox"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "zapgate",
-    version,
+    version = VERSION,
     about = "A self-hosted WhatsApp gateway with a Z-API compatible HTTP API"
 )]
 pub struct Cli {
@@ -32,6 +41,16 @@ pub enum Command {
     /// Sandbox builds only.
     #[cfg(feature = "sandbox")]
     Demo(Demo),
+    /// Ask the gateway running here whether it answers (`GET /healthz`), as a container's
+    /// HEALTHCHECK does: exit status 0 when it answers 200, 1 otherwise.
+    Health(Health),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Health {
+    /// The address the gateway listens on; a wildcard one is asked on loopback.
+    #[arg(long, env = "ZAPGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
 }
 
 #[cfg(feature = "sandbox")]
@@ -48,6 +67,12 @@ pub struct Demo {
 
 #[derive(Args, Debug, Clone)]
 pub struct Config {
+    /// A TOML file of settings, named like the flags without their dashes
+    /// (`listen = "0.0.0.0:8080"`, `data-dir = "/srv/zapgate"`). A flag or an
+    /// environment variable given too wins over the file.
+    #[arg(long, env = "ZAPGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address the HTTP API listens on.
     #[arg(long, env = "ZAPGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -189,6 +214,106 @@ pub struct Config {
     /// set by `zapgate demo` only.
     #[arg(skip)]
     pub simulator: Option<String>,
+}
+
+/// The command line, with the settings of `serve --config FILE` added where neither a
+/// flag nor an environment variable gave them: flags first, then the environment, then
+/// the file, then the defaults. Help, the version and flag errors end the process here,
+/// as clap does.
+pub fn parse() -> anyhow::Result<Cli> {
+    parse_from(std::env::args_os().collect())
+}
+
+pub fn parse_from(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    use anyhow::Context as _;
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let command = Cli::command();
+    let matches = command.clone().get_matches_from(&args);
+    let file = match matches.subcommand() {
+        Some(("serve", serve)) => serve.get_one::<PathBuf>("config").map(|f| (f, serve)),
+        _ => None,
+    };
+    let Some((file, serve)) = file else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the settings file {}", file.display()))?;
+    let settings: toml::Table = text
+        .parse()
+        .with_context(|| format!("reading the settings file {}", file.display()))?;
+    let flags = command
+        .find_subcommand("serve")
+        .expect("serve is a command");
+    let known = || {
+        flags
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|name| !["config", "help"].contains(name))
+    };
+    let mut added = Vec::new();
+    for (key, value) in settings {
+        let name = key.replace('_', "-");
+        let flag = flags
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name.as_str()) && known().any(|k| k == name));
+        let Some(flag) = flag else {
+            anyhow::bail!(
+                "{}: no setting is named {key:?}; the settings are: {}",
+                file.display(),
+                known().collect::<Vec<_>>().join(", ")
+            );
+        };
+        // Given as a flag or in the environment: that wins.
+        if matches!(
+            serve.value_source(flag.get_id().as_str()),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let text = |value: &toml::Value| match value {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            _ => None,
+        };
+        let wrong = || {
+            anyhow::anyhow!(
+                "{}: {key} must be {}",
+                file.display(),
+                if flag.get_action().takes_values() {
+                    "a string, a number, or a list of them"
+                } else {
+                    "true or false"
+                }
+            )
+        };
+        match (&value, flag.get_action().takes_values()) {
+            (toml::Value::Boolean(true), false) => added.push(format!("--{name}")),
+            (toml::Value::Boolean(false), false) => {}
+            (toml::Value::Array(items), true) => {
+                let items: Option<Vec<String>> = items.iter().map(text).collect();
+                added.push(format!("--{name}={}", items.ok_or_else(wrong)?.join(",")));
+            }
+            (value, true) => added.push(format!("--{name}={}", text(value).ok_or_else(wrong)?)),
+            _ => return Err(wrong()),
+        }
+    }
+    // The file's settings go right after `serve`, before the command line's own.
+    let at = args
+        .iter()
+        .position(|a| a == "serve")
+        .expect("the serve command was given");
+    let mut args = args;
+    args.splice(at + 1..at + 1, added.into_iter().map(Into::into));
+    Cli::try_parse_from(args).map_err(|e| {
+        let said = e.render().to_string();
+        let first = said.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "{}: {}",
+            file.display(),
+            first.trim_start_matches("error: ")
+        )
+    })
 }
 
 /// Longest an HTTP request may take; every wait inside one is shorter.
@@ -437,14 +562,69 @@ mod tests {
         assert!(parse_version("2.x.1").is_err());
     }
 
+    /// `serve --config <a file of settings>` and `args`, parsed.
+    fn with_file(settings: &str, args: &[&str]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("zapgate.toml");
+        std::fs::write(&file, settings).unwrap();
+        let mut all: Vec<std::ffi::OsString> = vec!["zapgate".into(), "serve".into()];
+        all.extend(["--config".into(), file.into_os_string()]);
+        all.extend(args.iter().map(Into::into));
+        match parse_from(all)?.command {
+            Command::Serve(config) => Ok(config),
+            _ => unreachable!("parsed `serve`"),
+        }
+    }
+
+    #[test]
+    fn a_settings_file_fills_in_what_the_flags_did_not_give() {
+        let config = with_file(
+            "listen = \"0.0.0.0:9000\"\nlink-wait-secs = 30\nwebhook_allow_private = true\n\
+             log-json = false\ntrusted-proxies = [\"10.0.0.0/8\", \"192.168.1.1\"]\n",
+            &["--link-wait-secs", "25"],
+        )
+        .unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.link_wait_secs, 25, "the flag wins");
+        assert!(config.webhook_allow_private);
+        assert!(!config.log_json);
+        assert_eq!(config.trusted_proxies.len(), 2);
+        assert_eq!(
+            config.data_dir,
+            PathBuf::from("./data"),
+            "the default stays"
+        );
+    }
+
+    #[test]
+    fn a_settings_file_with_an_unknown_or_wrong_setting_is_refused_plainly() {
+        let refused = |settings: &str| format!("{:#}", with_file(settings, &[]).unwrap_err());
+        let said = refused("lissten = \"127.0.0.1:1\"");
+        assert!(said.contains("no setting is named \"lissten\""), "{said}");
+        assert!(said.contains("listen, data-dir"), "{said}");
+        let said = refused("listen = \"nowhere\"");
+        assert!(
+            said.contains("zapgate.toml: invalid value 'nowhere' for '--listen"),
+            "{said}"
+        );
+        let said = refused("webhook-allow-private = \"yes\"");
+        assert!(
+            said.contains("webhook-allow-private must be true or false"),
+            "{said}"
+        );
+        let said = refused("config = \"other.toml\"");
+        assert!(said.contains("no setting is named \"config\""), "{said}");
+        let said = refused("listen = ");
+        assert!(said.starts_with("reading the settings file"), "{said}");
+    }
+
     fn config(args: &[&str]) -> Config {
         match Cli::try_parse_from(["zapgate", "serve"].iter().chain(args).copied())
             .unwrap()
             .command
         {
             Command::Serve(config) => config,
-            #[cfg(feature = "sandbox")]
-            Command::Demo(_) => unreachable!("parsed `serve`"),
+            _ => unreachable!("parsed `serve`"),
         }
     }
 

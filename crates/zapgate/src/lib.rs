@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 mod data_lock;
+pub mod explain;
 pub mod instance;
 pub mod messaging;
 pub mod metrics;
@@ -42,9 +43,21 @@ pub async fn run(
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     // Held until the gateway has stopped: one gateway per data directory.
     let _lock = data_lock::DataDirLock::acquire(&config.data_dir).await?;
-    let admin_token = match &config.admin_token {
-        Some(token) => token.clone(),
-        None => stored_admin_token(&config.data_dir)?,
+    let token_file = config.data_dir.join("admin-token");
+    let (admin_token, token_from) = match &config.admin_token {
+        Some(token) => (token.clone(), TokenFrom::Given),
+        None => {
+            let fresh = !token_file.exists();
+            let token = stored_admin_token(&config.data_dir)?;
+            (
+                token,
+                if fresh {
+                    TokenFrom::Made
+                } else {
+                    TokenFrom::File
+                },
+            )
+        }
     };
     let (store, sessions, leases) = open_storage(&config, listener.local_addr().ok()).await?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -135,6 +148,17 @@ pub async fn run(
     // Said once the gateway holds its data directory and answers: what a supervisor
     // (and the tests) wait for.
     tracing::info!("zapgate listening on http://{}", listener.local_addr()?);
+    if !config.log_json {
+        // For whoever started it by hand: where to go, and with what to sign in.
+        let storage = match &leases {
+            Some(leases) => format!("PostgreSQL, as node {}", leases.id()),
+            None => format!("SQLite, in {}", config.data_dir.display()),
+        };
+        println!(
+            "{}",
+            ready_banner(&config, listen_addr, &token_file, token_from, &storage)
+        );
+    }
     tracing::info!(
         http.connections = max_connections,
         http.event_streams = max_streams,
@@ -164,6 +188,44 @@ pub async fn run(
     deliveries.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.wait()).await;
     Ok(())
+}
+
+/// Where the admin token came from, for the start's banner.
+#[derive(Clone, Copy)]
+enum TokenFrom {
+    Given,
+    File,
+    Made,
+}
+
+/// What a start says once it answers: the panel's address, where the admin token is,
+/// where the data goes.
+fn ready_banner(
+    config: &Config,
+    listening: std::net::SocketAddr,
+    token_file: &Path,
+    token_from: TokenFrom,
+    storage: &str,
+) -> String {
+    let address = match config.public_url() {
+        Some(url) => format!("{}/", url.trim_end_matches('/')),
+        None if listening.ip().is_unspecified() => {
+            format!("http://{}:{}/", host_name(), listening.port())
+        }
+        None => format!("http://{listening}/"),
+    };
+    let token = match token_from {
+        TokenFrom::Given => "as given by --admin-token (ZAPGATE_ADMIN_TOKEN)".to_owned(),
+        TokenFrom::File => format!("in {}", token_file.display()),
+        TokenFrom::Made => format!(
+            "made on this first start, in {} (keep it secret)",
+            token_file.display()
+        ),
+    };
+    format!(
+        "zapgate {} is ready\n  admin panel and API: {address}\n  admin token:         {token}\n  data:                {storage}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// How a node that lost its lease on a shared database exits: at once, so that its

@@ -2,13 +2,19 @@
 //! `zapgate demo` (sandbox builds): the same, against a simulated WhatsApp in-process.
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
-use zapgate::config::{Cli, Command, Config};
+use zapgate::config::{Command, Config};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    let cli = match zapgate::config::parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("{}", zapgate::explain::explain(&e));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let ran = match cli.command {
         Command::Serve(config) => {
             logs(config.log_json);
             serve(config).await
@@ -17,6 +23,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(demo) => {
             logs(false);
             demo::run(demo).await
+        }
+        Command::Health(health) => {
+            return match healthy(health.listen).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("unhealthy: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    match ran {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Said plainly, with what to change; never a backtrace.
+            eprintln!("{}", zapgate::explain::explain(&e));
+            std::process::ExitCode::FAILURE
         }
     }
 }
@@ -45,6 +68,40 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     zapgate::run(config, listener, stop_on_signal()).await
+}
+
+/// `GET /healthz` of the gateway listening on `listen`: fine when it answers 200 within
+/// a few seconds.
+async fn healthy(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let asked = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), asked)
+        .await
+        .map_err(|_| anyhow::anyhow!("asking {addr}/healthz: no answer within 5 s"))?
+        .with_context(|| format!("asking {addr}/healthz"))?;
+    let status = String::from_utf8_lossy(&answer);
+    let status = status.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.starts_with("HTTP/1.1 200"),
+        "asking {addr}/healthz: it answered {status:?}"
+    );
+    println!("healthy: {addr} answers");
+    Ok(())
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -96,6 +153,7 @@ mod demo {
             .with_context(|| format!("binding {}", demo.listen))?;
         let address = listener.local_addr()?;
         let config = Config {
+            config: None,
             listen: address,
             data_dir: data_dir.clone(),
             database_url: None,

@@ -59,14 +59,11 @@ impl PgStore {
                 ("idle_in_transaction_session_timeout", "10s"),
                 ("statement_timeout", "60s"),
             ]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(options.clone())
-            .await?;
         // Migrations on a connection of their own, without the statement timeout: a
         // node may wait on another's migration (sqlx takes an advisory lock), and a
-        // migration of a big table may take long.
+        // migration of a big table may take long. Made first: a wrong address, user
+        // or database is said at once, as the server said it (a pool would try again
+        // until its wait ran out, and say only that).
         let mut migrating = PgConnection::connect_with(
             &url.parse::<PgConnectOptions>()?
                 .application_name(&application),
@@ -76,6 +73,11 @@ impl PgStore {
             .run(&mut migrating)
             .await?;
         migrating.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
         Ok(Self {
             pool,
             options,
