@@ -28,6 +28,10 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Settings of the settings file that a flag or the environment overrode, to say
+    /// once logging is set up.
+    #[arg(skip)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +52,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Health {
+    /// The settings file `serve` reads, for its `listen`.
+    #[arg(long, env = "ZAPGATE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// The address the gateway listens on; a wildcard one is asked on loopback.
     #[arg(long, env = "ZAPGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -225,87 +232,84 @@ pub fn parse() -> anyhow::Result<Cli> {
 }
 
 pub fn parse_from(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
-    use anyhow::Context as _;
     use clap::{CommandFactory as _, FromArgMatches as _};
     let command = Cli::command();
     let matches = command.clone().get_matches_from(&args);
-    let file = match matches.subcommand() {
-        Some(("serve", serve)) => serve.get_one::<PathBuf>("config").map(|f| (f, serve)),
+    let given = match matches.subcommand() {
+        Some((name @ ("serve" | "health"), sub)) => sub
+            .get_one::<PathBuf>("config")
+            .map(|file| (name, file.clone(), sub)),
         _ => None,
     };
-    let Some((file, serve)) = file else {
+    let Some((name, file, sub)) = given else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the settings file {}", file.display()))?;
-    let settings: toml::Table = text
-        .parse()
-        .with_context(|| format!("reading the settings file {}", file.display()))?;
-    let flags = command
-        .find_subcommand("serve")
-        .expect("serve is a command");
-    let known = || {
-        flags
-            .get_arguments()
-            .filter_map(|a| a.get_long())
-            .filter(|name| !["config", "help"].contains(name))
-    };
+    let flags = command.find_subcommand(name).expect("a command of ours");
+    let settings = read_settings(&file)?;
+    let known: Vec<&str> = flags
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|long| !["config", "help"].contains(long))
+        .collect();
     let mut added = Vec::new();
-    for (key, value) in settings {
-        let name = key.replace('_', "-");
+    let mut notes = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in &settings {
+        let long = key.replace('_', "-");
+        if !seen.insert(long.clone()) {
+            anyhow::bail!("{}: {long} is set twice", file.display());
+        }
         let flag = flags
             .get_arguments()
-            .find(|a| a.get_long() == Some(name.as_str()) && known().any(|k| k == name));
+            .find(|a| a.get_long() == Some(long.as_str()) && known.contains(&long.as_str()));
         let Some(flag) = flag else {
+            // `health` reads only what it needs of the file `serve` reads.
+            if name == "health" {
+                continue;
+            }
             anyhow::bail!(
                 "{}: no setting is named {key:?}; the settings are: {}",
                 file.display(),
-                known().collect::<Vec<_>>().join(", ")
+                known.join(", ")
             );
         };
         // Given as a flag or in the environment: that wins.
-        if matches!(
-            serve.value_source(flag.get_id().as_str()),
-            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
-        ) {
-            continue;
-        }
-        let text = |value: &toml::Value| match value {
-            toml::Value::String(s) => Some(s.clone()),
-            toml::Value::Integer(i) => Some(i.to_string()),
-            toml::Value::Float(f) => Some(f.to_string()),
-            _ => None,
-        };
-        let wrong = || {
-            anyhow::anyhow!(
-                "{}: {key} must be {}",
-                file.display(),
-                if flag.get_action().takes_values() {
-                    "a string, a number, or a list of them"
-                } else {
-                    "true or false"
-                }
-            )
-        };
-        match (&value, flag.get_action().takes_values()) {
-            (toml::Value::Boolean(true), false) => added.push(format!("--{name}")),
-            (toml::Value::Boolean(false), false) => {}
-            (toml::Value::Array(items), true) => {
-                let items: Option<Vec<String>> = items.iter().map(text).collect();
-                added.push(format!("--{name}={}", items.ok_or_else(wrong)?.join(",")));
+        match sub.value_source(flag.get_id().as_str()) {
+            Some(clap::parser::ValueSource::CommandLine) => {
+                notes.push(format!(
+                    "{}: {long} is not used: --{long} gives it",
+                    file.display()
+                ));
+                continue;
             }
-            (value, true) => added.push(format!("--{name}={}", text(value).ok_or_else(wrong)?)),
-            _ => return Err(wrong()),
+            Some(clap::parser::ValueSource::EnvVariable) => {
+                let env = flag.get_env().map(|e| e.to_string_lossy().into_owned());
+                notes.push(format!(
+                    "{}: {long} is not used: {} gives it",
+                    file.display(),
+                    env.unwrap_or_default()
+                ));
+                continue;
+            }
+            _ => {}
         }
+        added.extend(setting_arg(
+            &file,
+            key,
+            &long,
+            value,
+            flag.get_action().takes_values(),
+        )?);
     }
-    // The file's settings go right after `serve`, before the command line's own.
-    let at = args
+    // The file's settings go right after the command, before the command line's own.
+    let at = 1 + args
         .iter()
-        .position(|a| a == "serve")
-        .expect("the serve command was given");
+        .skip(1)
+        .position(|a| a == name)
+        .expect("the command was given");
     let mut args = args;
     args.splice(at + 1..at + 1, added.into_iter().map(Into::into));
-    Cli::try_parse_from(args).map_err(|e| {
+    let mut cli = Cli::try_parse_from(args).map_err(|e| {
         let said = e.render().to_string();
         let first = said.lines().next().unwrap_or_default();
         anyhow::anyhow!(
@@ -313,6 +317,67 @@ pub fn parse_from(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
             file.display(),
             first.trim_start_matches("error: ")
         )
+    })?;
+    cli.notes = notes;
+    Ok(cli)
+}
+
+/// A settings file's table. A syntax error is said by its line and column only: the
+/// line itself may hold a password.
+fn read_settings(file: &std::path::Path) -> anyhow::Result<toml::Table> {
+    use anyhow::Context as _;
+    let doing = || format!("{} {}", crate::explain::SETTINGS_FILE, file.display());
+    let text = std::fs::read_to_string(file).with_context(doing)?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let at = e.span().map_or(0, |span| span.start).min(text.len());
+        let before = &text[..at];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .count()
+            + 1;
+        anyhow::anyhow!("line {line}, column {column}: {}", e.message()).context(doing())
+    })
+}
+
+/// The flag a setting stands for, as `--long=value` (a boolean one as `--long`, or
+/// nothing for false).
+fn setting_arg(
+    file: &std::path::Path,
+    key: &str,
+    long: &str,
+    value: &toml::Value,
+    takes_values: bool,
+) -> anyhow::Result<Option<String>> {
+    let text = |value: &toml::Value| match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        _ => None,
+    };
+    let wrong = || {
+        anyhow::anyhow!(
+            "{}: {key} must be {}",
+            file.display(),
+            if takes_values {
+                "a string, a number, or a list of them"
+            } else {
+                "true or false"
+            }
+        )
+    };
+    Ok(match (value, takes_values) {
+        (toml::Value::Boolean(true), false) => Some(format!("--{long}")),
+        (toml::Value::Boolean(false), false) => None,
+        (toml::Value::Array(items), true) => {
+            let items: Option<Vec<String>> = items.iter().map(text).collect();
+            Some(format!("--{long}={}", items.ok_or_else(wrong)?.join(",")))
+        }
+        (value, true) => Some(format!("--{long}={}", text(value).ok_or_else(wrong)?)),
+        _ => return Err(wrong()),
     })
 }
 
@@ -564,15 +629,38 @@ mod tests {
 
     /// `serve --config <a file of settings>` and `args`, parsed.
     fn with_file(settings: &str, args: &[&str]) -> anyhow::Result<Config> {
+        match parsed_with_file("serve", settings, args)?.command {
+            Command::Serve(config) => Ok(config),
+            _ => unreachable!("parsed `serve`"),
+        }
+    }
+
+    /// `<command> --config <a file of settings>` and `args`, parsed.
+    fn parsed_with_file(command: &str, settings: &str, args: &[&str]) -> anyhow::Result<Cli> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("zapgate.toml");
         std::fs::write(&file, settings).unwrap();
-        let mut all: Vec<std::ffi::OsString> = vec!["zapgate".into(), "serve".into()];
+        let mut all: Vec<std::ffi::OsString> = vec!["zapgate".into(), command.into()];
         all.extend(["--config".into(), file.into_os_string()]);
         all.extend(args.iter().map(Into::into));
-        match parse_from(all)?.command {
-            Command::Serve(config) => Ok(config),
-            _ => unreachable!("parsed `serve`"),
+        parse_from(all)
+    }
+
+    #[test]
+    fn a_flag_over_a_setting_is_noted_and_health_reads_the_listen_of_the_same_file() {
+        let settings = "listen = \"127.0.0.1:9001\"\nlink-wait-secs = 30\n";
+        let cli = parsed_with_file("serve", settings, &["--link-wait-secs=25"]).unwrap();
+        assert_eq!(cli.notes.len(), 1, "{:?}", cli.notes);
+        assert!(
+            cli.notes[0]
+                .ends_with("zapgate.toml: link-wait-secs is not used: --link-wait-secs gives it"),
+            "{:?}",
+            cli.notes
+        );
+        // `health` takes the address from the file, and what it does not need is let be.
+        match parsed_with_file("health", settings, &[]).unwrap().command {
+            Command::Health(health) => assert_eq!(health.listen, "127.0.0.1:9001".parse().unwrap()),
+            _ => unreachable!("parsed `health`"),
         }
     }
 
@@ -616,6 +704,9 @@ mod tests {
         assert!(said.contains("no setting is named \"config\""), "{said}");
         let said = refused("listen = ");
         assert!(said.starts_with("reading the settings file"), "{said}");
+        assert!(said.contains("line 1, column"), "{said}");
+        let said = refused("data_dir = \"/a\"\ndata-dir = \"/b\"");
+        assert!(said.ends_with("data-dir is set twice"), "{said}");
     }
 
     fn config(args: &[&str]) -> Config {

@@ -15,7 +15,13 @@ pub struct Explained {
 
 impl std::fmt::Display for Explained {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "zapgate could not start: {}", self.problem)?;
+        // Serving is the one step after the start.
+        let when = if self.problem.starts_with(SERVING) {
+            "zapgate stopped"
+        } else {
+            "zapgate could not start"
+        };
+        write!(f, "{when}: {}", self.problem)?;
         if let Some(fix) = &self.fix {
             write!(f, "\n  what to do: {fix}")?;
         }
@@ -34,8 +40,8 @@ pub fn explain(error: &anyhow::Error) -> Explained {
             steps.push(text);
         }
     }
-    let doing = steps.first().cloned().unwrap_or_default();
-    let fix = error.chain().find_map(|cause| fix_for(cause, &doing));
+    let area = area(&steps, error);
+    let fix = error.chain().find_map(|cause| fix_for(cause, area));
     Explained {
         problem: steps.join(": "),
         fix,
@@ -45,9 +51,42 @@ pub fn explain(error: &anyhow::Error) -> Explained {
 const DATA_DIR: &str = "--data-dir (ZAPGATE_DATA_DIR)";
 const DATABASE_URL: &str = "--database-url (ZAPGATE_DATABASE_URL)";
 
-fn fix_for(cause: &(dyn std::error::Error + 'static), doing: &str) -> Option<String> {
+/// The steps a start names in its errors (the context they are given), by which a
+/// cause is told apart: a refused permission means one thing while binding, another
+/// on the data directory.
+pub const BINDING: &str = "binding";
+pub const SETTINGS_FILE: &str = "reading the settings file";
+pub const SERVING: &str = "serving HTTP";
+
+/// What the start was at when it failed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Listening,
+    SettingsFile,
+    Database,
+    /// The data directory and the files in it.
+    Data,
+}
+
+fn area(steps: &[String], error: &anyhow::Error) -> Area {
+    let first = steps.first().map(String::as_str).unwrap_or_default();
+    if first.starts_with(BINDING) {
+        Area::Listening
+    } else if first.starts_with(SETTINGS_FILE) {
+        Area::SettingsFile
+    } else if error
+        .chain()
+        .any(|c| c.downcast_ref::<sqlx::Error>().is_some())
+    {
+        Area::Database
+    } else {
+        Area::Data
+    }
+}
+
+fn fix_for(cause: &(dyn std::error::Error + 'static), area: Area) -> Option<String> {
     if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-        return io_fix(e.kind(), doing);
+        return io_fix(e.kind(), area);
     }
     if let Some(e) = cause.downcast_ref::<StoreError>() {
         return match e {
@@ -61,8 +100,48 @@ fn fix_for(cause: &(dyn std::error::Error + 'static), doing: &str) -> Option<Str
     None
 }
 
-fn io_fix(kind: ErrorKind, doing: &str) -> Option<String> {
-    let binding = doing.starts_with("binding");
+fn io_fix(kind: ErrorKind, area: Area) -> Option<String> {
+    match area {
+        Area::Listening => listen_fix(kind),
+        Area::SettingsFile => settings_fix(kind),
+        Area::Database => database_io_fix(kind),
+        Area::Data => data_fix(kind),
+    }
+}
+
+fn settings_fix(kind: ErrorKind) -> Option<String> {
+    Some(match kind {
+        ErrorKind::NotFound => {
+            "check the path given to --config (ZAPGATE_CONFIG): no file is there".into()
+        }
+        ErrorKind::PermissionDenied => format!(
+            "the settings file must be readable by the user the gateway runs as (uid {})",
+            rustix::process::getuid().as_raw()
+        ),
+        _ => return None,
+    })
+}
+
+fn database_io_fix(kind: ErrorKind) -> Option<String> {
+    Some(match kind {
+        ErrorKind::ConnectionRefused
+        | ErrorKind::TimedOut
+        | ErrorKind::HostUnreachable
+        | ErrorKind::NetworkUnreachable
+        | ErrorKind::AddrNotAvailable
+        | ErrorKind::NotFound => format!(
+            "nothing answered at the database's host and port: check that PostgreSQL \
+             runs and that {DATABASE_URL} names its address"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "this user may not open the database's socket: check its permissions, or \
+             name a host and port in {DATABASE_URL}"
+        ),
+        _ => return None,
+    })
+}
+
+fn listen_fix(kind: ErrorKind) -> Option<String> {
     Some(match kind {
         ErrorKind::AddrInUse => "another program (perhaps another zapgate) is listening on \
              that address: stop it, or give this gateway another port with --listen \
@@ -71,10 +150,16 @@ fn io_fix(kind: ErrorKind, doing: &str) -> Option<String> {
         ErrorKind::AddrNotAvailable => "that address is not one of this machine's: listen \
              on 127.0.0.1:PORT for this machine only, or 0.0.0.0:PORT for every network"
             .into(),
-        ErrorKind::PermissionDenied if binding => "only a privileged process may listen on a \
-             port below 1024: choose a port from 1024 up with --listen (ZAPGATE_LISTEN), and \
-             put a reverse proxy in front for 80 or 443"
+        ErrorKind::PermissionDenied => "only a privileged process may listen on a port \
+             below 1024: choose a port from 1024 up with --listen (ZAPGATE_LISTEN), and put \
+             a reverse proxy in front for 80 or 443"
             .into(),
+        _ => return None,
+    })
+}
+
+fn data_fix(kind: ErrorKind) -> Option<String> {
+    Some(match kind {
         ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => format!(
             "the data directory must be writable by the user the gateway runs as (uid {}): \
              change its owner (chown -R) or its mode, or choose another one with {DATA_DIR}",
@@ -88,14 +173,6 @@ fn io_fix(kind: ErrorKind, doing: &str) -> Option<String> {
             "the disk holding the data directory is full: free some room, or choose a \
              directory on another disk with {DATA_DIR}"
         ),
-        ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::HostUnreachable
-            if !binding =>
-        {
-            format!(
-                "nothing answered at the database's host and port: check that PostgreSQL \
-                 runs and that {DATABASE_URL} names its address"
-            )
-        }
         _ => return None,
     })
 }
@@ -118,7 +195,7 @@ fn database_fix(e: &sqlx::Error) -> Option<String> {
             _ => None,
         },
         sqlx::Error::Configuration(_) => Some(url_shape()),
-        sqlx::Error::Io(io) => io_fix(io.kind(), "connecting to the database"),
+        sqlx::Error::Io(io) => database_io_fix(io.kind()),
         sqlx::Error::PoolTimedOut => Some(format!(
             "the database did not answer in time: check that it runs and that \
              {DATABASE_URL} names its address"
@@ -162,6 +239,7 @@ mod tests {
         };
         assert!(refused("binding 0.0.0.0:80").contains("below 1024"));
         assert!(refused("creating the data directory /srv/zg").contains("--data-dir"));
+        assert!(refused("reading the settings file /etc/zg.toml").contains("readable"));
     }
 
     #[test]

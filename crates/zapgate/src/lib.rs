@@ -148,7 +148,8 @@ pub async fn run(
     // Said once the gateway holds its data directory and answers: what a supervisor
     // (and the tests) wait for.
     tracing::info!("zapgate listening on http://{}", listener.local_addr()?);
-    if !config.log_json {
+    // The demo says its own (with the token itself).
+    if !config.log_json && config.simulator.is_none() {
         // For whoever started it by hand: where to go, and with what to sign in.
         let storage = match &leases {
             Some(leases) => format!("PostgreSQL, as node {}", leases.id()),
@@ -168,7 +169,7 @@ pub async fn run(
     );
     server::serve(listener, app, limits, shutdown.clone())
         .await
-        .context("serving HTTP")?;
+        .context(explain::SERVING)?;
     if let Some(leases) = &leases {
         // The others stop counting this node at once, and take each instance it
         // frees below.
@@ -215,7 +216,9 @@ fn ready_banner(
         None => format!("http://{listening}/"),
     };
     let token = match token_from {
-        TokenFrom::Given => "as given by --admin-token (ZAPGATE_ADMIN_TOKEN)".to_owned(),
+        TokenFrom::Given => {
+            "as configured (--admin-token, ZAPGATE_ADMIN_TOKEN or the settings file)".to_owned()
+        }
         TokenFrom::File => format!("in {}", token_file.display()),
         TokenFrom::Made => format!(
             "made on this first start, in {} (keep it secret)",

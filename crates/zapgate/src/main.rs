@@ -14,9 +14,13 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let notes = cli.notes;
     let ran = match cli.command {
         Command::Serve(config) => {
             logs(config.log_json);
+            for note in notes {
+                tracing::warn!("{note}");
+            }
             serve(config).await
         }
         #[cfg(feature = "sandbox")]
@@ -66,21 +70,43 @@ fn logs(json: bool) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("{} {}", zapgate::explain::BINDING, config.listen))?;
     zapgate::run(config, listener, stop_on_signal()).await
 }
 
 /// `GET /healthz` of the gateway listening on `listen`: fine when it answers 200 within
 /// a few seconds.
 async fn healthy(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut addr = listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let port = listen.port();
+    // A wildcard address is asked on loopback (IPv6 first, then IPv4, for a container
+    // without IPv6).
+    let tried: Vec<SocketAddr> = match listen {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
+            vec![(Ipv4Addr::LOCALHOST, port).into()]
+        }
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => vec![
+            (Ipv6Addr::LOCALHOST, port).into(),
+            (Ipv4Addr::LOCALHOST, port).into(),
+        ],
+        addr => vec![addr],
+    };
+    let mut failed = None;
+    for addr in tried {
+        match ask_health(addr).await {
+            Ok(()) => {
+                println!("healthy: {addr} answers");
+                return Ok(());
+            }
+            Err(e) => failed = Some(e),
+        }
     }
+    Err(failed.expect("an address was tried"))
+}
+
+/// One `GET /healthz`: fine on a 200 within 5 s.
+async fn ask_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let asked = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
@@ -94,13 +120,12 @@ async fn healthy(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         .await
         .map_err(|_| anyhow::anyhow!("asking {addr}/healthz: no answer within 5 s"))?
         .with_context(|| format!("asking {addr}/healthz"))?;
-    let status = String::from_utf8_lossy(&answer);
-    let status = status.lines().next().unwrap_or_default();
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default();
     anyhow::ensure!(
-        status.starts_with("HTTP/1.1 200"),
+        status.split_whitespace().nth(1) == Some("200"),
         "asking {addr}/healthz: it answered {status:?}"
     );
-    println!("healthy: {addr} answers");
     Ok(())
 }
 
@@ -150,7 +175,7 @@ mod demo {
         let admin_token = zapgate::stored_admin_token(&data_dir)?;
         let listener = tokio::net::TcpListener::bind(demo.listen)
             .await
-            .with_context(|| format!("binding {}", demo.listen))?;
+            .with_context(|| format!("{} {}", zapgate::explain::BINDING, demo.listen))?;
         let address = listener.local_addr()?;
         let config = Config {
             config: None,

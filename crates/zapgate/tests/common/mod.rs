@@ -705,15 +705,19 @@ impl PanelSession {
         session
     }
 
-    /// A page of the panel: its status and HTML.
-    pub async fn page(&self, base: &str, path: &str) -> (u16, String) {
-        let answer = self
-            .http
+    /// A GET with the session's cookie.
+    async fn get(&self, base: &str, path: &str) -> reqwest::Response {
+        self.http
             .get(format!("{base}{path}"))
             .header("cookie", &self.cookie)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A page of the panel: its status and HTML.
+    pub async fn page(&self, base: &str, path: &str) -> (u16, String) {
+        let answer = self.get(base, path).await;
         (answer.status().as_u16(), answer.text().await.unwrap())
     }
 
@@ -746,13 +750,7 @@ impl PanelSession {
 
     /// Opens one of the panel's event streams.
     pub async fn events(&self, base: &str, path: &str) -> EventStream {
-        let response = self
-            .http
-            .get(format!("{base}{path}"))
-            .header("cookie", &self.cookie)
-            .send()
-            .await
-            .unwrap();
+        let response = self.get(base, path).await;
         assert_eq!(response.status().as_u16(), 200);
         EventStream {
             response,

@@ -35,6 +35,40 @@ pub struct PgStore {
     held: std::sync::OnceLock<std::sync::Arc<dyn Held>>,
 }
 
+/// How long a start waits for a PostgreSQL that is starting up or full.
+const FIRST_CONNECT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A first connection, tried again while the server refuses it (not listening yet),
+/// says it is starting up (57P03) or has no connection free (53300), up to
+/// [`FIRST_CONNECT`], as a pool would: a database started beside the gateway is waited
+/// for. Anything else (a wrong password, no such database) is said at once.
+async fn connect_patiently(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECT;
+    loop {
+        let tried = tokio::time::timeout_at(deadline, PgConnection::connect_with(options)).await;
+        let error = match tried {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", FIRST_CONNECT.as_secs()),
+                )));
+            }
+        };
+        let again = match &error {
+            sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+            sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P03" | "53300")),
+            _ => false,
+        };
+        if !again || tokio::time::Instant::now() + std::time::Duration::from_millis(250) >= deadline
+        {
+            return Err(error);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::open(url, None).await
@@ -62,9 +96,9 @@ impl PgStore {
         // Migrations on a connection of their own, without the statement timeout: a
         // node may wait on another's migration (sqlx takes an advisory lock), and a
         // migration of a big table may take long. Made first: a wrong address, user
-        // or database is said at once, as the server said it (a pool would try again
-        // until its wait ran out, and say only that).
-        let mut migrating = PgConnection::connect_with(
+        // or database is said as the server said it (a pool would try again until its
+        // wait ran out, and say only that).
+        let mut migrating = connect_patiently(
             &url.parse::<PgConnectOptions>()?
                 .application_name(&application),
         )
