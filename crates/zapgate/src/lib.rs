@@ -142,6 +142,7 @@ pub async fn run(
             streams: api::StreamSlots::new(max_streams, STREAMS_PER_INSTANCE),
             trusted_proxies: config.trusted_proxies.clone(),
             cluster: leases.clone().map(api::Cluster::new),
+            described: Default::default(),
         }
         .into(),
     );

@@ -1,31 +1,163 @@
 //! Z-API's instance section: linking a number and the instance's state.
 
+use axum::Json;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::auth::Instance;
-use super::{ApiError, AppState, partner};
+use super::doc::{Auth, Routes, op};
+use super::{ApiError, partner};
 use crate::instance::{LinkError, Problem, Requester, State, Unlinked};
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/qr-code", get(qr_code))
-        .route("/qr-code/image", get(qr_code_image))
-        .route("/phone-code/{phone}", get(phone_code))
-        .route("/status", get(status))
-        .route("/events", get(super::events::events))
-        .route("/disconnect", get(disconnect))
-        .route("/restart", get(restart))
-        .route("/restore-session", get(restore_session))
-        .route("/me", get(me))
-        .route("/device", get(device))
-        .route("/integrator/on-demand/cancel", post(partner::cancel))
+pub(super) fn routes() -> Routes {
+    let linking = |summary, what, example| {
+        op(summary)
+            .ok(what, example)
+            .ok(
+                "the number is linked already",
+                json!({ "connected": true, "error": "You are already connected." }),
+            )
+            .ok(
+                "a stored session is reconnecting, or the instance has a problem",
+                json!({ "connected": false, "error": "You need to restore the session." }),
+            )
+            .fails(409, "linking was stopped (or its codes ran out): ask again")
+            .fails(
+                429,
+                "too many linking windows opened a minute: Retry-After says when",
+            )
+            .fails(
+                503,
+                "WhatsApp could not be reached, or the instance is moving",
+            )
+    };
+    Routes::new("Instance", Auth::Instance)
+        .get(
+            "/qr-code",
+            qr_code,
+            linking(
+                "The QR code to scan on the phone (WhatsApp replaces it about every 20 s)",
+                "the text to draw as a QR code",
+                json!({ "value": "2@AbCd...,Ef01...,Gh23...,Ij45...,1" }),
+            ),
+        )
+        .get(
+            "/qr-code/image",
+            qr_code_image,
+            linking(
+                "The same QR code as a PNG image",
+                "a data URL of the PNG",
+                json!({ "value": "data:image/png;base64,iVBORw0KGgo..." }),
+            ),
+        )
+        .get(
+            "/phone-code/{phone}",
+            phone_code,
+            linking(
+                "A pairing code to type on the phone, for the number given (with country code)",
+                "the code, as the phone shows it",
+                json!({ "code": "ABCD-EFGH" }),
+            )
+            .fails(400, "not a phone number")
+            .fails(502, "WhatsApp refused to give a code for this number"),
+        )
+        .get(
+            "/status",
+            status,
+            op("Whether the number is connected")
+                .ok("connected", json!({ "connected": true, "smartphoneConnected": true }))
+                .ok(
+                    "not connected, and why",
+                    json!({ "connected": false, "error": "You are not connected.", "smartphoneConnected": false }),
+                ),
+        )
+        .get(
+            "/events",
+            super::events::events,
+            op("The instance's events as they happen (server-sent events): its state, new codes, messages' news")
+                .events("`state`, `qr-code`, `phone-code`, `message-status`, ... events; each client first gets the state as it stands")
+                .fails(429, "too many event streams are open"),
+        )
+        .get(
+            "/disconnect",
+            disconnect,
+            op("Unlinks the number at WhatsApp and deletes its session")
+                .ok("unlinked", json!({ "value": true }))
+                .ok(
+                    "deleted here, but WhatsApp could not be told",
+                    json!({ "value": true, "unlinkedAtWhatsApp": false, "error": "…" }),
+                )
+                .fails(409, "the instance is being unlinked or cancelled already"),
+        )
+        .get(
+            "/restart",
+            restart,
+            op("Reconnects with the stored session (no new code)")
+                .ok("reconnecting", json!({ "value": true }))
+                .fails(409, "no session to reconnect with"),
+        )
+        .get(
+            "/restore-session",
+            restore_session,
+            op("Tries to reconnect from the stored session")
+                .ok("reconnecting", json!({ "value": true }))
+                .fails(409, "no session to reconnect with"),
+        )
+        .get(
+            "/me",
+            me,
+            op("The instance: its settings and webhooks").ok("the instance", me_example()),
+        )
+        .get(
+            "/device",
+            device,
+            op("The linked phone")
+                .ok(
+                    "the phone",
+                    json!({
+                        "phone": "5511999999999",
+                        "imgUrl": null,
+                        "about": "",
+                        "name": "Store",
+                        "device": { "sessionName": "store front", "device_model": "zapgate" },
+                        "originalDevice": null,
+                        "sessionId": 12,
+                        "isBusiness": false,
+                    }),
+                )
+                .ok(
+                    "no phone is linked",
+                    json!({ "connected": false, "error": "You are not connected." }),
+                ),
+        )
+        .post(
+            "/integrator/on-demand/cancel",
+            partner::cancel,
+            op("Unlinks the number and deletes the instance with its session (Z-API's partner route)")
+                .auth(Auth::Admin)
+                .empty(201, "cancelled"),
+        )
         .merge(super::webhooks::routes())
         .merge(super::messages::routes())
+}
+
+/// What `/me` answers.
+fn me_example() -> Value {
+    let mut body = json!({
+        "id": "3C1F0E6A2B9D4C5E8F7A6B5C4D3E2F1A",
+        "token": "9A0B1C2D3E4F5A6B7C8D9E0F",
+        "name": "store front",
+        "due": 1767225600000_i64,
+        "created": "2026-12-01T12:00:00.000Z",
+        "connected": true,
+        "paymentStatus": "PAID",
+    });
+    body.as_object_mut()
+        .expect("an object")
+        .extend(super::webhooks::fields(&Default::default()));
+    body
 }
 
 const NOT_CONNECTED: &str = "You are not connected.";

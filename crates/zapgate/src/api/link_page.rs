@@ -4,18 +4,18 @@
 //! neither its id nor its token. The partner routes make and revoke them; `/link/{token}`
 //! is public.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State as AxumState};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Admin, Instance};
+use super::doc::{Auth, Routes, op};
 use super::events::View;
 use super::panel::{LINKING, html};
 use super::{ApiError, AppState};
@@ -31,29 +31,73 @@ const MAX_LIVE: u64 = 20;
 /// "revoked" until then, and "not valid" after).
 const KEEP_DEAD_MS: i64 = 7 * 24 * 3600 * 1000;
 
-pub(super) fn partner_routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/instances/{id}/token/{token}/link-page",
-            post(create_route).delete(revoke_route),
+pub(super) fn partner_routes(state: &AppState) -> Routes {
+    let path = "/instances/{id}/token/{token}/link-page";
+    Routes::new("Link pages", Auth::Admin)
+        .post(
+            path,
+            create_route,
+            op("Makes a link page: a URL to send the number's owner, who links it there")
+                .body(json!({ "expiresIn": 86400 }))
+                .ok(
+                    "the page's URL (its token is shown only here) and when it expires",
+                    json!({ "url": "https://wa.example.com/link/Hq3...", "expiresAt": "2026-12-02T12:00:00.000Z" }),
+                )
+                .fails(400, "expiresIn is not 1 to 2592000 seconds")
+                .fails(409, "the number is linked, or the instance has 20 live pages"),
         )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::forward::to_owner,
-        ))
+        .delete(
+            path,
+            revoke_route,
+            op("Revokes every live link page of the instance")
+                .ok("how many", json!({ "revoked": 1 })),
+        )
+        .map(|router| {
+            router.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::forward::to_owner,
+            ))
+        })
 }
 
-pub(super) fn public_routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/link/{token}", get(page))
-        .route("/link/{token}/events", get(events))
-        .route("/link/{token}/qr-code", post(qr_code))
-        .route("/link/{token}/phone-code", post(phone_code))
-        .route("/link/{token}/stop-linking", post(stop_linking))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::forward::page_to_owner,
-        ))
+pub(super) fn public_routes(state: &AppState) -> Routes {
+    Routes::new("Link pages (the number's owner)", Auth::LinkPage)
+        .get("/link/{token}", page, op("The link page").html("the page"))
+        .get(
+            "/link/{token}/events",
+            events,
+            op("The page's linking events (server-sent events)").events("its state and codes"),
+        )
+        .post(
+            "/link/{token}/qr-code",
+            qr_code,
+            op("A QR code to scan")
+                .ok(
+                    "the code, its image, and the seconds it lives",
+                    json!({ "value": "2@AbCd...,1", "image": "data:image/png;base64,...", "expiresIn": 19 }),
+                )
+                .ok("the number is linked", json!({ "connected": true }))
+                .fails(429, "too many requests from this page"),
+        )
+        .post(
+            "/link/{token}/phone-code",
+            phone_code,
+            op("A pairing code to type on the phone")
+                .body(json!({ "phone": "5511999999999" }))
+                .ok("the code", json!({ "code": "ABCD-EFGH" }))
+                .fails(400, "not a phone number"),
+        )
+        .post(
+            "/link/{token}/stop-linking",
+            stop_linking,
+            op("Stops the linking this page started").ok("stopped", json!({ "value": true })),
+        )
+        .map(|router| {
+            router.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::forward::page_to_owner,
+            ))
+        })
 }
 
 pub(super) fn hash(token: &str) -> String {

@@ -4,16 +4,16 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest as _;
 
 use super::auth::Instance;
+use super::doc::{Auth, Routes, op};
 use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::messaging::{MAX_QUEUE, Outgoing, SendError};
 use crate::store::Outbound;
@@ -24,19 +24,113 @@ const MAX_TEXT: usize = 65_536;
 const DELAY_SECS: std::ops::RangeInclusive<f64> = 1.0..=15.0;
 const MAX_KEY: usize = 255;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/send-text", post(send_text))
-        .route("/read-message", post(read_message))
-        .route("/phone-exists/{phone}", get(phone_exists))
-        .route("/queue", get(queue).post(queue_paged).delete(clear_queue))
-        .route("/queue/count", get(queue_count))
-        .route("/queue/{zaap_id}", delete(delete_one))
-        .route(
-            "/update-queue-settings",
-            put(queue_settings).post(queue_settings),
+pub(super) fn routes() -> Routes {
+    let queued = json!([queue_example()]);
+    Routes::new("Messages", Auth::Instance)
+        .post(
+            "/send-text",
+            send_text,
+            op("Sends a text: queued at once, sent in order at a human pace")
+                .body(json!({
+                    "phone": "5511999999999",
+                    "message": "Hello",
+                    "delayMessage": 2,
+                    "delayTyping": 3,
+                }))
+                .ok(
+                    "queued; its status comes to the webhooks and the event stream",
+                    json!({ "zaapId": "0193A7C2B3D4...", "messageId": "3EB0C4D5E6F7...", "id": "3EB0C4D5E6F7..." }),
+                )
+                .fails(400, "a field is missing or wrong, and which")
+                .fails(409, "the number is not linked (or not connected, with the queue off while disconnected)")
+                .fails(422, "the Idempotency-Key was used for another request")
+                .fails(429, "the queue is full"),
         )
-        .route("/update-auto-read-message", put(auto_read).post(auto_read))
+        .post(
+            "/read-message",
+            read_message,
+            op("Marks a message received read: the contact sees the blue ticks")
+                .body(json!({ "phone": "5511999999999", "messageId": "3EB0C4D5E6F7..." }))
+                .empty(204, "told to WhatsApp")
+                .fails(409, "not connected")
+                .fails(502, "WhatsApp could not be told"),
+        )
+        .get(
+            "/phone-exists/{phone}",
+            phone_exists,
+            op("Whether a number is on WhatsApp, as WhatsApp answers now")
+                .ok("the answer", json!({ "exists": true }))
+                .fails(409, "not connected")
+                .fails(504, "WhatsApp did not answer in time"),
+        )
+        .get(
+            "/queue",
+            queue,
+            op("The messages waiting to be sent, oldest first (`?page=1&pageSize=100`)")
+                .ok("the page", queued),
+        )
+        .post(
+            "/queue",
+            queue_paged,
+            op("The queue a page at a time, as Z-API pages it")
+                .body(json!({ "pageSize": 20, "pagingState": "2" }))
+                .ok(
+                    "a page, and where the next one starts",
+                    json!({ "messages": [queue_example()], "pagingState": "3", "hasMore": true }),
+                )
+                .fails(400, "pagingState is not one this gateway gave"),
+        )
+        .delete(
+            "/queue",
+            clear_queue,
+            op("Removes every message still waiting (not one already on its way)")
+                .ok("how many were removed", json!({ "value": true, "deleted": 3 })),
+        )
+        .get(
+            "/queue/count",
+            queue_count,
+            op("How many messages are waiting").ok("the count", json!({ "count": 3 })),
+        )
+        .delete(
+            "/queue/{zaap_id}",
+            delete_one,
+            op("Removes one waiting message")
+                .ok("removed", json!({ "value": true }))
+                .fails(404, "not waiting (it may be on its way already)"),
+        )
+        .put_post(
+            "/update-queue-settings",
+            queue_settings,
+            op("Whether messages sent while the number is disconnected are refused rather than queued")
+                .body(json!({ "disableEnqueueWhenDisconnected": true }))
+                .ok("set", json!({ "success": true })),
+        )
+        .put_post(
+            "/update-auto-read-message",
+            auto_read,
+            op("Whether messages received are marked read at once")
+                .body(json!({ "value": true }))
+                .ok("set", json!({ "value": true })),
+        )
+}
+
+/// A queued message as the queue routes list it.
+fn queue_example() -> Value {
+    json!({
+        "_id": "0193A7C2B3D4...",
+        "ZaapId": "0193A7C2B3D4...",
+        "MessageId": "3EB0C4D5E6F7...",
+        "Phone": "5511999999999",
+        "Message": "Hello",
+        "DelayMessage": -1,
+        "DelayTyping": 0,
+        "Created": 1764590400000_i64,
+        "CreatedAt": "2026-12-01T12:00:00.000Z",
+        "IsTrial": false,
+        "Beta": false,
+        "Status": "queued",
+        "Attempts": 0,
+    })
 }
 
 fn bad(message: impl Into<String>) -> ApiError {

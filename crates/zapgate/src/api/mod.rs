@@ -2,6 +2,7 @@
 //! `{"error": ...}` bodies. One file per Z-API docs section.
 
 mod auth;
+mod doc;
 mod events;
 mod forward;
 mod instance;
@@ -25,7 +26,6 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -85,6 +85,8 @@ pub struct Shared {
     pub trusted_proxies: Vec<crate::config::Network>,
     /// On a shared database: the other nodes, to which calls for their instances go.
     pub cluster: Option<Cluster>,
+    /// Every route's description, set as the router is made.
+    pub described: std::sync::OnceLock<Vec<doc::Described>>,
 }
 
 pub use forward::Cluster;
@@ -92,24 +94,70 @@ pub use forward::Cluster;
 /// Bodies above this are refused (no route takes more than a few fields).
 pub(super) const BODY_LIMIT: usize = 64 * 1024;
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route(
+/// Every route, each with its description.
+fn routes(state: &AppState) -> doc::Routes {
+    use doc::{Auth, Routes, op};
+    Routes::new("Gateway", Auth::Public)
+        .get(
             "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
+            || async { Json(json!({ "status": "ok" })) },
+            op("Whether the gateway answers").ok("it does", json!({ "status": "ok" })),
         )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .get(
+            "/readyz",
+            readyz,
+            op("Whether the gateway is ready: its database answers")
+                .ok("ready", json!({ "status": "ready" }))
+                .fails(503, "the database does not answer"),
+        )
+        .get(
+            "/metrics",
+            metrics,
+            op("Prometheus metrics (OpenMetrics text)")
+                .auth(Auth::Admin)
+                .text("instances by state, requests, webhooks, messages, leases"),
+        )
+        .get(
+            "/openapi.json",
+            openapi,
+            op("This API's OpenAPI 3.1 document").json(200, "the document"),
+        )
+        .get(
+            "/docs",
+            reference,
+            op("This API's reference page").html("the page"),
+        )
         .merge(partner::routes())
-        .merge(link_page::partner_routes(&state))
-        .merge(panel::routes(&state))
+        .merge(link_page::partner_routes(state))
+        .merge(panel::routes(state))
         .nest(
             "/instances/{id}/token/{token}",
-            instance::routes().route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                forward::to_owner,
-            )),
+            instance::routes().map(|router| {
+                router.route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    forward::to_owner,
+                ))
+            }),
         )
+}
+
+async fn openapi(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(doc::openapi(described(&state)))
+}
+
+/// Under the panel's Content-Security-Policy, as its pages.
+async fn reference(State(state): State<AppState>) -> Response {
+    panel::secure_headers(doc::reference(described(&state)).into_response()).await
+}
+
+fn described(state: &AppState) -> &[doc::Described] {
+    state.described.get().map_or(&[], Vec::as_slice)
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, described) = routes(&state).into_parts();
+    let _ = state.described.set(described);
+    routes
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Route not found") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -9,11 +9,11 @@ use axum::extract::{FromRequestParts, Path, State as AxumState};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
-use axum::{Form, Json, Router};
+use axum::{Form, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::doc::{Auth, Routes, op};
 use super::{ApiError, AppState, JsonBody};
 use crate::instance::{InstanceHandle, LinkError, NewInstance, Requester, Unlinked};
 use crate::store::InstanceRecord;
@@ -145,54 +145,145 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
-pub(super) fn routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/", get(|| async { Redirect::to("/panel") }))
-        .route("/panel", get(instances_page))
-        .route("/panel/sign-in", get(sign_in_page).post(sign_in))
-        .route("/panel/sign-out", post(sign_out))
-        .route("/panel/assets/{file}", get(asset))
-        .route("/panel/api/instances", get(list).post(create))
-        .route("/panel/api/events", get(every_instance))
+pub(super) fn routes(state: &AppState) -> Routes {
+    let tag = "Admin panel (for its own pages)";
+    Routes::new(tag, Auth::Panel)
+        .get(
+            "/",
+            || async { Redirect::to("/panel") },
+            op("The gateway's address leads to the panel")
+                .auth(Auth::Public)
+                .redirect("to /panel"),
+        )
+        .get(
+            "/panel",
+            instances_page,
+            op("The instances page").html("the page, or the sign-in page's redirect"),
+        )
+        .get(
+            "/panel/sign-in",
+            sign_in_page,
+            op("The sign-in page").auth(Auth::Public).html("the form"),
+        )
+        .post(
+            "/panel/sign-in",
+            sign_in,
+            op("Signs in with the admin token (a form: token=...)")
+                .auth(Auth::Public)
+                .redirect("signed in: the session cookie, and to /panel")
+                .empty(401, "not the admin token")
+                .empty(429, "too many failed attempts from this address"),
+        )
+        .post(
+            "/panel/sign-out",
+            sign_out,
+            op("Signs out (a form: csrf=...)").redirect("to the sign-in page"),
+        )
+        .get(
+            "/panel/assets/{file}",
+            asset,
+            op("The panel's stylesheet and script")
+                .auth(Auth::Public)
+                .asset("the file"),
+        )
+        .get(
+            "/panel/api/instances",
+            list,
+            op("The instances, with their states (`?query=<name>`)").json(200, "the first 100"),
+        )
+        .post(
+            "/panel/api/instances",
+            create,
+            op("Creates an instance")
+                .body(json!({ "name": "store front" }))
+                .json(200, "its id"),
+        )
+        .get(
+            "/panel/api/events",
+            every_instance,
+            op("Every instance's state changes (server-sent events)")
+                .events("`instance` and `resync` events"),
+        )
         .merge(super::link_page::public_routes(state))
         // What only the database knows is answered by any node.
-        .route("/panel/instances/{id}", get(instance_page))
-        .route(
+        .get(
+            "/panel/instances/{id}",
+            instance_page,
+            op("An instance's page").html("the page"),
+        )
+        .post(
             "/panel/api/instances/{id}/link-page/revoke",
-            post(revoke_link_pages),
+            revoke_link_pages,
+            op("Revokes the instance's live link pages").json(200, "how many"),
         )
-        .route(
+        .get(
             "/panel/api/instances/{id}/webhook-deliveries",
-            get(webhook_deliveries),
+            webhook_deliveries,
+            op("The instance's last webhook events").json(200, "newest first"),
         )
-        .merge(instance_routes(state))
-        .layer(axum::middleware::map_response(secure_headers))
+        .merge(instance_routes(state, tag))
+        .map(|router| router.layer(axum::middleware::map_response(secure_headers)))
 }
 
 /// The panel's routes about one instance: run by the node that runs the instance.
-fn instance_routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/panel/api/instances/{id}/events", get(events))
-        .route("/panel/api/instances/{id}/qr-code", post(qr_code))
-        .route("/panel/api/instances/{id}/phone-code", post(phone_code))
-        .route("/panel/api/instances/{id}/stop-linking", post(stop_linking))
-        .route("/panel/api/instances/{id}/restart", post(restart))
-        .route("/panel/api/instances/{id}/disconnect", post(disconnect))
-        .route("/panel/api/instances/{id}/cancel", post(cancel))
-        .route(
-            "/panel/api/instances/{id}/link-page",
-            post(create_link_page),
+fn instance_routes(state: &AppState, tag: &'static str) -> Routes {
+    let base = "/panel/api/instances/{id}";
+    Routes::new(tag, Auth::Panel)
+        .get(
+            &format!("{base}/events"),
+            events,
+            op("The instance's events (server-sent events)").events("as the API's event stream"),
+        )
+        .post(
+            &format!("{base}/qr-code"),
+            qr_code,
+            op("Opens linking with a QR code").json(200, "the code"),
+        )
+        .post(
+            &format!("{base}/phone-code"),
+            phone_code,
+            op("A pairing code for a number")
+                .body(json!({ "phone": "5511999999999" }))
+                .json(200, "the code"),
+        )
+        .post(
+            &format!("{base}/stop-linking"),
+            stop_linking,
+            op("Stops linking").json(200, "stopped"),
+        )
+        .post(
+            &format!("{base}/restart"),
+            restart,
+            op("Reconnects the number").json(200, "reconnecting"),
+        )
+        .post(
+            &format!("{base}/disconnect"),
+            disconnect,
+            op("Unlinks the number").json(200, "unlinked"),
+        )
+        .post(
+            &format!("{base}/cancel"),
+            cancel,
+            op("Unlinks the number and deletes the instance").json(200, "cancelled"),
+        )
+        .post(
+            &format!("{base}/link-page"),
+            create_link_page,
+            op("Makes a link page").json(200, "its URL and expiry"),
         )
         // The node running the instance delivers its webhooks: it is the one to wake.
-        .route(
-            "/panel/api/instances/{id}/webhook-deliveries/{event}/retry",
-            post(retry_webhook),
+        .post(
+            &format!("{base}/webhook-deliveries/{{event}}/retry"),
+            retry_webhook,
+            op("Tries a pending webhook event again now").json(200, "due now"),
         )
-        .merge(simulated::routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::forward::panel_to_owner,
-        ))
+        .merge(simulated::routes(tag))
+        .map(|router| {
+            router.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::forward::panel_to_owner,
+            ))
+        })
 }
 
 pub(super) async fn secure_headers(mut response: Response) -> Response {
@@ -553,10 +644,20 @@ const SIMULATED_CODE: &str =
 mod simulated {
     use super::*;
 
-    pub(super) fn routes() -> Router<AppState> {
-        Router::new()
-            .route("/panel/api/instances/{id}/simulated-scan", post(scan))
-            .route("/panel/api/instances/{id}/simulated-code", post(type_code))
+    pub(super) fn routes(tag: &'static str) -> Routes {
+        Routes::new(tag, Auth::Panel)
+            .post(
+                "/panel/api/instances/{id}/simulated-scan",
+                scan,
+                op("The demo's simulated phone scans the QR code showing (sandbox builds)")
+                    .json(200, "what the phone said"),
+            )
+            .post(
+                "/panel/api/instances/{id}/simulated-code",
+                type_code,
+                op("The demo's simulated phone types the pairing code showing (sandbox builds)")
+                    .json(200, "what the phone said"),
+            )
     }
 
     fn phone(state: &AppState) -> Result<wa_sim::Control, ApiError> {
@@ -617,8 +718,8 @@ mod simulated {
 mod simulated {
     use super::*;
 
-    pub(super) fn routes() -> Router<AppState> {
-        Router::new()
+    pub(super) fn routes(tag: &'static str) -> Routes {
+        Routes::new(tag, Auth::Panel)
     }
 }
 

@@ -1,22 +1,59 @@
 //! Z-API's partner section: creating, listing and cancelling instances, behind the
 //! operator's bearer token.
 
+use axum::Json;
 use axum::extract::State as AxumState;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Admin, Instance};
+use super::doc::{Auth, Routes, op};
 use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::instance::{NewInstance, State};
 use crate::store::InstanceRecord;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/instances/integrator/on-demand", post(create))
-        .route("/instances", get(list))
+pub(super) fn routes() -> Routes {
+    let mut listed = json!({
+        "id": "3C1F0E6A2B9D4C5E8F7A6B5C4D3E2F1A",
+        "token": "9A0B1C2D3E4F5A6B7C8D9E0F",
+        "name": "store front",
+        "created": "2026-12-01T12:00:00.000Z",
+        "due": 1767225600000_i64,
+        "phoneConnected": true,
+        "whatsappConnected": true,
+        "middleware": "web",
+    });
+    listed
+        .as_object_mut()
+        .expect("an object")
+        .extend(super::webhooks::fields(&Default::default()));
+    Routes::new("Instances (partner)", Auth::Admin)
+        .post(
+            "/instances/integrator/on-demand",
+            create,
+            op("Creates an instance (a number to link), with its webhooks if given")
+                .body(json!({
+                    "name": "store front",
+                    "sessionName": "Store",
+                    "connectedCallbackUrl": "https://example.com/webhooks/zapgate",
+                }))
+                .ok(
+                    "the instance's id and token: its routes are /instances/{id}/token/{token}/...",
+                    json!({ "id": "3C1F0E6A2B9D4C5E8F7A6B5C4D3E2F1A", "token": "9A0B1C2D3E4F5A6B7C8D9E0F", "due": 1767225600000_i64 }),
+                )
+                .fails(400, "the name is missing or too long, or a webhook URL cannot be called"),
+        )
+        .get(
+            "/instances",
+            list,
+            op("The instances, a page at a time (`?page=1&pageSize=20&query=<name>`)")
+                .ok(
+                    "the page",
+                    json!({ "total": 1, "totalPage": 1, "pageSize": 20, "page": 1, "content": [listed] }),
+                )
+                .fails(400, "page starts at 1 and pageSize is 1 to 100"),
+        )
 }
 
 pub(super) const MAX_NAME: usize = 120;

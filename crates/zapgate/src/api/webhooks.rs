@@ -2,50 +2,121 @@
 //! with `{"value": "https://..."}` and cleared with an empty value. A URL that cannot be
 //! delivered to is refused with the reason, and nothing changes.
 
+use axum::Json;
 use axum::extract::State as AxumState;
 use axum::http::StatusCode;
-use axum::routing::put;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Instance;
+use super::doc::{Auth, Routes, op};
 use super::{ApiError, AppState, JsonBody};
 use crate::store::{WebhookKind, Webhooks};
 
 /// Longest URL stored.
 const MAX_URL: usize = 2048;
 
-pub(super) fn routes() -> Router<AppState> {
-    let mut router = Router::new();
-    for (path, kind) in [
-        ("/update-webhook-connected", WebhookKind::Connected),
-        ("/update-webhook-disconnected", WebhookKind::Disconnected),
-        ("/update-webhook-received", WebhookKind::Received),
+pub(super) fn routes() -> Routes {
+    let url = json!({ "value": "https://example.com/webhooks/zapgate" });
+    let set = |summary| {
+        op(summary)
+            .body(url.clone())
+            .ok("set (an empty value clears it)", json!({ "value": true }))
+            .fails(400, "not a URL the gateway may call, and why")
+    };
+    let mut routes = Routes::new("Webhooks", Auth::Instance);
+    for (path, kind, summary) in [
+        (
+            "/update-webhook-connected",
+            WebhookKind::Connected,
+            "The URL told when the number connects",
+        ),
+        (
+            "/update-webhook-disconnected",
+            WebhookKind::Disconnected,
+            "The URL told when the number disconnects",
+        ),
+        (
+            "/update-webhook-received",
+            WebhookKind::Received,
+            "The URL told of each message received",
+        ),
         // The older spelling some of Z-API's pages use.
-        ("/update-webhook-receive", WebhookKind::Received),
+        (
+            "/update-webhook-receive",
+            WebhookKind::Received,
+            "The URL told of each message received (Z-API's older name)",
+        ),
         (
             "/update-webhook-received-delivery",
             WebhookKind::ReceivedDelivery,
+            "The URL told of messages received and of those sent (turns on notifySentByMe)",
         ),
-        ("/update-webhook-delivery", WebhookKind::Delivery),
-        ("/update-webhook-message-status", WebhookKind::MessageStatus),
-        ("/update-webhook-status", WebhookKind::MessageStatus),
-        ("/update-webhook-chat-presence", WebhookKind::ChatPresence),
+        (
+            "/update-webhook-delivery",
+            WebhookKind::Delivery,
+            "The URL told when a message sent is on its way",
+        ),
+        (
+            "/update-webhook-message-status",
+            WebhookKind::MessageStatus,
+            "The URL told of messages' status (sent, received, read)",
+        ),
+        (
+            "/update-webhook-status",
+            WebhookKind::MessageStatus,
+            "The URL told of messages' status (Z-API's other name)",
+        ),
+        (
+            "/update-webhook-chat-presence",
+            WebhookKind::ChatPresence,
+            "The URL told of contacts' presence",
+        ),
     ] {
-        let set = move |state, instance, body| set_one(kind, state, instance, body);
-        router = router.route(path, put(set).post(set));
+        let handler = move |state, instance, body| set_one(kind, state, instance, body);
+        routes = routes.put_post(path, handler, set(summary));
     }
-    router
-        .route("/update-every-webhooks", put(set_every).post(set_every))
-        .route(
-            "/update-notify-sent-by-me",
-            put(set_notify).post(set_notify),
+    routes
+        .put_post(
+            "/update-every-webhooks",
+            set_every,
+            set("Every webhook URL at once").body(
+                json!({ "value": "https://example.com/webhooks/zapgate", "notifySentByMe": true }),
+            ),
         )
-        .route("/webhook-deliveries", axum::routing::get(deliveries))
-        .route(
+        .put_post(
+            "/update-notify-sent-by-me",
+            set_notify,
+            op("Whether messages sent from the phone are told to the received webhook too")
+                .body(json!({ "notifySentByMe": true }))
+                .ok("set", json!({ "value": true }))
+                .fails(400, "no received webhook is set"),
+        )
+        .get(
+            "/webhook-deliveries",
+            deliveries,
+            op("The instance's last 50 webhook events: where each went, and how").ok(
+                "newest first",
+                json!({ "deliveries": [{
+                    "eventId": "0193A7C2-...",
+                    "type": "connected",
+                    "url": "https://example.com/webhooks/zapgate",
+                    "status": "delivered",
+                    "attempts": 1,
+                    "lastStatus": 200,
+                    "lastError": null,
+                    "createdAt": "2026-12-01T12:00:00.000Z",
+                    "nextAttemptAt": null,
+                    "doneAt": "2026-12-01T12:00:00.120Z",
+                }] }),
+            ),
+        )
+        .post(
             "/webhook-deliveries/{event}/retry",
-            axum::routing::post(retry_now),
+            retry_now,
+            op("Tries a pending event again now (after the instance's earlier ones)")
+                .ok("due now", json!({ "value": true }))
+                .fails(404, "no pending event with that id"),
         )
 }
 
