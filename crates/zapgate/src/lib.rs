@@ -227,7 +227,7 @@ fn ready_banner(
         ),
     };
     format!(
-        "zapgate {} is ready\n  admin panel and API: {address}\n  admin token:         {token}\n  data:                {storage}",
+        "zapgate {} is ready\n  admin panel and API: {address}\n  API reference:       {address}docs\n  admin token:         {token}\n  data:                {storage}",
         env!("CARGO_PKG_VERSION")
     )
 }

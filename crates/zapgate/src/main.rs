@@ -212,6 +212,7 @@ mod demo {
             sim.ws_url()
         );
         println!("  panel:       http://{address}/");
+        println!("  API:         http://{address}/docs (its reference; /openapi.json)");
         println!("  admin token: {}", admin_token.expose());
         println!(
             "Create an instance, show its QR code, and press \"Scan with the simulated phone\"."

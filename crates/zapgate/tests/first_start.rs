@@ -31,6 +31,9 @@ async fn a_first_start_says_where_the_panel_is_and_where_the_admin_token_was_put
     gw.log
         .wait_within(&format!("admin panel and API: {}/", gw.api.base), wait)
         .await;
+    gw.log
+        .wait_within(&format!("API reference:       {}/docs", gw.api.base), wait)
+        .await;
     let made = format!(
         "admin token:         made on this first start, in {} (keep it secret)",
         file.display()

@@ -20,6 +20,8 @@ pub(super) enum Auth {
     Instance,
     /// `Authorization: Bearer <admin token>`.
     Admin,
+    /// The admin token, about an instance named by its id and token in the path.
+    AdminAndInstance,
     /// The admin panel's session cookie (and its CSRF token on changes).
     Panel,
     /// A link page's token in the path.
@@ -41,7 +43,7 @@ pub(super) enum Kind {
     Json,
     Html,
     EventStream,
-    Text,
+    OpenMetrics,
     /// No body (a redirect, a 204).
     NoBody,
     Asset,
@@ -53,7 +55,7 @@ impl Kind {
             Kind::Json => Some("application/json"),
             Kind::Html => Some("text/html"),
             Kind::EventStream => Some("text/event-stream"),
-            Kind::Text => Some("text/plain"),
+            Kind::OpenMetrics => Some("application/openmetrics-text"),
             Kind::Asset => Some("*/*"),
             Kind::NoBody => None,
         }
@@ -64,6 +66,8 @@ impl Kind {
 #[derive(Clone, Debug)]
 pub(super) struct Op {
     pub(super) summary: &'static str,
+    /// Whether the body may be left out.
+    pub(super) body_optional: bool,
     /// Who may call it, when not who may call its section's routes.
     pub(super) auth: Option<Auth>,
     pub(super) body: Option<Value>,
@@ -74,6 +78,7 @@ pub(super) struct Op {
 pub(super) fn op(summary: &'static str) -> Op {
     Op {
         summary,
+        body_optional: false,
         auth: None,
         body: None,
         answers: Vec::new(),
@@ -90,6 +95,13 @@ impl Op {
     /// A JSON body the route takes (an example).
     pub(super) fn body(mut self, example: Value) -> Self {
         self.body = Some(example);
+        self
+    }
+
+    /// A JSON body the route may take (an example); without one, its defaults.
+    pub(super) fn optional_body(mut self, example: Value) -> Self {
+        self.body = Some(example);
+        self.body_optional = true;
         self
     }
 
@@ -132,8 +144,13 @@ impl Op {
         self.answer(200, what, Kind::EventStream, None)
     }
 
-    pub(super) fn text(self, what: &'static str) -> Self {
-        self.answer(200, what, Kind::Text, None)
+    pub(super) fn metrics(self, what: &'static str) -> Self {
+        self.answer(200, what, Kind::OpenMetrics, None)
+    }
+
+    /// A page in HTML for another status.
+    pub(super) fn html_page(self, status: u16, what: &'static str) -> Self {
+        self.answer(status, what, Kind::Html, None)
     }
 
     pub(super) fn asset(self, what: &'static str) -> Self {
@@ -241,9 +258,33 @@ impl Routes {
         self
     }
 
-    /// A change to the router itself (a layer over the routes added so far).
-    pub(super) fn map(mut self, change: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Self {
-        self.router = change(self.router);
+    /// A layer over the routes added so far (their answers, not-found ones included).
+    pub(super) fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response:
+            axum::response::IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Error:
+            Into<std::convert::Infallible> + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.router = self.router.layer(layer);
+        self
+    }
+
+    /// A layer over the routes added so far, run only when one of them matched.
+    pub(super) fn route_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response:
+            axum::response::IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Error:
+            Into<std::convert::Infallible> + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.router = self.router.route_layer(layer);
         self
     }
 
@@ -311,7 +352,7 @@ fn operation(d: &Described) -> Value {
             json!({
                 "name": name,
                 "in": "path",
-                "required": true,
+                "required": !d.op.body_optional,
                 "schema": { "type": "string" },
             })
         })
@@ -321,6 +362,7 @@ fn operation(d: &Described) -> Value {
     }
     op["security"] = match d.auth {
         Auth::Admin => json!([{ "admin": [] }]),
+        Auth::AdminAndInstance => json!([{ "admin": [] }, { "admin": [], "clientToken": [] }]),
         Auth::Panel => json!([{ "panel": [] }]),
         // The path's token, and Client-Token only when the gateway has one.
         Auth::Instance => json!([{}, { "clientToken": [] }]),
@@ -351,17 +393,23 @@ fn operation(d: &Described) -> Value {
             let n = content["examples"].as_object().map_or(0, Map::len) + 1;
             content["examples"][format!("example {n}")] =
                 json!({ "summary": answer.what, "value": example });
+            // Each shape the answer may have, once.
+            let shape = schema_of(example);
             content["schema"] = match content.get("schema") {
-                Some(earlier) if earlier != &schema_of(example) => {
-                    let mut one_of = earlier["oneOf"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_else(|| vec![earlier.clone()]);
-                    one_of.push(schema_of(example));
-                    json!({ "oneOf": one_of })
+                None => shape,
+                Some(earlier) => {
+                    let mut any = match earlier.get("anyOf").and_then(Value::as_array) {
+                        Some(any) => any.clone(),
+                        None => vec![earlier.clone()],
+                    };
+                    if !any.contains(&shape) {
+                        any.push(shape);
+                    }
+                    match any.as_slice() {
+                        [one] => one.clone(),
+                        _ => json!({ "anyOf": any }),
+                    }
                 }
-                Some(earlier) => earlier.clone(),
-                None => schema_of(example),
             };
         } else if answer.kind == Kind::Json {
             content["schema"] = json!({});
@@ -370,42 +418,60 @@ fn operation(d: &Described) -> Value {
         }
     }
     // What every route of its kind may answer besides.
-    let common: &[(u16, &str)] = match d.auth {
-        Auth::Instance => &[
-            (401, "Client-Token missing or wrong"),
-            (404, "no instance with this id and token"),
-            (
-                429,
-                "too many failed authentications from this address: Retry-After says when",
-            ),
-            (
-                503,
-                "the instance is moving to another gateway node: Retry-After says when to ask again",
-            ),
-        ],
-        Auth::Admin => &[
-            (401, "the admin token is missing or wrong"),
-            (
-                429,
-                "too many failed authentications from this address: Retry-After says when",
-            ),
-        ],
-        Auth::Panel => &[
+    const INSTANCE: [(u16, &str); 4] = [
+        (401, "Client-Token missing or wrong"),
+        (404, "no instance with this id and token"),
+        (
+            429,
+            "too many failed authentications from this address: Retry-After says when",
+        ),
+        (
+            503,
+            "the instance is moving to another gateway node: Retry-After says when to ask again",
+        ),
+    ];
+    const ADMIN: [(u16, &str); 2] = [
+        (401, "the admin token is missing or wrong"),
+        (
+            429,
+            "too many failed authentications from this address: Retry-After says when",
+        ),
+    ];
+    let mut common: Vec<(u16, &str)> = match d.auth {
+        Auth::Instance => INSTANCE.to_vec(),
+        Auth::Admin => ADMIN.to_vec(),
+        Auth::AdminAndInstance => ADMIN.iter().chain(&INSTANCE).copied().collect(),
+        Auth::Panel => vec![
             (401, "signed out"),
             (403, "a change without the session's CSRF token"),
         ],
-        Auth::Public | Auth::LinkPage => &[],
+        Auth::Public | Auth::LinkPage => Vec::new(),
     };
+    if d.op.body.is_some() {
+        common.push((400, "the body is not JSON"));
+        if !d.op.body_optional {
+            common.push((415, "the body is not sent as application/json"));
+            common.push((422, "a field of the body is missing or of the wrong type"));
+        }
+    }
     for (status, what) in common {
-        responses.entry(status.to_string()).or_insert_with(|| {
-            json!({
-                "description": what,
-                "content": { "application/json": {
-                    "schema": schema_of(&json!({ "error": "…" })),
-                    "examples": { "example 1": { "summary": what, "value": { "error": "…" } } },
-                } },
-            })
-        });
+        let entry = responses
+            .entry(status.to_string())
+            .or_insert_with(|| json!({ "description": "" }));
+        let said = entry["description"].as_str().unwrap_or_default();
+        if !said.contains(what) {
+            entry["description"] = Value::from(if said.is_empty() {
+                what.to_owned()
+            } else {
+                format!("{said}; or: {what}")
+            });
+        }
+        let content = &mut entry["content"]["application/json"];
+        if content.get("schema").is_none() {
+            content["schema"] = schema_of(&json!({ "error": "…" }));
+            content["examples"]["example 1"] =
+                json!({ "summary": what, "value": { "error": "…" } });
+        }
     }
     op["responses"] = Value::Object(responses);
     op
@@ -427,7 +493,8 @@ fn slug(text: &str, joint: char) -> String {
 /// The JSON Schema an example has: its types, and its objects' fields.
 pub(super) fn schema_of(example: &Value) -> Value {
     match example {
-        Value::Null => json!({ "type": "null" }),
+        // Null in an example: a field that is null until set (its type is not said).
+        Value::Null => json!({}),
         Value::Bool(_) => json!({ "type": "boolean" }),
         Value::Number(n) if n.is_i64() || n.is_u64() => json!({ "type": "integer" }),
         Value::Number(_) => json!({ "type": "number" }),
@@ -441,7 +508,8 @@ pub(super) fn schema_of(example: &Value) -> Value {
                 .iter()
                 .map(|(name, value)| (name.clone(), schema_of(value)))
                 .collect();
-            json!({ "type": "object", "properties": properties })
+            let required: Vec<&String> = fields.keys().collect();
+            json!({ "type": "object", "properties": properties, "required": required })
         }
     }
 }
@@ -454,6 +522,9 @@ impl Auth {
                 "The instance's id and token in the path; `Client-Token` too when the gateway has one."
             }
             Auth::Admin => "`Authorization: Bearer <admin token>`.",
+            Auth::AdminAndInstance => {
+                "`Authorization: Bearer <admin token>`, and the instance's id and token in the path (`Client-Token` too when the gateway has one)."
+            }
             Auth::Panel => "The panel's session cookie; a change also carries `X-CSRF-Token`.",
             Auth::LinkPage => "The link page's token in the path.",
         }

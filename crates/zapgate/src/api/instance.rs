@@ -50,7 +50,8 @@ pub(super) fn routes() -> Routes {
                 "The same QR code as a PNG image",
                 "a data URL of the PNG",
                 json!({ "value": "data:image/png;base64,iVBORw0KGgo..." }),
-            ),
+            )
+            .fails(502, "WhatsApp's code is too long to draw"),
         )
         .get(
             "/phone-code/{phone}",
@@ -77,7 +78,7 @@ pub(super) fn routes() -> Routes {
             "/events",
             super::events::events,
             op("The instance's events as they happen (server-sent events): its state, new codes, messages' news")
-                .events("`state`, `qr-code`, `phone-code`, `message-status`, ... events; each client first gets the state as it stands")
+                .events("`state`, `qr`, `pairing-code`, `message` and `status` events; each client first gets the state as it stands")
                 .fails(429, "too many event streams are open"),
         )
         .get(
@@ -96,14 +97,18 @@ pub(super) fn routes() -> Routes {
             restart,
             op("Reconnects with the stored session (no new code)")
                 .ok("reconnecting", json!({ "value": true }))
-                .fails(409, "no session to reconnect with"),
+                .ok("overtaken by a link or an unlink meanwhile, and why", json!({ "error": "You need to restore the session." }))
+                .fails(409, "the number is being unlinked, or its session is missing")
+                .fails(503, "WhatsApp could not be reached"),
         )
         .get(
             "/restore-session",
             restore_session,
             op("Tries to reconnect from the stored session")
                 .ok("reconnecting", json!({ "value": true }))
-                .fails(409, "no session to reconnect with"),
+                .ok("overtaken by a link or an unlink meanwhile, and why", json!({ "error": "You need to restore the session." }))
+                .fails(409, "the number is being unlinked, or its session is missing")
+                .fails(503, "WhatsApp could not be reached"),
         )
         .get(
             "/me",
@@ -122,7 +127,7 @@ pub(super) fn routes() -> Routes {
                         "about": "",
                         "name": "Store",
                         "device": { "sessionName": "store front", "device_model": "zapgate" },
-                        "originalDevice": null,
+                        "originalDevice": "android",
                         "sessionId": 12,
                         "isBusiness": false,
                     }),
@@ -136,7 +141,7 @@ pub(super) fn routes() -> Routes {
             "/integrator/on-demand/cancel",
             partner::cancel,
             op("Unlinks the number and deletes the instance with its session (Z-API's partner route)")
-                .auth(Auth::Admin)
+                .auth(Auth::AdminAndInstance)
                 .empty(201, "cancelled"),
         )
         .merge(super::webhooks::routes())
@@ -156,7 +161,7 @@ fn me_example() -> Value {
     });
     body.as_object_mut()
         .expect("an object")
-        .extend(super::webhooks::fields(&Default::default()));
+        .extend(super::webhooks::fields(&super::webhooks::example()));
     body
 }
 

@@ -33,12 +33,12 @@ const KEEP_DEAD_MS: i64 = 7 * 24 * 3600 * 1000;
 
 pub(super) fn partner_routes(state: &AppState) -> Routes {
     let path = "/instances/{id}/token/{token}/link-page";
-    Routes::new("Link pages", Auth::Admin)
+    Routes::new("Link pages", Auth::AdminAndInstance)
         .post(
             path,
             create_route,
             op("Makes a link page: a URL to send the number's owner, who links it there")
-                .body(json!({ "expiresIn": 86400 }))
+                .optional_body(json!({ "expiresIn": 86400 }))
                 .ok(
                     "the page's URL (its token is shown only here) and when it expires",
                     json!({ "url": "https://wa.example.com/link/Hq3...", "expiresAt": "2026-12-02T12:00:00.000Z" }),
@@ -52,52 +52,70 @@ pub(super) fn partner_routes(state: &AppState) -> Routes {
             op("Revokes every live link page of the instance")
                 .ok("how many", json!({ "revoked": 1 })),
         )
-        .map(|router| {
-            router.route_layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 super::forward::to_owner,
             ))
-        })
 }
 
 pub(super) fn public_routes(state: &AppState) -> Routes {
+    // A page that is not live, and linking that cannot go on, as its holder hears them.
+    let dead = |op: super::doc::Op| {
+        op.fails(404, "no such page")
+            .fails(410, "the page expired, was revoked, or was used")
+            .fails(409, "linking was stopped, or not started by this page")
+            .fails(
+                429,
+                "too many requests from this page: Retry-After says when",
+            )
+            .fails(503, "WhatsApp cannot be reached, or the instance is moving")
+    };
     Routes::new("Link pages (the number's owner)", Auth::LinkPage)
-        .get("/link/{token}", page, op("The link page").html("the page"))
+        .get(
+            "/link/{token}",
+            page,
+            op("The link page")
+                .html("the page")
+                .html_page(404, "no such page")
+                .html_page(410, "the page expired, was revoked, or was used"),
+        )
         .get(
             "/link/{token}/events",
             events,
-            op("The page's linking events (server-sent events)").events("its state and codes"),
+            op("The page's linking events (server-sent events)")
+                .events("its state and codes")
+                .fails(404, "no such page")
+                .fails(410, "the page expired, was revoked, or was used"),
         )
         .post(
             "/link/{token}/qr-code",
             qr_code,
-            op("A QR code to scan")
+            dead(op("A QR code to scan")
                 .ok(
                     "the code, its image, and the seconds it lives",
                     json!({ "value": "2@AbCd...,1", "image": "data:image/png;base64,...", "expiresIn": 19 }),
                 )
-                .ok("the number is linked", json!({ "connected": true }))
-                .fails(429, "too many requests from this page"),
+                .ok("the number is linked", json!({ "connected": true }))),
         )
         .post(
             "/link/{token}/phone-code",
             phone_code,
-            op("A pairing code to type on the phone")
+            dead(op("A pairing code to type on the phone")
                 .body(json!({ "phone": "5511999999999" }))
                 .ok("the code", json!({ "code": "ABCD-EFGH" }))
-                .fails(400, "not a phone number"),
+                .ok("the number is linked", json!({ "connected": true }))
+                .fails(400, "not a phone number")
+                .fails(502, "WhatsApp refused to give a code for this number")),
         )
         .post(
             "/link/{token}/stop-linking",
             stop_linking,
-            op("Stops the linking this page started").ok("stopped", json!({ "value": true })),
+            dead(op("Stops the linking this page started").ok("stopped", json!({ "value": true }))),
         )
-        .map(|router| {
-            router.route_layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 super::forward::page_to_owner,
             ))
-        })
 }
 
 pub(super) fn hash(token: &str) -> String {

@@ -52,6 +52,7 @@ pub(super) fn routes() -> Routes {
             op("Marks a message received read: the contact sees the blue ticks")
                 .body(json!({ "phone": "5511999999999", "messageId": "3EB0C4D5E6F7..." }))
                 .empty(204, "told to WhatsApp")
+                .fails(400, "phone or messageId missing or wrong")
                 .fails(409, "not connected")
                 .fails(502, "WhatsApp could not be told"),
         )
@@ -60,7 +61,9 @@ pub(super) fn routes() -> Routes {
             phone_exists,
             op("Whether a number is on WhatsApp, as WhatsApp answers now")
                 .ok("the answer", json!({ "exists": true }))
+                .fails(400, "not a phone number")
                 .fails(409, "not connected")
+                .fails(502, "WhatsApp could not be asked")
                 .fails(504, "WhatsApp did not answer in time"),
         )
         .get(
@@ -73,7 +76,7 @@ pub(super) fn routes() -> Routes {
             "/queue",
             queue_paged,
             op("The queue a page at a time, as Z-API pages it")
-                .body(json!({ "pageSize": 20, "pagingState": "2" }))
+                .optional_body(json!({ "pageSize": 20, "pagingState": "2" }))
                 .ok(
                     "a page, and where the next one starts",
                     json!({ "messages": [queue_example()], "pagingState": "3", "hasMore": true }),

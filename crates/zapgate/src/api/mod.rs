@@ -115,7 +115,7 @@ fn routes(state: &AppState) -> doc::Routes {
             metrics,
             op("Prometheus metrics (OpenMetrics text)")
                 .auth(Auth::Admin)
-                .text("instances by state, requests, webhooks, messages, leases"),
+                .metrics("instances by state, requests, webhooks, messages, leases"),
         )
         .get(
             "/openapi.json",
@@ -132,12 +132,10 @@ fn routes(state: &AppState) -> doc::Routes {
         .merge(panel::routes(state))
         .nest(
             "/instances/{id}/token/{token}",
-            instance::routes().map(|router| {
-                router.route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    forward::to_owner,
-                ))
-            }),
+            instance::routes().route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                forward::to_owner,
+            )),
         )
 }
 

@@ -158,7 +158,9 @@ pub(super) fn routes(state: &AppState) -> Routes {
         .get(
             "/panel",
             instances_page,
-            op("The instances page").html("the page, or the sign-in page's redirect"),
+            op("The instances page")
+                .html("the page")
+                .redirect("signed out: to the sign-in page"),
         )
         .get(
             "/panel/sign-in",
@@ -171,8 +173,8 @@ pub(super) fn routes(state: &AppState) -> Routes {
             op("Signs in with the admin token (a form: token=...)")
                 .auth(Auth::Public)
                 .redirect("signed in: the session cookie, and to /panel")
-                .empty(401, "not the admin token")
-                .empty(429, "too many failed attempts from this address"),
+                .html_page(401, "not the admin token: the form again, saying so")
+                .html_page(429, "too many failed attempts from this address: the form, saying when to try again"),
         )
         .post(
             "/panel/sign-out",
@@ -209,7 +211,10 @@ pub(super) fn routes(state: &AppState) -> Routes {
         .get(
             "/panel/instances/{id}",
             instance_page,
-            op("An instance's page").html("the page"),
+            op("An instance's page")
+                .html("the page")
+                .html_page(404, "no such instance")
+                .redirect("signed out: to the sign-in page"),
         )
         .post(
             "/panel/api/instances/{id}/link-page/revoke",
@@ -222,7 +227,7 @@ pub(super) fn routes(state: &AppState) -> Routes {
             op("The instance's last webhook events").json(200, "newest first"),
         )
         .merge(instance_routes(state, tag))
-        .map(|router| router.layer(axum::middleware::map_response(secure_headers)))
+        .layer(axum::middleware::map_response(secure_headers))
 }
 
 /// The panel's routes about one instance: run by the node that runs the instance.
@@ -278,12 +283,10 @@ fn instance_routes(state: &AppState, tag: &'static str) -> Routes {
             op("Tries a pending webhook event again now").json(200, "due now"),
         )
         .merge(simulated::routes(tag))
-        .map(|router| {
-            router.route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                super::forward::panel_to_owner,
-            ))
-        })
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::panel_to_owner,
+        ))
 }
 
 pub(super) async fn secure_headers(mut response: Response) -> Response {

@@ -27,7 +27,7 @@ pub(super) fn routes() -> Routes {
     listed
         .as_object_mut()
         .expect("an object")
-        .extend(super::webhooks::fields(&Default::default()));
+        .extend(super::webhooks::fields(&super::webhooks::example()));
     Routes::new("Instances (partner)", Auth::Admin)
         .post(
             "/instances/integrator/on-demand",

@@ -104,9 +104,9 @@ pub(super) fn routes() -> Routes {
                     "status": "delivered",
                     "attempts": 1,
                     "lastStatus": 200,
-                    "lastError": null,
+                    "lastError": "connection refused",
                     "createdAt": "2026-12-01T12:00:00.000Z",
-                    "nextAttemptAt": null,
+                    "nextAttemptAt": "2026-12-01T12:00:05.000Z",
                     "doneAt": "2026-12-01T12:00:00.120Z",
                 }] }),
             ),
@@ -321,6 +321,21 @@ async fn set_notify(
         .set_notify_sent_by_me(&instance.record.id, body.notify_sent_by_me)
         .await?;
     Ok(Json(json!({ "value": true })))
+}
+
+/// Webhooks with every URL set, for the examples of the routes that show them.
+pub(super) fn example() -> Webhooks {
+    let url = || Some("https://example.com/webhooks/zapgate".to_owned());
+    Webhooks {
+        connected: url(),
+        disconnected: url(),
+        received: url(),
+        received_delivery: url(),
+        delivery: url(),
+        message_status: url(),
+        chat_presence: url(),
+        notify_sent_by_me: true,
+    }
 }
 
 /// The webhook fields of `/me` and the partner list, by Z-API's names.

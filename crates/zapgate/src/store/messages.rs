@@ -1115,10 +1115,11 @@ mod tests {
         };
         let sent = status_event(Status::Sent, &["SENT".into()], "x");
         // The caller goes away once its statements are on their way (a client hanging
-        // up, a shutdown): they still run to their end.
+        // up, a shutdown): they still run to their end. (On a fast run the call may end
+        // at its first poll: what follows holds either way.)
         tokio::select! {
             biased;
-            _ = store.message_sent(m.seq, 21, &delivery, &sent) => panic!("not that fast"),
+            _ = store.message_sent(m.seq, 21, &delivery, &sent) => {}
             () = tokio::task::yield_now() => {}
         }
         let mut writer = store.write.lock().await.unwrap();
