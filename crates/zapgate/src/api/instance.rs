@@ -33,6 +33,19 @@ pub(super) fn routes() -> Routes {
                 "WhatsApp could not be reached, or the instance is moving",
             )
     };
+    let reconnect = |summary| {
+        op(summary)
+            .ok("reconnecting", json!({ "value": true }))
+            .ok(
+                "overtaken by a link or an unlink meanwhile, and why",
+                json!({ "error": "You need to restore the session." }),
+            )
+            .fails(
+                409,
+                "the number is being unlinked, or its session is missing",
+            )
+            .fails(503, "WhatsApp could not be reached")
+    };
     Routes::new("Instance", Auth::Instance)
         .get(
             "/qr-code",
@@ -95,20 +108,12 @@ pub(super) fn routes() -> Routes {
         .get(
             "/restart",
             restart,
-            op("Reconnects with the stored session (no new code)")
-                .ok("reconnecting", json!({ "value": true }))
-                .ok("overtaken by a link or an unlink meanwhile, and why", json!({ "error": "You need to restore the session." }))
-                .fails(409, "the number is being unlinked, or its session is missing")
-                .fails(503, "WhatsApp could not be reached"),
+            reconnect("Reconnects with the stored session (no new code)"),
         )
         .get(
             "/restore-session",
             restore_session,
-            op("Tries to reconnect from the stored session")
-                .ok("reconnecting", json!({ "value": true }))
-                .ok("overtaken by a link or an unlink meanwhile, and why", json!({ "error": "You need to restore the session." }))
-                .fails(409, "the number is being unlinked, or its session is missing")
-                .fails(503, "WhatsApp could not be reached"),
+            reconnect("Tries to reconnect from the stored session"),
         )
         .get(
             "/me",
