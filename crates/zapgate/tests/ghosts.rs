@@ -102,7 +102,7 @@ async fn a_device_the_phone_removed_while_the_gateway_was_down_is_reported_unlin
         )
     );
     assert!(!gw.log.text().contains("certificate was refused"));
-    assert!(!world.has_session(&inst).await, "the session is deleted");
+    world.session_wiped(&inst).await;
     assert_eq!(
         world.stat("loginFailures").await,
         1,

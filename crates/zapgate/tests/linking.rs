@@ -250,7 +250,7 @@ async fn the_phone_unlinking_wipes_the_session() {
     gw.api
         .wait_status(&inst, "not connected", |s| *s == not_connected())
         .await;
-    assert!(!world.has_session(&inst).await);
+    world.session_wiped(&inst).await;
     assert_eq!(
         gw.api.device(&inst).await,
         (

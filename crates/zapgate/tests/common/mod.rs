@@ -88,6 +88,16 @@ impl World {
         self.sessions_of(i).await.contains(&i.id)
     }
 
+    /// Waits (5 s at most) for the instance's session to be wiped: after the phone
+    /// unlinks, the wipe runs beside the instance's task, just after its state changed.
+    pub async fn session_wiped(&self, i: &Instance) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.has_session(i).await {
+            assert!(tokio::time::Instant::now() < until, "the session was kept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// wa-sim's counter `name` now.
     pub async fn stat(&self, name: &str) -> u64 {
         let stats = self.wa.stats().await.unwrap();
