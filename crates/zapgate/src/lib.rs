@@ -46,18 +46,10 @@ pub async fn run(
     let token_file = config.data_dir.join("admin-token");
     let (admin_token, token_from) = match &config.admin_token {
         Some(token) => (token.clone(), TokenFrom::Given),
-        None => {
-            let fresh = !token_file.exists();
-            let token = stored_admin_token(&config.data_dir)?;
-            (
-                token,
-                if fresh {
-                    TokenFrom::Made
-                } else {
-                    TokenFrom::File
-                },
-            )
-        }
+        None => match stored_admin_token(&config.data_dir)? {
+            (token, true) => (token, TokenFrom::Made),
+            (token, false) => (token, TokenFrom::File),
+        },
     };
     let (store, sessions, leases) = open_storage(&config, listener.local_addr().ok()).await?;
     let webhooks_due = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -419,9 +411,10 @@ fn check_whatsapp_url(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin token kept in `<data-dir>/admin-token`, generated (0600) on first start.
-/// A file that others may read is refused: the token would not be secret.
-pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
+/// The admin token kept in `<data-dir>/admin-token`, generated (0600) on first start
+/// (or when the file is empty), and whether it was made now. A file that others may
+/// read is refused: the token would not be secret.
+pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<(Secret, bool)> {
     use rand::RngExt as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let path = data_dir.join("admin-token");
@@ -437,7 +430,7 @@ pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
                 .with_context(|| format!("reading {}", path.display()))?;
             if let Ok(token) = existing.trim().parse::<Secret>() {
                 tracing::info!(path = %path.display(), "admin token read from file");
-                return Ok(token);
+                return Ok((token, false));
             }
             tracing::warn!(path = %path.display(), "the admin token file is empty; generating a new token");
         }
@@ -456,7 +449,7 @@ pub fn stored_admin_token(data_dir: &Path) -> anyhow::Result<Secret> {
         .with_context(|| format!("writing {}", path.display()))?;
     writeln!(file, "{token}")?;
     tracing::info!(path = %path.display(), "generated an admin token (Authorization: Bearer <token in this file>)");
-    Ok(Secret::new(token))
+    Ok((Secret::new(token), true))
 }
 
 /// Random bytes as upper-case hex, as Z-API's ids and tokens look.

@@ -172,7 +172,7 @@ mod demo {
         };
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let admin_token = zapgate::stored_admin_token(&data_dir)?;
+        let (admin_token, _) = zapgate::stored_admin_token(&data_dir)?;
         let listener = tokio::net::TcpListener::bind(demo.listen)
             .await
             .with_context(|| format!("{} {}", zapgate::explain::BINDING, demo.listen))?;

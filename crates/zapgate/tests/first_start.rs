@@ -109,18 +109,20 @@ async fn misconfigured_starts_say_what_to_change_and_never_show_a_backtrace() {
     }
 
     // A settings file that is not TOML: where, never the line (it may hold a password).
-    let settings = world.dir.path().join("broken.toml");
-    std::fs::write(
-        &settings,
+    let with_settings = async |name: &str, text: &str| {
+        let settings = world.dir.path().join(name);
+        std::fs::write(&settings, text).unwrap();
+        let config = ("ZAPGATE_CONFIG", settings.to_str().unwrap());
+        (
+            world.refused_gateway(&[BACKTRACES, config], &[]).await,
+            settings,
+        )
+    };
+    let (out, settings) = with_settings(
+        "broken.toml",
         "listen = \"127.0.0.1:8080\"\ndatabase-url = \"postgres://zapgate:s3cret@db/zapgate\n",
     )
-    .unwrap();
-    let out = world
-        .refused_gateway(
-            &[BACKTRACES, ("ZAPGATE_CONFIG", settings.to_str().unwrap())],
-            &[],
-        )
-        .await;
+    .await;
     assert!(
         out.contains(&format!(
             "zapgate could not start: reading the settings file {}: line 2, column ",
@@ -131,14 +133,7 @@ async fn misconfigured_starts_say_what_to_change_and_never_show_a_backtrace() {
     assert!(!out.contains("s3cret"), "{out}");
 
     // A settings file with a misspelt setting: named, with the ones there are.
-    let settings = world.dir.path().join("zapgate.toml");
-    std::fs::write(&settings, "lissten = \"127.0.0.1:8080\"\n").unwrap();
-    let out = world
-        .refused_gateway(
-            &[BACKTRACES, ("ZAPGATE_CONFIG", settings.to_str().unwrap())],
-            &[],
-        )
-        .await;
+    let (out, settings) = with_settings("zapgate.toml", "lissten = \"127.0.0.1:8080\"\n").await;
     assert!(
         out.contains(&format!(
             "zapgate could not start: {}: no setting is named \"lissten\"; the settings are: listen, data-dir",

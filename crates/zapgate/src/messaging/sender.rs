@@ -199,7 +199,7 @@ impl Sender {
             Err(_) => return Step::Wait(BACKOFF),
         }
         let ack = self.lane.expect_ack(&head.message_id);
-        match self.hub.store.message_sending(head.seq).await {
+        match self.hub.store.message_sending(&head).await {
             Ok(true) => {}
             // Deleted from the queue meanwhile: it does not go.
             Ok(false) => {

@@ -172,7 +172,7 @@ pub trait MessageStore: Send + Sync {
     ) -> Result<u64, StoreError>;
     /// The message is going on the wire: its attempts count one more. False when it
     /// is no longer waiting (deleted from the queue, or settled).
-    async fn message_sending(&self, seq: i64) -> Result<bool, StoreError>;
+    async fn message_sending(&self, message: &Outbound) -> Result<bool, StoreError>;
     /// WhatsApp took the message (its ack), with its DeliveryCallback and, unless a
     /// receipt already moved it further, its status event, in the same transaction.
     /// How many of the two it wrote: 0 (it was settled already), 1 or 2.
@@ -631,12 +631,12 @@ impl MessageStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn message_sending(&self, seq: i64) -> Result<bool, StoreError> {
+    async fn message_sending(&self, message: &Outbound) -> Result<bool, StoreError> {
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'sending', attempts = attempts + 1 \
              WHERE seq = ? AND state IN ('queued', 'sending')",
         )
-        .bind(seq)
+        .bind(message.seq)
         .execute(&mut *self.write.lock().await?)
         .await?
         .rows_affected();
@@ -1016,7 +1016,7 @@ mod tests {
         let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
             panic!()
         };
-        store.message_sending(m.seq).await.unwrap();
+        store.message_sending(&m).await.unwrap();
         // The delivery event gets a seq the status bound looks at (every 100th): its
         // trigger runs inside the INSERT, and the SENT after it must still be written.
         let mut writer = store.write.lock().await.unwrap();
@@ -1108,7 +1108,7 @@ mod tests {
         let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
             panic!()
         };
-        store.message_sending(m.seq).await.unwrap();
+        store.message_sending(&m).await.unwrap();
         let delivery = WebhookEvent {
             kind: WebhookKind::Delivery,
             ..status_event(Status::Sent, &["D".into()], "x")

@@ -41,7 +41,7 @@ async fn the_queue_is_bounded_and_keys_replay_or_refuse(store: &dyn Store) {
     );
     assert_eq!(store.queue_head("I").await.unwrap().unwrap().zaap_id, "Z1");
     // One on its way is not deleted; one waiting is.
-    store.message_sending(first.seq).await.unwrap();
+    store.message_sending(&first).await.unwrap();
     assert_eq!(store.delete_queued("I", None).await.unwrap(), 1);
     assert_eq!(store.queue_page("I", 1, 10).await.unwrap().1, 1);
 }
@@ -93,7 +93,7 @@ async fn read_ahead_waits_for_a_head_not_due(store: &dyn Store) {
     let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
         panic!()
     };
-    store.message_sending(m.seq).await.unwrap();
+    store.message_sending(&m).await.unwrap();
     let ids = ["M1".to_owned()];
     for status in [Status::Received, Status::Read] {
         let moved = store.message_status("I", &ids, status, 20, &status_event);
@@ -153,7 +153,7 @@ async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent(stor
     let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
         panic!()
     };
-    store.message_sending(m.seq).await.unwrap();
+    store.message_sending(&m).await.unwrap();
     let ids = vec!["M1".to_owned()];
     // The delivery receipt overtook the server's ack.
     let moved = store
@@ -227,7 +227,7 @@ async fn statuses_only_go_forward_and_the_ack_after_a_receipt_sends_no_sent(stor
         let Enqueued::New(m) = store.enqueue_message(&message(n, None), 10).await.unwrap() else {
             panic!()
         };
-        store.message_sending(m.seq).await.unwrap();
+        store.message_sending(&m).await.unwrap();
         more.push(m);
     }
     let delivery = WebhookEvent {

@@ -698,18 +698,18 @@ mod tests {
             panic!("queued");
         };
         assert!(matches!(
-            mine.message_sending(queued.seq).await,
+            mine.message_sending(&queued).await,
             Err(StoreError::Moved(_))
         ));
         assert!(b.release("I00", epoch).await.unwrap());
         assert!(matches!(
-            mine.message_sending(queued.seq).await,
+            mine.message_sending(&queued).await,
             Err(StoreError::Moved(_))
         ));
 
         // Handed over to a: its writes pass now, b's epoch stays refused for good.
         a.claim_instance("I00").await.unwrap().unwrap();
-        assert!(mine.message_sending(queued.seq).await.unwrap());
+        assert!(mine.message_sending(&queued).await.unwrap());
         mine.set_link("I00", Some(&link)).await.unwrap();
         assert_eq!(
             store.instance("I00").await.unwrap().unwrap().link,

@@ -329,26 +329,19 @@ impl MessageStore for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn message_sending(&self, seq: i64) -> Result<bool, StoreError> {
+    async fn message_sending(&self, message: &Outbound) -> Result<bool, StoreError> {
         // Only the node holding the instance starts a send: one that lost its lease
         // (and may not know yet) is refused, so the message goes once, from the new
         // owner. What WhatsApp said back (acks, receipts, messages received) is written
         // by whichever node heard it: each such write is serialized by the instance's
         // row and moves a state only forward, and one refused would be lost.
-        let instance: Option<String> =
-            sqlx::query_scalar("SELECT instance_id FROM outbound_messages WHERE seq = $1")
-                .bind(seq)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some(instance) = instance else {
-            return Ok(false);
-        };
-        let mut tx = self.owner_tx(&instance).await?;
+        let mut tx = self.owner_tx(&message.instance_id).await?;
         let moved = sqlx::query(
             "UPDATE outbound_messages SET state = 'sending', attempts = attempts + 1 \
-             WHERE seq = $1 AND state IN ('queued', 'sending')",
+             WHERE seq = $1 AND instance_id = $2 AND state IN ('queued', 'sending')",
         )
-        .bind(seq)
+        .bind(message.seq)
+        .bind(&message.instance_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -660,7 +653,7 @@ mod tests {
         let Enqueued::New(m) = store.enqueue_message(&message(1, None), 10).await.unwrap() else {
             panic!()
         };
-        store.message_sending(m.seq).await.unwrap();
+        store.message_sending(&m).await.unwrap();
         // The delivery event gets a seq the status bound looks at (every 100th): its
         // trigger runs with the INSERT, and the SENT after it must still be written.
         let mut tx = store.pool.begin().await.unwrap();
